@@ -1,0 +1,193 @@
+"""The FX path: trace a model with tap names on every node, then rewrite the graph to return taps.
+
+``trace`` runs a ``torch.fx.Tracer`` subclass that overrides only ``call_module``,
+``create_proxy`` and ``proxy``: it names every node by the rules of ``_names`` and records each
+module call's return value. ``build`` copies the traced graph, keeps only what the requested
+values need (``_prune.plan``), snapshots values that a later in-place op would overwrite, and
+returns a ``GraphModule`` whose output is a dict.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import fx, nn
+from torch.fx.node import Argument
+
+from . import _names
+from ._errors import TraceFailedError
+from ._model import attribute_paths
+from ._prune import plan
+from ._values import copy_value, detach_value
+
+__all__ = ["TapPoint", "Traced", "build", "trace"]
+
+
+class TapPoint(NamedTuple):
+    """One tappable value of a traced model."""
+
+    name: str
+    kind: str  # "module", "op", "input" or "attribute"
+    value: Argument  # a Node, or a tuple/list/dict of Nodes for a module returning a container
+    module_type: str  # the module's class for "module", else the class whose forward ran the op
+    scope: str  # path of the module whose forward produced the value ("" = the root)
+
+
+@dataclass
+class Traced:
+    """A traced model: its graph and every tap point, in graph order."""
+
+    graph: fx.Graph
+    root: nn.Module
+    points: dict[str, TapPoint] = field(default_factory=dict)
+
+
+class _Proxy(fx.Proxy):
+    """A Proxy that records in-place operators (``x += y``, ``x[i] = v``) as in-place ops.
+
+    Plain FX proxies have no ``__iadd__``, so Python rebinds ``x`` to an out-of-place ``x + y``
+    and any other reference to the old ``x`` misses the update that eager mode makes.
+    """
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+
+def _inplace_dunder(op: Any) -> Any:
+    def method(self: _Proxy, other: Any) -> fx.Proxy:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    return method
+
+
+for _op in "iadd iand ifloordiv ilshift imod imul imatmul ior ipow irshift isub itruediv ixor".split():
+    setattr(_Proxy, f"__{_op}__", _inplace_dunder(getattr(operator, _op)))
+
+
+def _is_standard_leaf(module: nn.Module) -> bool:
+    """torch.fx's own leaf rule: modules from ``torch.nn`` itself, except the containers."""
+    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(
+        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+    )
+
+
+class _TapTracer(fx.Tracer):
+    def __init__(self, root: nn.Module, leaves: frozenset[nn.Module]) -> None:
+        super().__init__(autowrap_modules=(math,))
+        self._leaves = leaves
+        self.namer = _names.Namer(*attribute_paths(root))
+        self.points: dict[str, TapPoint] = {}
+        self.failure: tuple[str, str] | None = None  # innermost (path, type) whose forward raised
+        self._calls: dict[str, int] = {}
+        self._scopes: list[tuple[str, str]] = [("", type(root).__name__)]
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m in self._leaves or _is_standard_leaf(m)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        path = self.path_of_module(m)
+        index = self._calls.get(path, 0)
+        self._calls[path] = index + 1
+        name = self.namer.module_call(path, index)
+        kind = type(m).__name__
+        if self.is_leaf_module(m, path):
+            proxy = super().call_module(m, forward, args, kwargs)
+            self._record(name, "module", proxy, kind, self._scopes[-1][0])
+            return proxy
+        self._scopes.append((path, kind))
+        try:
+            # m.forward, not the hook-running __call__: user hooks must never see proxies.
+            out = super().call_module(m, m.forward, args, kwargs)
+        except Exception:
+            if self.failure is None:
+                self.failure = (path, kind)
+            raise
+        finally:
+            self._scopes.pop()
+        self._record(name, "module", out, kind, path)
+        return out
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **more: Any) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        scope, scope_type = self._scopes[-1]
+        proxy.node.meta["fxtap_scope"] = scope
+        if kind == "placeholder":
+            self._record(self.namer.node(str(target).lstrip("*")), "input", proxy, scope_type, scope)
+        elif kind == "get_attr":
+            self._record(self.namer.attribute(str(target)), "attribute", proxy, scope_type, scope)
+        elif kind in ("call_function", "call_method"):
+            raw = target if isinstance(target, str) else getattr(target, "__name__", "op")
+            base = _names.join(scope, _names.op_base_name(raw))
+            self._record(self.namer.node(base), "op", proxy, scope_type, scope)
+        return proxy
+
+    def _record(self, name: str, kind: str, value: Any, module_type: str, scope: str) -> None:
+        nodes = fx.node.map_aggregate(value, lambda v: v.node if isinstance(v, fx.Proxy) else v)
+        found: list[fx.Node] = []
+        fx.node.map_arg(nodes, found.append)
+        if found:  # a module returning no tensor-derived value has nothing to tap
+            self.points[name] = TapPoint(name, kind, nodes, module_type, scope)
+
+
+def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concrete_args: dict[str, Any] | None = None) -> Traced:
+    """Trace ``model`` and name every node.
+
+    Raises:
+        TraceFailedError: tracing failed; ``.module`` names the innermost submodule whose
+            ``forward`` raised ("" when it is the root's own code).
+    """
+    tracer = _TapTracer(model, leaves)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as error:
+        path, kind = tracer.failure or ("", type(model).__name__)
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        where = f"submodule {path!r} ({kind})" if path else f"the forward of {kind} itself"
+        raise TraceFailedError(
+            f"torch.fx cannot trace {where}: {reason}", module=path, module_type=kind, reason=reason
+        ) from error
+    return Traced(graph, model, tracer.points)
+
+
+def build(traced: Traced, request: dict[str, str], *, keep_output: bool, detach: bool) -> fx.GraphModule:
+    """A ``GraphModule`` computing only ``request`` (``{tap name: output key}``), returning a dict.
+
+    Every name in ``request`` must be in ``traced.points``.
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    old_output = graph.graph_copy(traced.graph, env)
+    values = {key: fx.node.map_arg(traced.points[name].value, env.__getitem__) for name, key in request.items()}
+    if keep_output:
+        values["output"] = old_output
+    for node in list(graph.nodes):
+        if node.op == "output":
+            graph.erase_node(node)
+    wanted = _nodes_of([v for k, v in values.items() if not (keep_output and k == "output")])
+    decided = plan(graph, traced.root, wanted, _nodes_of([old_output]) if keep_output else [])
+    for node in reversed(list(graph.nodes)):
+        if node not in decided.kept:
+            graph.erase_node(node)
+    snapshots: dict[fx.Node, fx.Node] = {}
+    for node in decided.copied:
+        with graph.inserting_after(node):
+            snapshots[node] = graph.call_function(copy_value, (node,))
+    outputs = {key: fx.node.map_arg(v, lambda n: snapshots.get(n, n)) for key, v in values.items()}
+    if detach:
+        outputs = {key: graph.call_function(detach_value, (v,)) for key, v in outputs.items()}
+    graph.output(outputs)
+    graph.lint()
+    return fx.GraphModule(traced.root, graph, class_name=f"Tapped{type(traced.root).__name__}")
+
+
+def _nodes_of(values: list[Argument]) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg(values, found.append)
+    return found

@@ -1,0 +1,283 @@
+"""``tap()``: the public entry point, and ``Tapped``, the module it returns."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import fx, nn
+
+from . import _fx, _hooks, _names, _plan
+from ._errors import FallbackWarning, MissingCallError
+from ._model import training_mode, unwrap
+from ._values import detach_value
+
+__all__ = ["Mode", "Tapped", "names", "tap"]
+
+Mode = Literal["auto", "fx", "hooks"]
+_MODES = ("auto", "fx", "hooks")
+
+
+def tap(
+    model: nn.Module,
+    names: Mapping[str, str] | Sequence[str],
+    *,
+    mode: Mode = "auto",
+    detach: bool = False,
+    keep_output: bool = False,
+) -> Tapped:
+    """Wrap ``model`` so that calling it returns the requested intermediate values.
+
+    Args:
+        model: any ``nn.Module`` (a ``torch.compile``d model is unwrapped). It is not changed:
+            the result shares its parameters, modules and train/eval mode.
+        names: tap names (see ``fxtap.names(model)`` and docs/names.md), or a mapping
+            ``{name: output_key}`` to rename them.
+        mode: ``"fx"`` traces the model with torch.fx and never falls back; ``"hooks"`` uses
+            forward hooks only; ``"auto"`` traces and hands only untraceable code to hooks.
+        detach: return detached tensors (by default gradients flow through them).
+        keep_output: also return the model's own output, under the key ``"output"``.
+
+    Returns:
+        A ``Tapped`` module; calling it with the model's inputs returns ``dict[str, Tensor]``
+        in the requested order.
+
+    Raises:
+        TapNameError: a name does not exist; the message lists the closest ones.
+        TraceFailedError: ``mode="fx"`` and the model cannot be traced.
+        ValueError: ``names`` is empty or repeats a name or key, or ``mode`` is unknown.
+
+    Example:
+        >>> import torch, torchvision, fxtap
+        >>> model = torchvision.models.resnet18().eval()
+        >>> features = fxtap.tap(model, {"layer2": "c3", "layer4.1.relu_1": "c5"})
+        >>> out = features(torch.randn(1, 3, 64, 64))
+        >>> {key: tuple(value.shape) for key, value in out.items()}
+        {'c3': (1, 128, 8, 8), 'c5': (1, 512, 2, 2)}
+    """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}")
+    request = _names.normalize_request(names)
+    if keep_output and "output" in request.values():
+        raise ValueError('the output key "output" is taken by keep_output=True; rename that tap')
+    return Tapped(unwrap(model), request, mode=mode, detach=detach, keep_output=keep_output)
+
+
+def names(model: nn.Module, *, train: bool = False, mode: Mode = "auto") -> list[str]:
+    """Every name ``tap()`` accepts for ``model`` in train or eval mode, in graph order.
+
+    Names of modules that only hooks can reach (inside untraceable code) follow the FX names.
+    Later calls of such a module (``blk_1``) are known only once the model runs.
+
+    Example:
+        >>> import torchvision, fxtap
+        >>> fxtap.names(torchvision.models.resnet18())[:6]
+        ['x', 'conv1', 'bn1', 'relu', 'maxpool', 'layer1.0.conv1']
+    """
+    model = unwrap(model)
+    with training_mode(model, train), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        return _plan.analyse(model, mode=mode, concrete_args=_default_concrete_args(model)).names()
+
+
+class Tapped(nn.Module):
+    """A model wrapped to return intermediate values; built by ``fxtap.tap``.
+
+    ``Tapped(*args, **kwargs)`` passes every input to the model and returns ``dict[str, Any]``.
+    The wrapped model is ``.model``; its train/eval mode selects the graph that runs. Graphs are
+    built per mode and per non-tensor argument values (``return_dict=False``), on first use.
+
+    Attributes:
+        model: the wrapped model (the user's object, shared, not copied).
+    """
+
+    def __init__(self, model: nn.Module, request: dict[str, str], *, mode: Mode, detach: bool, keep_output: bool) -> None:
+        super().__init__()
+        self.model = model
+        self._request = request
+        self._mode_arg: Mode = mode
+        self._detach = detach
+        self._keep_output = keep_output
+        self._warned: set[str] = set()
+        self._runners: dict[Hashable, _Runner] = {}
+        self._runner(_default_spec(model), stacklevel=4)  # checks the names now, not at first call
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """``"fx"``, ``"hooks"`` or ``"mixed"``: how the names were captured in the current mode."""
+        paths = set(self.paths.values())
+        return "mixed" if len(paths) > 1 else ("fx" if paths == {"fx"} else "hooks")
+
+    @property
+    def paths(self) -> dict[str, str]:
+        """Each requested name mapped to ``"fx"`` or ``"hook"``."""
+        assignment = self._runner(_default_spec(self.model), stacklevel=3).assignment
+        return {name: "fx" if name in assignment.fx else "hook" for name in self._request}
+
+    def report(self) -> str:
+        """A table: one row per requested name with its key, path, module type and fallback reason."""
+        from ._table import table
+
+        assignment = self._runner(_default_spec(self.model), stacklevel=3).assignment
+        rows = [
+            [name, key, "fx" if name in assignment.fx else "hook", assignment.module_types.get(name, ""), assignment.reasons.get(name, "")]
+            for name, key in self._request.items()
+        ]
+        return table(["name", "key", "path", "module type", "reason"], rows)
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        runner = self._runner(_call_spec(self.model, args, kwargs), stacklevel=4)
+        values = runner.run(self.model, args, kwargs)
+        if self._detach:
+            values = {key: detach_value(value) for key, value in values.items()}
+        return values
+
+    # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Tapped:
+        result = super()._apply(fn, *args, **kwargs)
+        self._runners = {}  # buffers read by the graph may be new tensor objects now
+        return result
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_runners"] = {}
+        return state
+
+    def _runner(self, spec: tuple[tuple[str, Any], ...], *, stacklevel: int) -> _Runner:
+        key = (self.model.training, spec)
+        runner = self._runners.get(key)
+        if runner is None:
+            runner = self._build(dict(spec), stacklevel=stacklevel + 1)
+            self._runners[key] = runner
+        return runner
+
+    def _build(self, concrete_args: dict[str, Any], *, stacklevel: int) -> _Runner:
+        analysis = _plan.analyse(self.model, mode=self._mode_arg, concrete_args=concrete_args)
+        note = "" if self._mode_arg != "hooks" else ' (mode="hooks")'
+        if self.model.training:
+            note += " in train mode"
+        assignment = _plan.assign(analysis, self._request, mode=self._mode_arg, note=note)
+        self._warn_fallbacks(analysis, assignment, stacklevel)
+        graph = None
+        if analysis.traced is not None and self._mode_arg != "hooks":
+            fx_request = {name: key for name, key in assignment.fx.items()}
+            graph = _fx.build(analysis.traced, fx_request, keep_output=self._keep_output, detach=False)
+        return _Runner(graph, assignment, self._request, self._keep_output)
+
+    def _warn_fallbacks(self, analysis: _plan.Analysis, assignment: _plan.Assignment, stacklevel: int) -> None:
+        if self._mode_arg != "auto":
+            return
+        for path, (module_type, reason) in analysis.fallbacks.items():
+            if path in self._warned:
+                continue
+            self._warned.add(path)
+            where = f"submodule {path!r} ({module_type})" if path else f"the forward of {module_type} itself"
+            did = (
+                f"{path!r} now runs as one opaque step inside the graph and names inside it are captured with forward hooks"
+                if path
+                else "the model runs eagerly and names are captured with forward hooks"
+            )
+            warnings.warn(
+                f"fxtap: torch.fx cannot trace {where}: {reason}\n  What fxtap did: {did}. "
+                "See Tapped.report(); silence with mode=\"hooks\" or warnings.filterwarnings('ignore', category=fxtap.FallbackWarning).",
+                FallbackWarning,
+                stacklevel=stacklevel,
+            )
+
+
+class _Runner:
+    """One way to compute the requested values: a graph, hooks, or a graph with hooks inside leaves."""
+
+    def __init__(self, graph: fx.GraphModule | None, assignment: _plan.Assignment, request: dict[str, str], keep_output: bool) -> None:
+        self.graph = graph
+        self.assignment = assignment
+        self._request = request
+        self._keep_output = keep_output
+
+    def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        targets = self.assignment.hooks
+        stop_early = self.graph is None and not self._keep_output
+        from_graph: dict[str, Any] = {}
+        with _hooks.capture(model, targets, stop_when_done=stop_early) as captured:
+            if self.graph is not None:
+                from_graph = self.graph(*_graph_args(model, args, kwargs))
+            else:
+                from_graph = {"output": model(*args, **kwargs)}
+        if len(captured.values) != len(targets):
+            raise MissingCallError(_hooks.missing_calls_message(targets, captured, type(model).__name__))
+        out = {
+            key: from_graph[key] if name in self.assignment.fx else captured.values[name]
+            for name, key in self._request.items()
+        }
+        if self._keep_output:
+            out["output"] = from_graph["output"]
+        return out
+
+
+# -- calls are specialised on their non-tensor arguments --------------------------------------------
+def _parameters(model: nn.Module) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def _plain(params: list[inspect.Parameter]) -> bool:
+    return all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+
+
+def _holds_tensor(value: Any) -> bool:
+    found = False
+
+    def visit(v: Any) -> Any:
+        nonlocal found
+        found = found or isinstance(v, torch.Tensor)
+        return v
+
+    fx.node.map_aggregate(value, visit)
+    return found
+
+
+def _frozen(value: Any) -> Any:
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def _default_spec(model: nn.Module) -> tuple[tuple[str, Any], ...]:
+    params = _parameters(model)
+    if not _plain(params):
+        return ()
+    return tuple((p.name, p.default) for p in params if p.default is not p.empty and not _holds_tensor(p.default))
+
+
+def _default_concrete_args(model: nn.Module) -> dict[str, Any]:
+    return dict(_default_spec(model))
+
+
+def _call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    params = _parameters(model)
+    if not _plain(params):
+        return ()
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    spec = []
+    for p in params:
+        value = bound.arguments.get(p.name, p.default)
+        if value is not p.empty and not _holds_tensor(value):
+            spec.append((p.name, _frozen(value)))
+    return tuple(spec)
+
+
+def _graph_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The call's arguments, positionally in signature order (FX may rename specialised placeholders)."""
+    params = _parameters(model)
+    if not _plain(params) or not kwargs:
+        return args
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return tuple(bound.arguments.get(p.name, p.default) for p in params)
