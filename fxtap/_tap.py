@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from . import _fx, _hooks, _names, _plan
-from ._errors import FallbackWarning, MissingCallError
+from ._errors import FallbackWarning, MissingCallError, TapNameError
 from ._model import training_mode, unwrap
 from ._values import detach_value
 
@@ -158,15 +158,26 @@ class Tapped(nn.Module):
     def _build(self, concrete_args: dict[str, Any], *, stacklevel: int) -> _Runner:
         analysis = _plan.analyse(self.model, mode=self._mode_arg, concrete_args=concrete_args)
         note = "" if self._mode_arg != "hooks" else ' (mode="hooks")'
-        if self.model.training:
-            note += " in train mode"
-        assignment = _plan.assign(analysis, self._request, mode=self._mode_arg, note=note)
+        try:
+            assignment = _plan.assign(analysis, self._request, mode=self._mode_arg, note=note)
+        except TapNameError as error:
+            raise TapNameError(f"{error}{self._other_mode_hint()}") from None
         self._warn_fallbacks(analysis, assignment, stacklevel)
         graph = None
         if analysis.traced is not None and self._mode_arg != "hooks":
             fx_request = {name: key for name, key in assignment.fx.items()}
             graph = _fx.build(analysis.traced, fx_request, keep_output=self._keep_output, detach=False)
         return _Runner(graph, assignment, self._request, self._keep_output)
+
+    def _other_mode_hint(self) -> str:
+        """A hint when the unknown names exist with the model in the other train/eval mode."""
+        training = self.model.training
+        other = set(names(self.model, train=not training, mode=self._mode_arg))
+        found = [name for name in self._request if name in other]
+        if not found:
+            return ""
+        mode, call = ("train", ".train()") if not training else ("eval", ".eval()")
+        return f"\n  {', '.join(map(repr, found))} exist(s) in {mode} mode only: call {call} on the model or the Tapped first."
 
     def _warn_fallbacks(self, analysis: _plan.Analysis, assignment: _plan.Assignment, stacklevel: int) -> None:
         if self._mode_arg != "auto":

@@ -1,0 +1,138 @@
+"""Small hand-written models, each showing one thing real models do."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class InplaceZoo(nn.Module):
+    """Every in-place spelling after a tapped value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+        self.fc3 = nn.Linear(4, 4)
+        self.fc4 = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.fc1(x)
+        a = self.act(a)  # nn.ReLU(inplace=True) overwrites fc1's output
+        b = self.fc2(a)
+        b += a  # x += y overwrites fc2's output
+        c = self.fc3(b)
+        c.relu_()  # method form
+        d = self.fc4(c)
+        d = F.relu(d, inplace=True)  # functional form
+        return d * 2
+
+
+class AliasUpdate(nn.Module):
+    """``a = y; y += z``: eager mode shows the update through ``a``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        a = y
+        y += z
+        return a * 1.0
+
+
+class PosAdd(nn.Module):
+    """``x.add_(pos)`` whose result is unused: the mutation must survive pruning (as in mvit)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, 3)
+        self.pos = nn.Parameter(torch.randn(3))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        x.add_(self.pos)
+        return self.head(x)
+
+
+class Shared(nn.Module):
+    """One module instance called three times, and a parent whose output is its last child's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.ln = nn.LayerNorm(4)
+        self.ln_1 = nn.LayerNorm(4)  # a real module whose name looks like a call suffix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blk(x)
+        x = self.ln(x)
+        x = self.blk(x)
+        x = self.ln_1(x)
+        x = self.ln(x)
+        return self.blk(x)
+
+
+class TrainBranch(nn.Module):
+    """A forward that differs between train and eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.extra = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc(x)
+        if self.training:
+            x = self.extra(x)
+        return x
+
+
+class MultiIO(nn.Module):
+    """Several positional and keyword inputs; tuple and dict valued submodules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.split = Splitter()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, scale: float = 1.0, bias: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        a, b = self.split(x)
+        out = self.fc(a + y) * scale
+        if bias is not None:
+            out = out + bias
+        return {"out": out, "b": b}
+
+
+class Splitter(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x * 2, x - 1
+
+
+class DataDependent(nn.Module):
+    """A submodule whose code branches on a tensor value: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.gate = Gate()
+        self.post = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post(self.gate(self.pre(x)))
+
+
+class Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.a(x)
+        return self.b(x)
