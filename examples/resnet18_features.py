@@ -5,6 +5,7 @@ Run: python examples/resnet18_features.py
 
 import torch
 import torchvision
+from tabulate import tabulate
 
 import fxtap
 
@@ -14,20 +15,14 @@ model = torchvision.models.resnet18(weights=None).eval()
 # tap name -> output key: a module ('bn1'), a functional op inside a block
 # ('layer1.0.add' is `out += identity`), a whole stage ('layer2'), and the
 # second call of a reused module ('layer4.1.relu_1').
-features = fxtap.tap(
-    model,
-    {"bn1": "stem", "layer1.0.add": "residual", "layer2": "c3", "layer4.1.relu_1": "c5"},
-)
+request = {"bn1": "stem", "layer1.0.add": "residual", "layer2": "c3", "layer4.1.relu_1": "c5"}
+features = fxtap.tap(model, request)
 
 with torch.no_grad():
     out = features(torch.randn(2, 3, 224, 224))
 
-keys = dict(zip(features.paths, out))
-rows = [
-    [name, key, tuple(out[key].shape), path]
-    for (name, path), key in zip(features.paths.items(), keys.values())
-]
-print(fxtap._table.table(["name", "key", "shape", "path"], rows))
+rows = [[name, key, tuple(out[key].shape), features.paths[name]] for name, key in request.items()]
+print(tabulate(rows, headers=["name", "key", "shape", "path"]))
 print(f"mode: {features.mode}")
 
 # Values are taken when the node ran: 'bn1' and 'layer1.0.add' are followed by
