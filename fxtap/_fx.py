@@ -35,6 +35,7 @@ class TapPoint(NamedTuple):
     value: Argument  # a Node, or a tuple/list/dict of Nodes for a module returning a container
     module_type: str  # the module's class for "module", else the class whose forward ran the op
     scope: str  # path of the module whose forward produced the value ("" = the root)
+    moment: fx.Node  # the value is taken right after this node ran (a module's output: its last node)
 
 
 @dataclass
@@ -111,7 +112,7 @@ class _TapTracer(fx.Tracer):
             raise
         finally:
             self._scopes.pop()
-        self._record(name, "module", out, kind, path)
+        self._record(name, "module", out, kind, path, moment=next(iter(reversed(self.graph.nodes))))
         return out
 
     def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **more: Any) -> fx.Proxy:
@@ -128,12 +129,13 @@ class _TapTracer(fx.Tracer):
             self._record(self.namer.node(base), "op", proxy, scope_type, scope)
         return proxy
 
-    def _record(self, name: str, kind: str, value: Any, module_type: str, scope: str) -> None:
+    def _record(self, name: str, kind: str, value: Any, module_type: str, scope: str, moment: fx.Node | None = None) -> None:
         nodes = fx.node.map_aggregate(value, lambda v: v.node if isinstance(v, fx.Proxy) else v)
         found: list[fx.Node] = []
         fx.node.map_arg(nodes, found.append)
         if found:  # a module returning no tensor-derived value has nothing to tap
-            self.points[name] = TapPoint(name, kind, nodes, module_type, scope)
+            last = found[-1] if moment is None else moment  # one node, unless a module returned a container
+            self.points[name] = TapPoint(name, kind, nodes, module_type, scope, last)
 
 
 def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concrete_args: dict[str, Any] | None = None) -> Traced:
@@ -164,22 +166,26 @@ def build(traced: Traced, request: dict[str, str], *, keep_output: bool, detach:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     old_output = graph.graph_copy(traced.graph, env)
-    values = {key: fx.node.map_arg(traced.points[name].value, env.__getitem__) for name, key in request.items()}
-    if keep_output:
-        values["output"] = old_output
+    points = {key: traced.points[name] for name, key in request.items()}
+    values: dict[str, Argument] = {key: fx.node.map_arg(p.value, env.__getitem__) for key, p in points.items()}
+    moments = {key: env[p.moment] for key, p in points.items()}
     for node in list(graph.nodes):
         if node.op == "output":
             graph.erase_node(node)
-    wanted = _nodes_of([v for k, v in values.items() if not (keep_output and k == "output")])
+    wanted = [(node, moments[key]) for key, value in values.items() for node in _nodes_of([value])]
     decided = plan(graph, traced.root, wanted, _nodes_of([old_output]) if keep_output else [])
     for node in reversed(list(graph.nodes)):
         if node not in decided.kept:
             graph.erase_node(node)
-    snapshots: dict[fx.Node, fx.Node] = {}
-    for node in decided.copied:
-        with graph.inserting_after(node):
-            snapshots[node] = graph.call_function(copy_value, (node,))
-    outputs = {key: fx.node.map_arg(v, lambda n: snapshots.get(n, n)) for key, v in values.items()}
+    snapshots: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
+    for (node, moment), anchor in decided.copies.items():
+        with graph.inserting_after(anchor):
+            snapshots[(node, moment)] = graph.call_function(copy_value, (node,))
+    outputs: dict[str, Argument] = {
+        key: fx.node.map_arg(value, lambda n, m=moments[key]: snapshots.get((n, m), n)) for key, value in values.items()
+    }
+    if keep_output:
+        outputs["output"] = old_output
     if detach:
         outputs = {key: graph.call_function(detach_value, (v,)) for key, v in outputs.items()}
     graph.output(outputs)

@@ -130,6 +130,12 @@ def _unknown_message(analysis: Analysis, unknown: list[str], mode: str, note: st
                 f"  {name!r} is not a module call, and hooks capture module outputs only: "
                 f"the nearest module whose output can be hooked is {near!r}."
             )
-        elif mode == "fx" and _hooks.hook_targets(analysis.model, [name])[0]:
-            hints.append(f"  {name!r} is inside a module FX keeps as one step; mode=\"auto\" captures it with a hook.")
+        elif analysis.traced is not None and (target := _hooks.hook_targets(analysis.model, [name])[0].get(name)):
+            if any(_inside(target.path, leaf) for leaf in analysis.hookable_under()):
+                hints.append(f"  {name!r} is inside a module FX keeps as one step; mode=\"auto\" captures it with a hook.")
+            elif target.call_index == 0:
+                hints.append(
+                    f"  {name!r} is a module that forward never calls (a ModuleList or ModuleDict is iterated, "
+                    "not called), so it has no output of its own: tap its children."
+                )
     return "\n".join([message, *hints])

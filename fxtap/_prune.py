@@ -53,31 +53,36 @@ _GUARDS = frozenset({torch._assert, getattr(torch, "_assert_async", torch._asser
 
 
 class Plan(NamedTuple):
-    """What to keep of a graph, and which kept nodes to copy right after they run."""
+    """What to keep of a graph, and where to copy wanted values (``(value, moment) -> anchor``:
+    insert the copy right after ``anchor``)."""
 
     kept: frozenset[fx.Node]
-    copied: frozenset[fx.Node]
+    copies: dict[tuple[fx.Node, fx.Node], fx.Node]
 
 
-def plan(graph: fx.Graph, root: nn.Module, wanted: Iterable[fx.Node], end_reads: Iterable[fx.Node]) -> Plan:
-    """Decide which nodes of ``graph`` run and which wanted nodes need a copy.
+def plan(
+    graph: fx.Graph, root: nn.Module, wanted: Iterable[tuple[fx.Node, fx.Node]], end_reads: Iterable[fx.Node]
+) -> Plan:
+    """Decide which nodes of ``graph`` run and which wanted values need a copy.
 
     Args:
         graph: the traced graph (its output node is ignored).
         root: the module that owns the graph's ``call_module`` targets.
-        wanted: nodes whose values are requested as they were produced.
+        wanted: ``(value, moment)`` pairs: the value is requested as it is right after node
+            ``moment`` ran (a module's output is final when the module's last node ran, and
+            an in-place op inside the module before that point is part of it).
         end_reads: nodes whose values are read after everything ran (the model's own output).
     """
     ops = _Ops(graph, root)
-    wanted = list(wanted)
+    wanted = list(dict.fromkeys(wanted))
     end_reads = list(end_reads)
-    kept = ops.liveness(set(wanted) | set(end_reads), end_reads)
+    kept = ops.liveness({v for v, _ in wanted} | set(end_reads), wanted, end_reads)
     scopes = {_scope(n) for n in kept if not ops.is_guard(n)}
     guards = [n for n in graph.nodes if ops.is_guard(n) and _runs_in(_scope(n), scopes)]
     if guards:
-        kept = ops.liveness(kept | set(guards), end_reads)
-    copied = frozenset(n for n in wanted if ops.written_after(n, kept))
-    return Plan(frozenset(kept), copied)
+        kept = ops.liveness(kept | set(guards), wanted, end_reads)
+    copies = {(v, m): ops.anchor(m, kept) for v, m in wanted if ops.written_after(v, m, kept)}
+    return Plan(frozenset(kept), copies)
 
 
 def _scope(node: fx.Node) -> str:
@@ -152,13 +157,19 @@ class _Ops:
             return module.training and isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
         return node.op in ("call_function", "call_method") and _op_name(node) in _RANDOM
 
-    def liveness(self, needed: set[fx.Node], end_reads: list[fx.Node]) -> set[fx.Node]:
+    def liveness(
+        self, needed: set[fx.Node], wanted: list[tuple[fx.Node, fx.Node]], end_reads: list[fx.Node]
+    ) -> set[fx.Node]:
         """Walk backwards from the end; return the nodes that must run."""
         needed = set(needed)
         read = {self.find(n) for n in end_reads}
+        reads_at: dict[fx.Node, list[fx.Node]] = {}
+        for value, moment in wanted:
+            reads_at.setdefault(moment, []).append(value)
         kept: set[fx.Node] = set()
         rng_live = False
         for node in reversed(self.nodes):
+            read.update(self.find(v) for v in reads_at.get(node, ()))  # a wanted value is read right after its moment
             keep = node in needed or node.op == "placeholder"
             if not keep and node in self.writes:
                 keep = any(self.find(w) in read for w in self.writes[node])
@@ -173,14 +184,21 @@ class _Ops:
                 read.add(self.find(source))
         return kept
 
-    def written_after(self, node: fx.Node, kept: set[fx.Node]) -> bool:
-        """Whether a kept node after ``node`` writes into storage that ``node``'s value may share."""
-        cls = self.find(node)
-        position = self.order[node]
+    def written_after(self, value: fx.Node, moment: fx.Node, kept: set[fx.Node]) -> bool:
+        """Whether a kept node after ``moment`` writes into storage that ``value`` may share."""
+        cls = self.find(value)
+        position = self.order[moment]
         return any(
             self.order[writer] > position and writer in kept and any(self.find(w) is cls for w in written)
             for writer, written in self.writes.items()
         )
+
+    def anchor(self, moment: fx.Node, kept: set[fx.Node]) -> fx.Node:
+        """The last kept node at or before ``moment``: a copy placed after it sees the value at ``moment``."""
+        for node in reversed(self.nodes[: self.order[moment] + 1]):
+            if node in kept:
+                return node
+        raise AssertionError(f"expected a kept node at or before {moment}, found none")
 
 
 _PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)

@@ -161,7 +161,8 @@ class Tapped(nn.Module):
         try:
             assignment = _plan.assign(analysis, self._request, mode=self._mode_arg, note=note)
         except TapNameError as error:
-            raise TapNameError(f"{error}{self._other_mode_hint()}") from None
+            unknown = [name for name in self._request if name not in set(analysis.names())]
+            raise TapNameError(f"{error}{self._other_mode_hint(unknown)}") from None
         self._warn_fallbacks(analysis, assignment, stacklevel)
         graph = None
         if analysis.traced is not None and self._mode_arg != "hooks":
@@ -169,11 +170,11 @@ class Tapped(nn.Module):
             graph = _fx.build(analysis.traced, fx_request, keep_output=self._keep_output, detach=False)
         return _Runner(graph, assignment, self._request, self._keep_output)
 
-    def _other_mode_hint(self) -> str:
+    def _other_mode_hint(self, unknown: list[str]) -> str:
         """A hint when the unknown names exist with the model in the other train/eval mode."""
         training = self.model.training
         other = set(names(self.model, train=not training, mode=self._mode_arg))
-        found = [name for name in self._request if name in other]
+        found = [name for name in unknown if name in other]
         if not found:
             return ""
         mode, call = ("train", ".train()") if not training else ("eval", ".eval()")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fxtap
-from toy_models import AliasUpdate, InplaceZoo, MultiIO, PosAdd, Shared, TrainBranch
+from toy_models import AliasUpdate, InplaceZoo, MultiIO, PosAdd, Shared, TrainBranch, WithPosEncoding
 from truth import assert_same, assert_unchanged, hook_truth, model_fingerprint
 
 
@@ -66,6 +66,20 @@ def test_pruning_keeps_inplace_update_of_live_tensor() -> None:
     truth = hook_truth(model, x)
     tapped = fxtap.tap(model, ["head"], mode="fx")
     assert_same(tapped(x)["head"], truth["head"])
+
+
+@pytest.mark.parametrize("names", [["enc"], ["enc", "enc.cat"], ["enc", "fc"], ["enc.cat", "mul_"]])
+def test_module_output_is_taken_when_the_module_returns(names: list[str]) -> None:
+    torch.manual_seed(0)
+    model = WithPosEncoding()
+    x = torch.randn(2, 3)
+    truth = hook_truth(model, x)
+    out = fxtap.tap(model, names, mode="fx")(x)
+    with torch.no_grad():
+        cat = torch.cat((x, x))
+    expected = {"enc": truth["enc"], "enc.cat": cat, "fc": truth["fc"], "mul_": truth["enc"] * 2}
+    for name in names:
+        assert_same(out[name], expected[name])
 
 
 def test_pruning_drops_everything_after_the_last_tap() -> None:

@@ -119,3 +119,17 @@ def test_vit_early_tap_is_faster_than_full_forward() -> None:
         early, full = best(lambda: tapped(x)), best(lambda: model(x))
     print(f"vit_b_16 early tap {early * 1000:.1f} ms vs full forward {full * 1000:.1f} ms ({early / full:.2f}x)")
     assert early < 0.6 * full
+
+
+@pytest.mark.slow
+def test_mvit_every_module_equals_hook_clone() -> None:
+    """torchvision's DCE drops mvit's ``x.add_(pos)``; fxtap keeps it (about 30 s on 2 cores)."""
+    model = getattr(torchvision.models.video, "mvit_v1_b")(weights=None).eval()
+    x = torch.randn(1, 3, 16, 224, 224)
+    truth = hook_truth(model, x)
+    modules = dict(model.named_modules())
+    names = [n for n in fxtap.names(model) if n in modules]
+    assert len(names) > 300
+    out = fxtap.tap(model, names, mode="fx", keep_output=True)(x)
+    for name in [*names, "output"]:
+        assert_same(out[name], truth[name])

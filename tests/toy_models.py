@@ -136,3 +136,28 @@ class Gate(nn.Module):
         if x.sum() > 0:
             return self.a(x)
         return self.b(x)
+
+
+class PosEncoding(nn.Module):
+    """Returns a tensor it updated in place (torchvision mvit's PositionalEncoding does this)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat((x, x), dim=0)
+        x.add_(self.pos)
+        return x
+
+
+class WithPosEncoding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = PosEncoding()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.enc(x)
+        x.mul_(2)  # overwrites enc's output after enc returned it
+        return self.fc(x)
