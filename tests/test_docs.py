@@ -6,6 +6,8 @@ The blocks of one file run in order in one namespace, so a page can build on its
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -22,10 +24,15 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 
 
 def run_blocks(page: Path) -> None:
-    namespace: dict[str, object] = {"__name__": f"docs_{page.stem}"}
-    for line, code in python_blocks(page.read_text()):
-        # Pad with newlines so tracebacks point at the Markdown file's own line numbers.
-        exec(compile("\n" * (line - 1) + code, str(page), "exec"), namespace)
+    # A real, registered module, so that classes defined in a block can be pickled (torch.save).
+    module = types.ModuleType(f"fxtap_docs_{page.stem}")
+    sys.modules[module.__name__] = module
+    try:
+        for line, code in python_blocks(page.read_text()):
+            # Pad with newlines so tracebacks point at the Markdown file's own line numbers.
+            exec(compile("\n" * (line - 1) + code, str(page), "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
@@ -72,6 +79,7 @@ def test_docs_readme_main_job_command() -> None:
 
 def test_docs_links_resolve() -> None:
     for page in PAGES:
-        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+        prose = re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.MULTILINE | re.DOTALL))
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", prose):
             if "://" not in target:
                 assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
