@@ -158,10 +158,13 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
     return Traced(graph, model, tracer.points)
 
 
-def build(traced: Traced, request: dict[str, str], *, keep_output: bool, detach: bool) -> fx.GraphModule:
+def build(
+    traced: Traced, request: dict[str, str], *, keep_output: bool, detach: bool, run_modules: frozenset[str] = frozenset()
+) -> fx.GraphModule:
     """A ``GraphModule`` computing only ``request`` (``{tap name: output key}``), returning a dict.
 
-    Every name in ``request`` must be in ``traced.points``.
+    Every name in ``request`` must be in ``traced.points``. Calls of the leaf modules in
+    ``run_modules`` are kept too: hooks inside them capture other requested values.
     """
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -173,6 +176,7 @@ def build(traced: Traced, request: dict[str, str], *, keep_output: bool, detach:
         if node.op == "output":
             graph.erase_node(node)
     wanted = [(node, moments[key]) for key, value in values.items() for node in _nodes_of([value])]
+    wanted += [(n, n) for n in graph.nodes if n.op == "call_module" and n.target in run_modules]
     decided = plan(graph, traced.root, wanted, _nodes_of([old_output]) if keep_output else [])
     for node in reversed(list(graph.nodes)):
         if node not in decided.kept:

@@ -165,5 +165,5 @@ def unknown_name_message(unknown: Sequence[str], owner: str, available: Sequence
             lead = f"Did you mean (for {name!r})" if len(unknown) > 1 else "Did you mean"
             lines.append(f"  {lead}: {', '.join(map(repr, close))}?")
     lines.append("  Tap names are '.'-separated module paths and op names; see docs/names.md.")
-    lines.append("  List them with fxtap.names(model) or `fxtap nodes <model>`.")
+    lines.append("  List them with fxtap.names(model).")
     return "\n".join(lines)

@@ -72,7 +72,7 @@ def analyse(model: nn.Module, *, mode: str, concrete_args: dict[str, Any] | None
             if mode == "fx":
                 raise TraceFailedError(
                     f"{error}\n  mode=\"fx\" never falls back. Use mode=\"auto\" to capture the names inside "
-                    f"{error.module or 'the model'!r} with forward hooks, or make that code traceable "
+                    f"{repr(error.module) if error.module else 'the model'} with forward hooks, or make that code traceable "
                     "(docs/fallback.md).",
                     module=error.module,
                     module_type=error.module_type,
@@ -92,6 +92,7 @@ class Assignment:
     hooks: dict[str, _hooks.HookTarget]  # captured by forward hooks
     reasons: dict[str, str]  # name -> why it is not FX ("" for FX names)
     module_types: dict[str, str]
+    leaves: dict[str, str]  # hooked name -> the leaf module of the graph that runs it ("" = none)
 
 
 def assign(analysis: Analysis, request: dict[str, str], *, mode: str, note: str = "") -> Assignment:
@@ -111,12 +112,14 @@ def assign(analysis: Analysis, request: dict[str, str], *, mode: str, note: str 
     hooked = {name: t for name, t in targets.items() if name not in unknown}
     reasons = {name: "" for name in fx_names}
     types = {name: points[name].module_type for name in fx_names}
+    outer: dict[str, str] = {}
     for name, target in hooked.items():
         leaf = max((leaf for leaf in leaves if _inside(target.path, leaf)), key=len)
+        outer[name] = min((leaf for leaf in leaves if _inside(target.path, leaf)), key=len)
         module_type, reason = analysis.fallbacks.get(leaf, (type(analysis.model.get_submodule(leaf)).__name__, ""))
         reasons[name] = reason or f"inside {leaf!r} ({module_type}), a torch.nn module that FX keeps as one step"
         types[name] = type(analysis.model.get_submodule(target.path)).__name__
-    return Assignment(fx_names, hooked, reasons, types)
+    return Assignment(fx_names, hooked, reasons, types, outer)
 
 
 def _unknown_message(analysis: Analysis, unknown: list[str], mode: str, note: str) -> str:

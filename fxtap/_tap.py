@@ -166,8 +166,8 @@ class Tapped(nn.Module):
         self._warn_fallbacks(analysis, assignment, stacklevel)
         graph = None
         if analysis.traced is not None and self._mode_arg != "hooks":
-            fx_request = {name: key for name, key in assignment.fx.items()}
-            graph = _fx.build(analysis.traced, fx_request, keep_output=self._keep_output, detach=False)
+            leaves = frozenset(assignment.leaves.values())
+            graph = _fx.build(analysis.traced, assignment.fx, keep_output=self._keep_output, detach=False, run_modules=leaves)
         return _Runner(graph, assignment, self._request, self._keep_output)
 
     def _other_mode_hint(self, unknown: list[str]) -> str:

@@ -142,3 +142,27 @@ def test_auto_with_untraceable_root_uses_hooks() -> None:
     assert tapped.mode == "hooks"
     x = torch.ones(1, 2)
     assert_same(tapped(x)["fc"], model.fc(x).detach())
+
+
+def test_hooked_name_inside_a_leaf_keeps_the_leaf_alive() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    model = nn.Sequential(layer, nn.Linear(8, 2)).eval()
+    x = torch.randn(1, 3, 8)
+    truth = hook_truth(model, x)
+    tapped = fxtap.tap(model, ["0.linear1"])
+    assert tapped.paths == {"0.linear1": "hook"}
+    assert_same(tapped(x)["0.linear1"], truth["0.linear1"])
+    targets = [n.target for r in tapped._runners.values() for n in r.graph.graph.nodes if n.op == "call_module"]
+    assert targets == ["0"]  # the leaf runs, the Linear after it is pruned
+
+
+def test_hooked_name_inside_untraceable_leaf_alone() -> None:
+    torch.manual_seed(0)
+    model = DataDependent()
+    x = torch.randn(3, 4)
+    truth = hook_truth(model, x)
+    branch = "gate.a" if "gate.a" in truth else "gate.b"
+    with pytest.warns(fxtap.FallbackWarning):
+        tapped = fxtap.tap(model, [branch])
+    assert_same(tapped(x)[branch], truth[branch])
