@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from . import _fx, _hooks, _names, _plan
-from ._errors import FallbackWarning, MissingCallError, TapNameError
+from ._errors import FallbackWarning, FxtapError, MissingCallError, TapNameError
 from ._model import training_mode, unwrap
 from ._values import detach_value
 
@@ -103,7 +103,8 @@ class Tapped(nn.Module):
         self._keep_output = keep_output
         self._warned: set[str] = set()
         self._runners: dict[Hashable, _Runner] = {}
-        self._runner(_default_spec(model), stacklevel=4)  # checks the names now, not at first call
+        self._default_spec = _default_spec(model)
+        self._runner(self._default_spec, stacklevel=4)  # checks the names now, not at first call
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -115,14 +116,14 @@ class Tapped(nn.Module):
     @property
     def paths(self) -> dict[str, str]:
         """Each requested name mapped to ``"fx"`` or ``"hook"``."""
-        assignment = self._runner(_default_spec(self.model), stacklevel=3).assignment
+        assignment = self._runner(self._default_spec, stacklevel=3).assignment
         return {name: "fx" if name in assignment.fx else "hook" for name in self._request}
 
     def report(self) -> str:
         """A table: one row per requested name with its key, path, module type and fallback reason."""
         from ._table import table
 
-        assignment = self._runner(_default_spec(self.model), stacklevel=3).assignment
+        assignment = self._runner(self._default_spec, stacklevel=3).assignment
         rows = [
             [name, key, "fx" if name in assignment.fx else "hook", assignment.module_types.get(name, ""), assignment.reasons.get(name, "")]
             for name, key in self._request.items()
@@ -130,11 +131,30 @@ class Tapped(nn.Module):
         return table(["name", "key", "path", "module type", "reason"], rows)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        runner = self._runner(_call_spec(self.model, args, kwargs), stacklevel=4)
-        values = runner.run(self.model, args, kwargs)
-        if self._detach:
-            values = {key: detach_value(value) for key, value in values.items()}
-        return values
+        # Under torch.compile/torch.export, keep Python-side dispatch trivial: default arguments.
+        compiling = torch.compiler.is_compiling()
+        spec = self._default_spec if compiling else _call_spec(self.model, args, kwargs)
+        return self._runner(spec, stacklevel=4).run(self.model, args, kwargs)
+
+    def graph_module(self) -> fx.GraphModule:
+        """The ``torch.fx.GraphModule`` that computes every requested value in the current mode.
+
+        It takes the model's inputs (non-tensor arguments at their defaults) and returns the
+        same dict as the ``Tapped``: the form to hand to ``torch.export``, ONNX or TorchScript.
+
+        Raises:
+            FxtapError: some names are captured by hooks, which no graph can hold; the message
+                names the untraceable code.
+        """
+        runner = self._runner(self._default_spec, stacklevel=3)
+        if runner.graph is None or runner.assignment.hooks:
+            hooked = {name: runner.assignment.reasons[name] for name in runner.assignment.hooks}
+            detail = "; ".join(f"{name!r}: {reason}" for name, reason in hooked.items())
+            raise FxtapError(
+                f"no single graph computes these taps of {type(self.model).__name__}: some are captured by hooks ({detail}).\n"
+                "  Hooks cannot be exported. Tap names outside that code, or make it traceable (docs/fallback.md)."
+            )
+        return runner.graph
 
     # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Tapped:
@@ -167,8 +187,10 @@ class Tapped(nn.Module):
         graph = None
         if analysis.traced is not None and self._mode_arg != "hooks":
             leaves = frozenset(assignment.leaves.values())
-            graph = _fx.build(analysis.traced, assignment.fx, keep_output=self._keep_output, detach=False, run_modules=leaves)
-        return _Runner(graph, assignment, self._request, self._keep_output)
+            graph = _fx.build(
+                analysis.traced, assignment.fx, keep_output=self._keep_output, detach=self._detach, run_modules=leaves
+            )
+        return _Runner(graph, assignment, self._request, keep_output=self._keep_output, detach=self._detach)
 
     def _other_mode_hint(self, unknown: list[str]) -> str:
         """A hint when the unknown names exist with the model in the other train/eval mode."""
@@ -204,14 +226,19 @@ class Tapped(nn.Module):
 class _Runner:
     """One way to compute the requested values: a graph, hooks, or a graph with hooks inside leaves."""
 
-    def __init__(self, graph: fx.GraphModule | None, assignment: _plan.Assignment, request: dict[str, str], keep_output: bool) -> None:
+    def __init__(
+        self, graph: fx.GraphModule | None, assignment: _plan.Assignment, request: dict[str, str], *, keep_output: bool, detach: bool
+    ) -> None:
         self.graph = graph
         self.assignment = assignment
         self._request = request
         self._keep_output = keep_output
+        self._detach = detach
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         targets = self.assignment.hooks
+        if self.graph is not None and not targets:
+            return dict(self.graph(*_graph_args(model, args, kwargs)))  # the graph returns keys in order
         stop_early = self.graph is None and not self._keep_output
         from_graph: dict[str, Any] = {}
         with _hooks.capture(model, targets, stop_when_done=stop_early) as captured:
@@ -221,10 +248,8 @@ class _Runner:
                 from_graph = {"output": model(*args, **kwargs)}
         if len(captured.values) != len(targets):
             raise MissingCallError(_hooks.missing_calls_message(targets, captured, type(model).__name__))
-        out = {
-            key: from_graph[key] if name in self.assignment.fx else captured.values[name]
-            for name, key in self._request.items()
-        }
+        hooked = {name: detach_value(v) if self._detach else v for name, v in captured.values.items()}
+        out = {key: from_graph[key] if name in self.assignment.fx else hooked[name] for name, key in self._request.items()}
         if self._keep_output:
             out["output"] = from_graph["output"]
         return out
