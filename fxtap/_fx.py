@@ -20,7 +20,7 @@ from torch.fx.node import Argument
 
 from . import _names
 from ._errors import TraceFailedError
-from ._model import attribute_paths
+from ._model import attribute_paths, preserved, stand_in
 from ._prune import plan
 from ._values import copy_value, detach_value
 
@@ -45,6 +45,7 @@ class Traced:
     graph: fx.Graph
     root: nn.Module
     points: dict[str, TapPoint] = field(default_factory=dict)
+    inlined: dict[str, int] = field(default_factory=dict)  # module path -> calls traced through (no hook fires)
 
 
 class _Proxy(fx.Proxy):
@@ -69,7 +70,7 @@ for _op in "iadd iand ifloordiv ilshift imod imul imatmul ior ipow irshift isub 
     setattr(_Proxy, f"__{_op}__", _inplace_dunder(getattr(operator, _op)))
 
 
-def _is_standard_leaf(module: nn.Module) -> bool:
+def is_standard_leaf(module: nn.Module) -> bool:
     """torch.fx's own leaf rule: modules from ``torch.nn`` itself, except the containers."""
     return type(module).__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(
         module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -84,10 +85,11 @@ class _TapTracer(fx.Tracer):
         self.points: dict[str, TapPoint] = {}
         self.failure: tuple[str, str] | None = None  # innermost (path, type) whose forward raised
         self._calls: dict[str, int] = {}
+        self.inlined: dict[str, int] = {}
         self._scopes: list[tuple[str, str]] = [("", type(root).__name__)]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return m in self._leaves or _is_standard_leaf(m)
+        return m in self._leaves or is_standard_leaf(m)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -103,6 +105,7 @@ class _TapTracer(fx.Tracer):
             self._record(name, "module", proxy, kind, self._scopes[-1][0])
             return proxy
         self._scopes.append((path, kind))
+        self.inlined[path] = self.inlined.get(path, 0) + 1
         try:
             # m.forward, not the hook-running __call__: user hooks must never see proxies.
             out = super().call_module(m, m.forward, args, kwargs)
@@ -145,9 +148,11 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
         TraceFailedError: tracing failed; ``.module`` names the innermost submodule whose
             ``forward`` raised ("" when it is the root's own code).
     """
-    tracer = _TapTracer(model, leaves)
+    root = stand_in(model)
+    tracer = _TapTracer(root, leaves)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_args)
+        with preserved(model):
+            graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as error:
         path, kind = tracer.failure or ("", type(model).__name__)
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
@@ -155,7 +160,7 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
         raise TraceFailedError(
             f"torch.fx cannot trace {where}: {reason}", module=path, module_type=kind, reason=reason
         ) from error
-    return Traced(graph, model, tracer.points)
+    return Traced(graph, root, tracer.points, tracer.inlined)
 
 
 def build(

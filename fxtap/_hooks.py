@@ -86,39 +86,46 @@ class _StopForward(BaseException):
 
 
 class _Capture:
-    def __init__(self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool) -> None:
+    def __init__(self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int) -> None:
         self.values: dict[str, Any] = {}
         self.calls: dict[str, int] = {}
         self._wanted = {(t.path, t.call_index): t.name for t in targets.values()}
         self._copy = copy
         self._stop = stop_when_done
-        self._thread = threading.get_ident()
+        self._expected = len(self._wanted) + extra
+        self.thread = threading.get_ident()
+
+    def add(self, name: str, value: Any) -> None:
+        """Store a value captured by other means (a locally traced submodule); may end the forward."""
+        self.values[name] = value
+        if self._stop and len(self.values) == self._expected:
+            raise _StopForward
 
     def hook(self, path: str) -> Callable[[nn.Module, Any, Any], None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
-            if threading.get_ident() != self._thread:
+            if threading.get_ident() != self.thread:
                 return  # another thread's call of the same model: not ours
             index = self.calls.get(path, 0)
             self.calls[path] = index + 1
             name = self._wanted.get((path, index))
-            if name is None:
-                return
-            self.values[name] = copy_value(output) if self._copy else output
-            if self._stop and len(self.values) == len(self._wanted):
-                raise _StopForward
+            if name is not None:
+                self.add(name, copy_value(output) if self._copy else output)
 
         return record
 
 
 @contextmanager
-def capture(root: nn.Module, targets: dict[str, HookTarget], *, copy: bool = True, stop_when_done: bool = False) -> Iterator[_Capture]:
+def capture(
+    root: nn.Module, targets: dict[str, HookTarget], *, copy: bool = True, stop_when_done: bool = False, extra: int = 0
+) -> Iterator[_Capture]:
     """Hook the modules of ``targets`` for the duration of the ``with`` block.
 
     The handles are removed in ``finally``, whatever happens. With ``stop_when_done`` the forward
-    is cut short (a private exception, swallowed here) as soon as every target is captured.
+    is cut short (a private exception, swallowed here) as soon as every target is captured,
+    and ``extra`` more values arrived through ``add``.
     """
     paths = {t.path for t in targets.values()}
-    state = _Capture(targets, copy, stop_when_done)
+    state = _Capture(targets, copy, stop_when_done, extra)
     handles: list[RemovableHandle] = []
     try:
         for path in sorted(paths):

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["attribute_paths", "hook_counts", "training_mode", "unwrap"]
+__all__ = ["attribute_paths", "hook_counts", "preserved", "stand_in", "training_mode", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -18,12 +18,56 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def stand_in(module: nn.Module) -> nn.Module:
+    """A shallow twin of ``module``: same class, same submodules, parameters and buffers (the same
+    dict objects), but its own attribute dict. torch.fx stores constants it meets while tracing
+    as new attributes of the traced root (``_tensor_constant0``); they land on the twin, never on
+    the user's model."""
+    twin = object.__new__(type(module))
+    twin.__dict__.update(module.__dict__)
+    twin.__dict__.pop("forward", None)  # an instance-level forward is not the class's code
+    return twin
+
+
 def attribute_paths(root: nn.Module) -> tuple[list[str], list[str]]:
     """The module paths, and the parameter and buffer paths, of ``root``."""
     modules = [n for n, _ in root.named_modules(remove_duplicate=False) if n]
     others = [n for n, _ in root.named_parameters(remove_duplicate=False)]
     others += [n for n, _ in root.named_buffers(remove_duplicate=False)]
     return modules, others
+
+
+_REGISTRIES = ("_parameters", "_buffers", "_modules")
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Undo attribute writes that running ``forward`` under tracing makes to ``model``'s modules.
+
+    Tracing executes the model's Python code with proxies, and some code caches what it computes
+    on ``self`` (torchvision's ``MultiScaleRoIAlign`` stores its scales on first call): those
+    proxies must not stay on the user's modules.
+    """
+    saved = {
+        module: (dict(module.__dict__), {r: dict(getattr(module, r, {})) for r in _REGISTRIES})
+        for module in model.modules()
+    }
+    try:
+        yield
+    finally:
+        for module, (attributes, registries) in saved.items():
+            _restore(module.__dict__, attributes)
+            for name, entries in registries.items():
+                registry = getattr(module, name, None)
+                if registry is not None:
+                    _restore(registry, entries)
+
+
+def _restore(current: dict[str, Any], saved: dict[str, Any]) -> None:
+    # compare by identity: ``==`` on a leftover proxy would record a graph node, not compare
+    if current.keys() != saved.keys() or any(current[k] is not v for k, v in saved.items()):
+        current.clear()
+        current.update(saved)
 
 
 @contextmanager

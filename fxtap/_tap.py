@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from . import _fx, _hooks, _names, _plan
+from . import _fx, _hooks, _names, _plan, _regions
 from ._errors import FallbackWarning, FxtapError, MissingCallError, TapNameError
 from ._model import training_mode, unwrap
 from ._values import detach_value
@@ -80,7 +80,12 @@ def names(model: nn.Module, *, train: bool = False, mode: Mode = "auto") -> list
     model = unwrap(model)
     with training_mode(model, train), warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)
-        return _plan.analyse(model, mode=mode, concrete_args=_default_concrete_args(model)).names()
+        analysis = _plan.analyse(model, mode=mode, concrete_args=_default_concrete_args(model))
+        if analysis.traced is not None or mode != "auto":
+            return analysis.names()
+        local = _regions.resolve(model, [], analysis.fallbacks[""], everything=True).available
+        known = set(local)
+        return local + [path for path in analysis.names() if path not in known]
 
 
 class Tapped(nn.Module):
@@ -109,9 +114,12 @@ class Tapped(nn.Module):
     # -- public ------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
-        """``"fx"``, ``"hooks"`` or ``"mixed"``: how the names were captured in the current mode."""
-        paths = set(self.paths.values())
-        return "mixed" if len(paths) > 1 else ("fx" if paths == {"fx"} else "hooks")
+        """How the names are captured in the current mode: ``"fx"`` (one graph computes them all),
+        ``"hooks"`` (nothing could be traced) or ``"mixed"``."""
+        runner = self._runner(self._default_spec, stacklevel=3)
+        if runner.graph is not None and not runner.assignment.hooks:
+            return "fx"
+        return "mixed" if runner.assignment.fx else "hooks"
 
     @property
     def paths(self) -> dict[str, str]:
@@ -177,6 +185,8 @@ class Tapped(nn.Module):
 
     def _build(self, concrete_args: dict[str, Any], *, stacklevel: int) -> _Runner:
         analysis = _plan.analyse(self.model, mode=self._mode_arg, concrete_args=concrete_args)
+        if analysis.traced is None and self._mode_arg == "auto":
+            return self._build_eager(analysis, stacklevel=stacklevel + 1)
         note = "" if self._mode_arg != "hooks" else ' (mode="hooks")'
         try:
             assignment = _plan.assign(analysis, self._request, mode=self._mode_arg, note=note)
@@ -192,6 +202,45 @@ class Tapped(nn.Module):
             )
         return _Runner(graph, assignment, self._request, keep_output=self._keep_output, detach=self._detach)
 
+    def _build_eager(self, analysis: _plan.Analysis, *, stacklevel: int) -> _Runner:
+        """The root runs eagerly; traceable children holding requested names are traced on their own."""
+        found = _regions.resolve(self.model, list(self._request), analysis.fallbacks[""])
+        if found.unknown:
+            available = found.available + [p for p, _ in self.model.named_modules() if p and p not in found.available]
+            message = _names.unknown_name_message(found.unknown, type(self.model).__name__, available)
+            raise TapNameError(f"{message}{self._other_mode_hint(found.unknown)}")
+        reasons = {name: "" for name in found.fx}
+        types = dict(found.fx)
+        for name, target in found.hooks.items():
+            owner = max((p for p in found.fallbacks if not p or target.path.startswith(p + ".") or target.path == p), key=len)
+            reasons[name] = found.fallbacks[owner][1]
+            types[name] = type(self.model.get_submodule(target.path)).__name__
+        fx_keys = {name: self._request[name] for name in found.fx}
+        assignment = _plan.Assignment(fx_keys, found.hooks, reasons, types, {})
+        self._warn_fallbacks(_plan.Analysis(self.model, None, found.fallbacks), assignment, stacklevel)
+        return _Runner(None, assignment, self._request, keep_output=self._keep_output, detach=self._detach, regions=found.regions)
+
+    def _warn_eager(self, fallbacks: dict[str, tuple[str, str]], assignment: _plan.Assignment, stacklevel: int) -> None:
+        """One warning for a model whose own forward runs eagerly, listing what else could not be traced."""
+        if "" in self._warned:
+            return
+        self._warned.add("")
+        root_type, reason = fallbacks[""]
+        others = "".join(f"\n    {path!r} ({kind}): {why}" for path, (kind, why) in fallbacks.items() if path)
+        traced = sorted({name for name in assignment.fx})
+        did = (
+            f"the model runs eagerly; {len(traced)} of {len(self._request)} requested names come from submodules traced "
+            f"on their own, the others from forward hooks"
+        )
+        warnings.warn(
+            f"fxtap: torch.fx cannot trace the forward of {root_type} itself: {reason}"
+            + (f"\n  Also untraceable:{others}" if others else "")
+            + f"\n  What fxtap did: {did}. See Tapped.report(); silence with mode=\"hooks\" or "
+            "warnings.filterwarnings('ignore', category=fxtap.FallbackWarning).",
+            FallbackWarning,
+            stacklevel=stacklevel,
+        )
+
     def _other_mode_hint(self, unknown: list[str]) -> str:
         """A hint when the unknown names exist with the model in the other train/eval mode."""
         training = self.model.training
@@ -204,6 +253,9 @@ class Tapped(nn.Module):
 
     def _warn_fallbacks(self, analysis: _plan.Analysis, assignment: _plan.Assignment, stacklevel: int) -> None:
         if self._mode_arg != "auto":
+            return
+        if "" in analysis.fallbacks:
+            self._warn_eager(analysis.fallbacks, assignment, stacklevel + 1)
             return
         for path, (module_type, reason) in analysis.fallbacks.items():
             if path in self._warned:
@@ -224,13 +276,22 @@ class Tapped(nn.Module):
 
 
 class _Runner:
-    """One way to compute the requested values: a graph, hooks, or a graph with hooks inside leaves."""
+    """One way to compute the requested values: a graph, hooks, or both (hooks inside the graph's
+    leaves, or graphs of traceable submodules inside an eagerly running model)."""
 
     def __init__(
-        self, graph: fx.GraphModule | None, assignment: _plan.Assignment, request: dict[str, str], *, keep_output: bool, detach: bool
+        self,
+        graph: fx.GraphModule | None,
+        assignment: _plan.Assignment,
+        request: dict[str, str],
+        *,
+        keep_output: bool,
+        detach: bool,
+        regions: list[_regions.Region] | None = None,
     ) -> None:
         self.graph = graph
         self.assignment = assignment
+        self.regions = regions or []
         self._request = request
         self._keep_output = keep_output
         self._detach = detach
@@ -240,19 +301,32 @@ class _Runner:
         if self.graph is not None and not targets:
             return dict(self.graph(*_graph_args(model, args, kwargs)))  # the graph returns keys in order
         stop_early = self.graph is None and not self._keep_output
+        in_regions = 0 if self.graph is not None else len(self.assignment.fx)
         from_graph: dict[str, Any] = {}
-        with _hooks.capture(model, targets, stop_when_done=stop_early) as captured:
-            if self.graph is not None:
-                from_graph = self.graph(*_graph_args(model, args, kwargs))
-            else:
-                from_graph = {"output": model(*args, **kwargs)}
-        if len(captured.values) != len(targets):
-            raise MissingCallError(_hooks.missing_calls_message(targets, captured, type(model).__name__))
-        hooked = {name: detach_value(v) if self._detach else v for name, v in captured.values.items()}
-        out = {key: from_graph[key] if name in self.assignment.fx else hooked[name] for name, key in self._request.items()}
+        with _hooks.capture(model, targets, stop_when_done=stop_early, extra=in_regions) as captured:
+            with _regions.serve(self.regions, captured, detach=self._detach):
+                if self.graph is not None:
+                    from_graph = self.graph(*_graph_args(model, args, kwargs))
+                else:
+                    from_graph = {"output": model(*args, **kwargs)}
+        expected = set(targets) if self.graph is not None else set(targets) | set(self.assignment.fx)
+        if not expected <= set(captured.values):
+            raise MissingCallError(self._missing_message(model, captured))
+        hooked = {name: detach_value(captured.values[name]) if self._detach else captured.values[name] for name in targets}
+        out = {
+            key: hooked[name] if name in targets else (from_graph[key] if self.graph is not None else captured.values[name])
+            for name, key in self._request.items()
+        }
         if self._keep_output:
             out["output"] = from_graph["output"]
         return out
+
+    def _missing_message(self, model: nn.Module, captured: Any) -> str:
+        message = _hooks.missing_calls_message(
+            {n: t for n, t in self.assignment.hooks.items() if n not in captured.values}, captured, type(model).__name__
+        )
+        failed = [r.failed for r in self.regions if r.failed and any(g not in captured.values for g in r.request.values())]
+        return message + "".join(f"\n  {reason}" for reason in failed)
 
 
 # -- calls are specialised on their non-tensor arguments --------------------------------------------

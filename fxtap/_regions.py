@@ -1,0 +1,300 @@
+"""Local tracing under untraceable code: the traceable submodules of an eagerly running module.
+
+When a module's own ``forward`` cannot be traced (every Hugging Face model's root, the detection
+models' ``GeneralizedRCNN``), it runs eagerly, but each child that holds requested names is
+traced on its own, *with the arguments of the actual call*: tensors become graph inputs and
+every other argument (``None`` masks, flags, ints) is fixed at its value. During a tapped call
+the child's ``forward`` is swapped for that graph (an instance attribute, removed in ``finally``),
+so functional-op names inside it (a residual ``add``) stay tappable. A child whose own code
+fails too is opened in turn; only what lies in untraceable code itself is left to hooks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import types
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+from . import _fx, _hooks, _plan
+from ._values import copy_value, detach_value
+
+__all__ = ["Region", "Resolution", "resolve", "serve"]
+
+_Slot = tuple[Any, ...]
+# ("T", index): a graph input (a tensor, or an object such as a cache);
+# ("C", value): a fixed value; ("L", type, slots) / ("D", type, ((key, slot), ...)): a plain
+# list, tuple or dict rebuilt around its items, so traced code can loop over it.
+
+
+def _freeze(slot: _Slot) -> Hashable:
+    kind = slot[0]
+    if kind == "T":
+        return slot
+    if kind == "C":
+        return ("C", type(slot[1]).__name__, repr(slot[1]))
+    if kind == "L":
+        return ("L", slot[1].__name__, tuple(_freeze(s) for s in slot[2]))
+    return ("D", slot[1].__name__, tuple((k, _freeze(s)) for k, s in slot[2]))
+
+
+def _rebuild(slot: _Slot, inputs: tuple[Any, ...]) -> Any:
+    kind = slot[0]
+    if kind == "T":
+        return inputs[slot[1]]
+    if kind == "C":
+        return slot[1]
+    if kind == "L":
+        return slot[1](_rebuild(s, inputs) for s in slot[2])
+    return slot[1]((k, _rebuild(s, inputs)) for k, s in slot[2])
+
+
+@dataclass(frozen=True)
+class _Template:
+    """How one call's arguments split into graph inputs and fixed values."""
+
+    positional: tuple[_Slot, ...]
+    keywords: tuple[tuple[str, _Slot], ...]
+    count: int
+    input_types: tuple[str, ...] = ()
+
+    def key(self) -> Hashable:
+        return (
+            tuple(_freeze(s) for s in self.positional),
+            tuple((k, _freeze(s)) for k, s in self.keywords),
+            self.input_types,
+        )
+
+
+_SIMPLE = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _call_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Template, list[Any]]:
+    """Tensors and objects (a ``DynamicCache``) become graph inputs; simple values are fixed."""
+    inputs: list[Any] = []
+
+    def slot(value: Any) -> _Slot:
+        if type(value) in (list, tuple):
+            return ("L", type(value), tuple(slot(v) for v in value))
+        if type(value) in (dict, OrderedDict) and all(isinstance(k, str) for k in value):
+            return ("D", type(value), tuple((k, slot(v)) for k, v in value.items()))
+        if isinstance(value, _SIMPLE):
+            return ("C", value)
+        inputs.append(value)
+        return ("T", len(inputs) - 1)
+
+    positional = tuple(slot(a) for a in args)
+    keywords = tuple((k, slot(v)) for k, v in kwargs.items())
+    types = tuple(type(t).__name__ for t in inputs)
+    return _Template(positional, keywords, len(inputs), types), inputs
+
+
+def _default_template(module: nn.Module) -> _Template:
+    """The call ``tap()`` checks names with: required arguments are tensors, the rest defaults."""
+    positional: list[_Slot] = []
+    count = 0
+    for p in inspect.signature(module.forward).parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
+            positional.append(("T", count))
+            count += 1
+    return _Template(tuple(positional), (), count)
+
+
+def _shim(module: nn.Module, template: _Template, spec: list[Any]) -> nn.Module:
+    """A stand-in for ``module`` (same attributes, same submodules) whose forward takes only the
+    tensors and returns the flat leaves of the output; the output's structure goes to ``spec``
+    (a graph output cannot hold a ``ModelOutput`` or a namedtuple of its own)."""
+    original = type(module).forward
+
+    def call(self: nn.Module, inputs: tuple[Any, ...]) -> Any:
+        args = [_rebuild(slot, inputs) for slot in template.positional]
+        kwargs = {k: _rebuild(slot, inputs) for k, slot in template.keywords}
+        leaves, structure = pytree.tree_flatten(original(self, *args, **kwargs))
+        spec[:] = [structure]
+        return leaves
+
+    names = [f"input_{i}" for i in range(template.count)]
+    packed = f"({', '.join(names)}{',' if len(names) == 1 else ''})"
+    namespace: dict[str, Any] = {"_call": call}
+    exec(f"def forward(self, {', '.join(names)}):\n    return _call(self, {packed})\n", namespace)
+    cls = type(type(module).__name__, (type(module),), {"forward": namespace["forward"], "__module__": type(module).__module__})
+    shim = cls.__new__(cls)
+    shim.__dict__.update(module.__dict__)
+    shim.__dict__.pop("forward", None)
+    return shim
+
+
+@dataclass
+class Region:
+    """A submodule traced on its own; ``request`` maps its local names to the global ones."""
+
+    path: str
+    module: nn.Module
+    request: dict[str, str]
+    keep: frozenset[str] = frozenset()  # local leaf paths that hooks need to run
+    root: nn.Module | None = None  # the whole model, for hooks when no graph fits a call
+    hookable: dict[str, _hooks.HookTarget] = field(default_factory=dict)  # request names that are module calls
+    failed: str = ""  # why the last call could not use a graph
+    _graphs: dict[Hashable, tuple[fx.GraphModule | None, Any, dict[str, int]]] = field(default_factory=dict)
+
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, int]] | None:
+        """The module's output, the requested values, and how often each module was called inside
+        the graph without hooks firing; ``None`` when no graph fits this call."""
+        template, tensors = _call_template(args, kwargs)
+        key = (self.module.training, template.key())
+        if key not in self._graphs:
+            spec: list[Any] = []
+            graph, inlined = self._build(template, spec)
+            self._graphs[key] = (graph, spec[0] if spec else None, inlined)
+        graph, structure, inlined = self._graphs[key]
+        if graph is None:
+            return None
+        values = dict(graph(*tensors))
+        return pytree.tree_unflatten(values.pop("output"), structure), values, inlined
+
+    def _build(self, template: _Template, spec: list[Any]) -> tuple[fx.GraphModule | None, dict[str, int]]:
+        analysis = _plan.analyse(_shim(self.module, template, spec), mode="auto", concrete_args=None)
+        if analysis.traced is None:
+            self.failed = f"{self.path!r} cannot be traced for this call: {analysis.fallbacks[''][1]}"
+            return None, {}
+        inner = {local: name for local, name in self.request.items() if local}  # "" is the output itself
+        missing = [local for local in inner if local not in analysis.traced.points]
+        if missing:
+            self.failed = f"{self.path!r} traced for this call has no {', '.join(map(repr, missing))}"
+            return None, {}
+        inlined = {_join(self.path, p): n for p, n in analysis.traced.inlined.items()}
+        graph = _fx.build(analysis.traced, inner, keep_output=True, detach=False, run_modules=self.keep)
+        return graph, inlined
+
+
+@dataclass
+class Resolution:
+    """Where each requested name of an eagerly running model is captured."""
+
+    regions: list[Region] = field(default_factory=list)
+    fx: dict[str, str] = field(default_factory=dict)  # global name -> module type, from a region graph
+    hooks: dict[str, _hooks.HookTarget] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+    fallbacks: dict[str, tuple[str, str]] = field(default_factory=dict)  # eager or opaque code: path -> (type, reason)
+    available: list[str] = field(default_factory=list)  # every FX name found, for suggestions
+    root: nn.Module | None = None
+
+
+def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False) -> Resolution:
+    """Place ``names`` of a model whose own forward runs eagerly (``everything``: trace all children)."""
+    result = Resolution(fallbacks={"": root_reason}, root=model)
+    leftover = _resolve_in(model, "", names, result, everything)
+    targets, unknown = _hooks.hook_targets(model, leftover)
+    result.hooks.update(targets)
+    result.unknown = unknown
+    return result
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _resolve_in(module: nn.Module, prefix: str, names: list[str], result: Resolution, everything: bool) -> list[str]:
+    """Resolve names inside the children of an eagerly running ``module``; return the unplaced ones."""
+    leftover = list(names)
+    for child_name, child in module.named_children():
+        path = _join(prefix, child_name)
+        inside = [n for n in leftover if n.startswith(path + ".") or n == path]
+        if (not inside and not everything) or _fx.is_standard_leaf(child):
+            continue
+        leftover = [n for n in leftover if n not in inside]
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called: look at its items
+            leftover += _resolve_in(child, path, inside, result, everything)
+            continue
+        try:
+            analysis = _plan.analyse(_shim(child, _default_template(child), []), mode="auto", concrete_args=None)
+        except (TypeError, ValueError) as error:  # no usable signature: leave the child to hooks
+            result.fallbacks[path] = (type(child).__name__, f"{type(error).__name__}: {error}")
+            leftover += inside
+            continue
+        for sub, (kind, reason) in analysis.fallbacks.items():
+            result.fallbacks[_join(path, sub)] = (type(child).__name__ if not sub else kind, reason)
+        if analysis.traced is None:
+            leftover += _resolve_in(child, path, inside, result, everything)
+            continue
+        points = {n: p for n, p in analysis.traced.points.items() if p.kind != "input"}
+        result.available += [_join(path, n) for n in points]
+        local = {n[len(path) + 1 :]: n for n in inside if n == path or n[len(path) + 1 :] in points}  # "": the output
+        leftover += [n for n in inside if n not in local.values()]
+        if local:
+            keep = frozenset(analysis.hookable_under()) - {""}
+            hookable = _hooks.hook_targets(result.root, list(local.values()))[0]
+            result.regions.append(Region(path, child, local, keep, result.root, hookable))
+            result.fx.update({g: points[l].module_type if l else type(child).__name__ for l, g in local.items()})
+    return leftover
+
+
+@contextmanager
+def serve(regions: list[Region], state: Any, *, detach: bool) -> Iterator[None]:
+    """Swap each region's ``forward`` for its graph during the block (first call per region)."""
+    installed: list[tuple[nn.Module, Any]] = []
+    try:
+        for region in regions:
+            previous = region.module.__dict__.get("forward")
+            original = previous if previous is not None else types.MethodType(type(region.module).forward, region.module)
+            region.module.__dict__["forward"] = _dispatcher(region, original, state, detach)
+            installed.append((region.module, previous))
+        yield
+    finally:
+        for module, previous in reversed(installed):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
+
+
+def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach: bool) -> Callable[..., Any]:
+    served = False
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal served
+        if served or threading.get_ident() != state.thread:
+            return original(*args, **kwargs)
+        served = True
+        result = region.run(args, kwargs)
+        if result is None:  # no graph fits this call: module names inside still come from hooks
+            if region.root is None or not region.hookable:
+                return original(*args, **kwargs)
+            with _hooks.capture(region.root, region.hookable) as inner:
+                output = original(*args, **kwargs)
+            for name, value in inner.values.items():
+                state.add(name, detach_value(value) if detach else value)
+            return output
+        output, values, inlined = result
+        for path, count in inlined.items():  # keep hook call numbering right for later calls
+            state.calls[path] = state.calls.get(path, 0) + count
+        shared = _storages((output, args, kwargs))
+        if "" in region.request:  # the module's own output: eager code goes on with it, so copy
+            values[region.request[""]] = copy_value(output)
+        for name, value in values.items():
+            if _storages(value) & shared:
+                value = copy_value(value)  # eager code after this module may write into it
+            state.add(name, detach_value(value) if detach else value)
+        return output
+
+    return forward
+
+
+def _storages(value: Any) -> set[int]:
+    found: set[int] = set()
+
+    def visit(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            found.add(v.untyped_storage().data_ptr())
+        return v
+
+    fx.node.map_aggregate(value, visit)
+    return found
