@@ -18,6 +18,7 @@ some kernels differ between the two, so values are compared within one mode only
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -409,3 +410,20 @@ def test_functional_names_inside_local_regions_bert() -> None:
     attention = attention[0] if isinstance(attention, tuple) else attention
     assert_same(out["encoder.layer.0.output.add"], truth["encoder.layer.0.output.dropout"] + attention)
     assert_same(out["encoder.layer.1.output.LayerNorm"], truth["encoder.layer.1.output.LayerNorm"])
+
+
+@pytest.mark.parametrize("mode", ["hooks", "auto"])
+def test_maskrcnn_roi_heads_container_is_copied_before_postprocessing(mode: str) -> None:
+    """roi_heads returns a list of dicts that GeneralizedRCNN's postprocess rewrites in place."""
+    model = maskrcnn()
+    torch.manual_seed(2)
+    image = [torch.rand(3, 96, 160)]  # resized to 128 px and back: postprocess rescales the boxes
+    truth = hook_truth(model, image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        tapped = fxtap.tap(model, ["roi_heads"], mode=mode, keep_output=True)
+    out = tapped(image)
+    raw = truth["roi_heads"][0][0]["boxes"]
+    assert raw.shape[0] > 0
+    assert_same(out["roi_heads"], truth["roi_heads"])
+    assert not torch.equal(out["roi_heads"][0][0]["boxes"], out["output"][0]["boxes"])  # the rescaled ones
