@@ -237,23 +237,59 @@ def _resolve_in(module: nn.Module, prefix: str, names: list[str], result: Resolu
     return leftover
 
 
+_SWAP_LOCK = threading.Lock()  # guards installing and removing routers, across Tapped objects
+
+
+class _Router:
+    """Installed as a module's instance ``forward`` while at least one tapped call needs it.
+
+    Each thread's tapped call registers its own handler; any other call (another thread, or no
+    tapped call at all) goes to the module's own forward. The last one out removes the router.
+    """
+
+    def __init__(self, module: nn.Module, previous: Any) -> None:
+        self.module = module
+        self.previous = previous
+        self.routes: dict[int, list[Callable[..., Any]]] = {}
+
+    def original(self) -> Callable[..., Any]:
+        if self.previous is not None:
+            return self.previous  # type: ignore[no-any-return]
+        return types.MethodType(type(self.module).forward, self.module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        handlers = self.routes.get(threading.get_ident())
+        return (handlers[-1] if handlers else self.original())(*args, **kwargs)
+
+
 @contextmanager
 def serve(regions: list[Region], state: Any, *, detach: bool) -> Iterator[None]:
-    """Swap each region's ``forward`` for its graph during the block (first call per region)."""
-    installed: list[tuple[nn.Module, Any]] = []
+    """Route each region's calls in this thread to its graph during the block (first call per region)."""
+    thread = threading.get_ident()
+    routers: list[_Router] = []
     try:
         for region in regions:
-            previous = region.module.__dict__.get("forward")
-            original = previous if previous is not None else types.MethodType(type(region.module).forward, region.module)
-            region.module.__dict__["forward"] = _dispatcher(region, original, state, detach)
-            installed.append((region.module, previous))
+            with _SWAP_LOCK:
+                router = region.module.__dict__.get("forward")
+                if not isinstance(router, _Router):
+                    router = _Router(region.module, router)
+                    region.module.__dict__["forward"] = router
+                handler = _dispatcher(region, router.original(), state, detach)
+                router.routes.setdefault(thread, []).append(handler)
+                routers.append(router)
         yield
     finally:
-        for module, previous in reversed(installed):
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.__dict__["forward"] = previous
+        with _SWAP_LOCK:
+            for router in reversed(routers):
+                handlers = router.routes[thread]
+                handlers.pop()
+                if not handlers:
+                    del router.routes[thread]
+                if not router.routes:
+                    if router.previous is None:
+                        router.module.__dict__.pop("forward", None)
+                    else:
+                        router.module.__dict__["forward"] = router.previous
 
 
 def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach: bool) -> Callable[..., Any]:
@@ -261,7 +297,7 @@ def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         nonlocal served
-        if served or threading.get_ident() != state.thread:
+        if served:
             return original(*args, **kwargs)
         served = True
         result = region.run(args, kwargs)

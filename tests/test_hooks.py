@@ -166,3 +166,48 @@ def test_hooked_name_inside_untraceable_leaf_alone() -> None:
     with pytest.warns(fxtap.FallbackWarning):
         tapped = fxtap.tap(model, [branch])
     assert_same(tapped(x)[branch], truth[branch])
+
+
+class _EagerRoot(nn.Module):
+    """An untraceable root around a traceable child with a functional op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:
+            x = x * 0
+        y = self.block(x)
+        return y + 1
+
+
+def test_local_tracing_threads_never_mix_and_model_restored() -> None:
+    torch.manual_seed(0)
+    model = _EagerRoot()
+    before = model_fingerprint(model)
+    with pytest.warns(fxtap.FallbackWarning, match="the forward of _EagerRoot itself"):
+        tapped = fxtap.tap(model, ["block.0", "block"], keep_output=True)
+    assert tapped.paths == {"block.0": "fx", "block": "fx"}
+    inputs = [torch.full((1, 4), float(i)) for i in range(6)]
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(30):
+                results[i] = tapped(inputs[i])
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i, x in enumerate(inputs):
+        assert_same(results[i]["block.0"], model.block[0](x).detach())
+        assert_same(results[i]["block"], torch.tanh(model.block[0](x)).detach())
+    assert "forward" not in model.block.__dict__
+    assert_unchanged(before, model)
