@@ -14,7 +14,6 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import torch
 from torch import fx, nn
 from torch.fx.node import Argument
 
@@ -191,7 +190,7 @@ def build(
         with graph.inserting_after(anchor):
             snapshots[(node, moment)] = graph.call_function(copy_value, (node,))
     outputs: dict[str, Argument] = {
-        key: fx.node.map_arg(value, lambda n, m=moments[key]: snapshots.get((n, m), n)) for key, value in values.items()
+        key: fx.node.map_arg(value, _snapshot_of(snapshots, moments[key])) for key, value in values.items()
     }
     if keep_output:
         outputs["output"] = old_output
@@ -200,6 +199,13 @@ def build(
     graph.output(outputs)
     graph.lint()
     return fx.GraphModule(traced.root, graph, class_name=f"Tapped{type(traced.root).__name__}")
+
+
+def _snapshot_of(snapshots: dict[tuple[fx.Node, fx.Node], fx.Node], moment: fx.Node) -> Any:
+    def pick(node: fx.Node) -> fx.Node:
+        return snapshots.get((node, moment), node)
+
+    return pick
 
 
 def _nodes_of(values: list[Argument]) -> list[fx.Node]:

@@ -13,8 +13,9 @@ __all__ = ["attribute_paths", "hook_counts", "preserved", "stand_in", "training_
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a ``torch.compile``d model (``OptimizedModule._orig_mod``), else ``model``."""
-    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = model._orig_mod
+    inner = getattr(model, "_orig_mod", None)
+    while isinstance(inner, nn.Module):
+        model, inner = inner, getattr(inner, "_orig_mod", None)
     return model
 
 

@@ -52,9 +52,10 @@ def _rebuild(slot: _Slot, inputs: tuple[Any, ...]) -> Any:
         return inputs[slot[1]]
     if kind == "C":
         return slot[1]
+    container: Any = slot[1]
     if kind == "L":
-        return slot[1](_rebuild(s, inputs) for s in slot[2])
-    return slot[1]((k, _rebuild(s, inputs)) for k, s in slot[2])
+        return container(_rebuild(s, inputs) for s in slot[2])
+    return container((k, _rebuild(s, inputs)) for k, s in slot[2])
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,8 @@ def _shim(module: nn.Module, template: _Template, spec: list[Any]) -> nn.Module:
     packed = f"({', '.join(names)}{',' if len(names) == 1 else ''})"
     namespace: dict[str, Any] = {"_call": call}
     exec(f"def forward(self, {', '.join(names)}):\n    return _call(self, {packed})\n", namespace)
-    cls = type(type(module).__name__, (type(module),), {"forward": namespace["forward"], "__module__": type(module).__module__})
-    shim = cls.__new__(cls)
+    cls: Any = type(type(module).__name__, (type(module),), {"forward": namespace["forward"], "__module__": type(module).__module__})
+    shim: nn.Module = object.__new__(cls)
     shim.__dict__.update(module.__dict__)
     shim.__dict__.pop("forward", None)
     return shim
@@ -231,9 +232,10 @@ def _resolve_in(module: nn.Module, prefix: str, names: list[str], result: Resolu
         leftover += [n for n in inside if n not in local.values()]
         if local:
             keep = frozenset(analysis.hookable_under()) - {""}
-            hookable = _hooks.hook_targets(result.root, list(local.values()))[0]
-            result.regions.append(Region(path, child, local, keep, result.root, hookable))
-            result.fx.update({g: points[l].module_type if l else type(child).__name__ for l, g in local.items()})
+            root = result.root if result.root is not None else module
+            hookable = _hooks.hook_targets(root, list(local.values()))[0]
+            result.regions.append(Region(path, child, local, keep, root, hookable))
+            result.fx.update({g: points[n].module_type if n else type(child).__name__ for n, g in local.items()})
     return leftover
 
 
