@@ -18,7 +18,6 @@ storage with their inputs.
 
 from __future__ import annotations
 
-import inspect
 import operator
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -224,13 +223,13 @@ def _is_inplace_call(node: fx.Node) -> bool:
         return True
     if node.kwargs.get("inplace") is True:
         return True
-    if node.op == "call_function" and callable(node.target) and len(node.args) > 1:
-        try:
-            bound = inspect.signature(node.target).bind_partial(*node.args, **node.kwargs)
-        except (TypeError, ValueError):
-            return False
-        return bound.arguments.get("inplace") is True
-    return False
+    # a Python function with an ``inplace`` parameter passed positionally (F.relu(x, True));
+    # read from the code object: inspect.signature is slow on builtins, which have no such flag
+    code = getattr(node.target, "__code__", None) if node.op == "call_function" else None
+    if code is None or "inplace" not in code.co_varnames[: code.co_argcount]:
+        return False
+    index = code.co_varnames.index("inplace")
+    return len(node.args) > index and node.args[index] is True
 
 
 def _first_input(node: fx.Node) -> list[fx.Node]:

@@ -1,0 +1,289 @@
+"""fxtap against the other ways to get activations, measured side by side in one process.
+
+    python benchmarks/run.py [--device cpu|cuda] [--rounds N] [--quick] [--no-write]
+
+Every case times its contenders round by round, interleaved (A B C A B C ...), and reports
+medians, so that noise on a shared machine hits all of them alike. Ratios, not absolute times,
+are the result; the targets are checked and printed next to them. The tables also go to
+docs/benchmarks.md and the scaling plot to docs/img/benchmarks.png (unless --no-write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import fxtap
+
+ROOT = Path(__file__).resolve().parent.parent
+Row = list[Any]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(contenders: dict[str, Callable[[], Any]], rounds: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each contender, timed round by round in turn."""
+    for fn in contenders.values():  # warm-up: first-call costs, caches, lazy graphs
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def hook_recipe(model: nn.Module, names: list[str]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    """The usual recipe: forward hooks storing ``output.detach()`` in a dict (hooks stay on)."""
+    store: dict[str, torch.Tensor] = {}
+    for name in names:
+        model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: store.__setitem__(name, o.detach()))
+
+    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        model(x)
+        return dict(store)
+
+    return run
+
+
+def model_and_input(arch: str, batch: int, device: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None).eval().to(device)
+    return model, torch.randn(batch, 3, 224, 224, device=device)
+
+
+STAGES = {
+    "resnet50": ["layer1", "layer2", "layer3", "layer4"],
+    "vit_b_16": [f"encoder.layers.encoder_layer_{i}" for i in (2, 5, 8, 11)],
+}
+EARLY = {"resnet50": "layer2", "vit_b_16": "encoder.layers.encoder_layer_2"}
+
+
+def truncated(arch: str, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model written out by hand up to the early tap: the fastest possible way to get it."""
+    if arch == "resnet50":
+        return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2)
+
+    def vit(x: torch.Tensor) -> torch.Tensor:
+        x = model._process_input(x)
+        x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = model.encoder.dropout(x + model.encoder.pos_embedding)
+        for layer in list(model.encoder.layers)[:3]:
+            x = layer(x)
+        return x
+
+    return vit
+
+
+def tap(model: nn.Module, names: list[str], mode: str) -> fxtap.Tapped:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        return fxtap.tap(model, names, mode=mode)  # type: ignore[arg-type]
+
+
+def case_stages(arch: str, batch: int, rounds: int, device: str) -> list[Row]:
+    model, x = model_and_input(arch, batch, device)
+    names = STAGES[arch]
+    contenders = {
+        "plain forward": lambda: model(x),
+        "torchvision": lambda fe=create_feature_extractor(model, names): fe(x),
+        "fxtap fx": lambda t=tap(model, names, "fx"): t(x),
+        "fxtap hooks": lambda t=tap(model, names, "hooks"): t(x),
+        "fxtap auto": lambda t=tap(model, names, "auto"): t(x),
+    }
+    recipe_model, _ = model_and_input(arch, batch, device)  # its hooks stay on: give it its own copy
+    recipe_model.load_state_dict(model.state_dict())
+    contenders = {"plain forward": contenders["plain forward"], "hook recipe": lambda r=hook_recipe(recipe_model, names): r(x), **contenders}
+    with torch.inference_mode():
+        med = interleaved(contenders, rounds, device)
+    base = med["plain forward"]
+    return [
+        [f"1. {arch} 4 stages", name, f"{t * 1000:.1f}", f"{t / base:.3f}", "<= 1.02" if name == "fxtap fx" else ""]
+        for name, t in med.items()
+    ]
+
+
+def case_early(arch: str, batch: int, rounds: int, device: str) -> list[Row]:
+    model, x = model_and_input(arch, batch, device)
+    name = EARLY[arch]
+    cut = truncated(arch, model)
+    recipe_model, _ = model_and_input(arch, batch, device)
+    recipe_model.load_state_dict(model.state_dict())
+    contenders = {
+        "hand-truncated": lambda: cut(x),
+        "plain forward": lambda: model(x),
+        "hook recipe": lambda r=hook_recipe(recipe_model, [name]): r(x),
+        "torchvision": lambda fe=create_feature_extractor(model, [name]): fe(x),
+        "fxtap fx": lambda t=tap(model, [name], "fx"): t(x),
+        "fxtap hooks": lambda t=tap(model, [name], "hooks"): t(x),
+    }
+    with torch.inference_mode():
+        med = interleaved(contenders, rounds, device)
+    base = med["hand-truncated"]
+    target = {"fxtap fx": "<= 1.05", "fxtap hooks": "<= 1.10"}
+    return [[f"2. {arch} early tap ({name})", n, f"{t * 1000:.1f}", f"{t / base:.3f}", target.get(n, "")] for n, t in med.items()]
+
+
+def case_build(arch: str, rounds: int) -> list[Row]:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(weights=None).eval()
+    names = {"resnet50": STAGES["resnet50"], "vit_b_16": STAGES["vit_b_16"], "swin_t": ["features.1", "features.3", "features.5", "features.7"]}[arch]
+    med = interleaved(
+        {"torchvision": lambda: create_feature_extractor(model, names), "fxtap.tap": lambda: tap(model, names, "auto")},
+        rounds,
+        "cpu",
+    )
+    base = med["torchvision"]
+    return [[f"3. build {arch}", n, f"{t * 1000:.1f}", f"{t / base:.3f}", "<= 0.6" if n == "fxtap.tap" else ""] for n, t in med.items()]
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(x))
+
+
+def case_scale(depths: list[int], rounds: int) -> tuple[list[Row], dict[int, tuple[float, float]]]:
+    rows: list[Row] = []
+    results: dict[int, tuple[float, float]] = {}
+    for depth in depths:
+        torch.manual_seed(0)
+        model = nn.Sequential(*[_Block(16) for _ in range(depth)]).eval()
+        names = [str(depth // 4), str(depth // 2), str(depth - 1)]
+        x = torch.randn(4, 16)
+        build = interleaved({"build": lambda: tap(model, names, "fx")}, max(3, rounds // 2), "cpu")["build"]
+        tapped = tap(model, names, "fx")
+        with torch.inference_mode():
+            med = interleaved({"plain": lambda: model(x), "fxtap fx": lambda: tapped(x)}, rounds, "cpu")
+        overhead = med["fxtap fx"] / med["plain"]
+        results[depth] = (build, overhead)
+        rows.append([f"4. residual MLP depth {depth}", "fxtap.tap build / forward ratio", f"{build * 1000:.1f}", f"{overhead:.3f}", ""])
+    ratio = results[depths[-1]][0] / results[depths[1]][0]
+    rows.append([f"4. build time({depths[-1]}) / time({depths[1]})", "fxtap.tap", "", f"{ratio:.2f}", f"<= {4.5 * depths[-1] / depths[1] / 4:.1f}"])
+    return rows, results
+
+
+def case_memory(arch: str, batch: int, device: str) -> list[Row]:
+    model, x = model_and_input(arch, batch, device)
+    names = STAGES[arch]
+    tapped = tap(model, names, "fx")
+    with torch.inference_mode():
+        out = tapped(x)
+    requested = sum(v.numel() * v.element_size() for v in out.values())
+    graph = tapped.graph_module()
+    own = {id(t) for t in list(graph.parameters()) + list(graph.buffers())} - {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    copies = sum(1 for n in graph.graph.nodes if n.op == "call_function" and n.target is fxtap._values.copy_value)
+    fe = create_feature_extractor(model, names)
+    with torch.inference_mode():
+        tv = fe(x)
+    tv_bytes = sum(v.numel() * v.element_size() for v in tv.values())
+    return [
+        [f"5. memory {arch}", "fxtap: bytes returned", f"{requested / 2**20:.1f} MiB", "1.000", "only the requested tensors"],
+        [f"5. memory {arch}", "fxtap: tensors held by the graph", str(len(own)), "", "0 (parameters are shared)"],
+        [f"5. memory {arch}", "fxtap: snapshot copies per call", str(copies), "", "only what in-place ops overwrite"],
+        [f"5. memory {arch}", "torchvision: bytes returned", f"{tv_bytes / 2**20:.1f} MiB", f"{tv_bytes / requested:.3f}", ""],
+    ]
+
+
+def plot(results: dict[int, tuple[float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = sorted(results)
+    fig, left = plt.subplots(figsize=(6, 3.5))
+    left.plot(depths, [results[d][0] for d in depths], "o-", label="fxtap.tap build time (s)")
+    left.set_xlabel("residual blocks")
+    left.set_ylabel("build time (s)")
+    right = left.twinx()
+    right.plot(depths, [results[d][1] for d in depths], "s--", color="tab:orange", label="forward time / plain")
+    right.set_ylabel("forward ratio to plain model")
+    right.set_ylim(0.8, 1.3)
+    fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="batch 1, fewer rounds and depths: a smoke run")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    args = parser.parse_args(argv)
+    batch = 1 if args.quick else 8
+    rounds = 2 if args.quick else args.rounds
+    torch.set_num_threads(torch.get_num_threads())
+    rows: list[Row] = []
+    for arch in STAGES:
+        rows += case_stages(arch, batch, rounds, args.device)
+        rows += case_early(arch, batch, rounds, args.device)
+    for arch in ("resnet50", "vit_b_16", "swin_t"):
+        rows += case_build(arch, rounds)
+    depths = [50, 100, 200] if args.quick else [250, 500, 1000, 2000]
+    scale_rows, scale = case_scale(depths, rounds)
+    rows += scale_rows
+    rows += case_memory("resnet50", batch, args.device)
+    from fxtap._table import table
+
+    headers = ["case", "contender", "median", "ratio", "target"]
+    print(table(headers, rows))
+    if not args.no_write:
+        write_docs(headers, rows, args, batch)
+        plot(scale, ROOT / "docs" / "img" / "benchmarks.png")
+    return 0
+
+
+def write_docs(headers: list[str], rows: list[Row], args: argparse.Namespace, batch: int) -> None:
+    from tabulate import tabulate
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
+    text = [
+        "# Benchmarks",
+        "",
+        "Made by `python benchmarks/run.py`; every number below comes from one run of that script, with",
+        "the contenders of each case timed round by round, interleaved, and reported as medians (ms for",
+        "calls, ratios to the case's baseline: the plain model, the hand-truncated model, or torchvision).",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {platform.system()} {platform.machine()}, {device}, {torch.get_num_threads()} threads, device `{args.device}`",
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, fxtap {fxtap.__version__}, Python {sys.version.split()[0]}",
+        f"- batch {batch}, 224x224 inputs, `torch.inference_mode()`, {args.rounds if not args.quick else 2} rounds",
+        "",
+        tabulate(rows, headers=headers, tablefmt="github"),
+        "",
+        "Case 4 (build time and forward overhead of a generated residual MLP):",
+        "",
+        "![scaling](img/benchmarks.png)",
+        "",
+    ]
+    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(text))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
