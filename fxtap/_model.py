@@ -53,6 +53,13 @@ def preserved(model: nn.Module) -> Iterator[None]:
         module: (dict(module.__dict__), {r: dict(getattr(module, r, {})) for r in _REGISTRIES})
         for module in model.modules()
     }
+    # containers the code may fill in place (timm levit's ``attention_bias_cache`` dict)
+    contents = {
+        id(value): (value, _contents(value))
+        for module in saved
+        for value in module.__dict__.values()
+        if type(value) in (dict, list, set)
+    }
     try:
         yield
     finally:
@@ -62,6 +69,9 @@ def preserved(model: nn.Module) -> Iterator[None]:
                 registry = getattr(module, name, None)
                 if registry is not None:
                     _restore(registry, entries)
+        for container, before in contents.values():
+            if _changed(_contents(container), before):
+                _refill(container, before)
 
 
 def _restore(current: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -69,6 +79,26 @@ def _restore(current: dict[str, Any], saved: dict[str, Any]) -> None:
     if current.keys() != saved.keys() or any(current[k] is not v for k, v in saved.items()):
         current.clear()
         current.update(saved)
+
+
+def _contents(container: Any) -> list[Any]:
+    return list(container.items()) if isinstance(container, dict) else list(container)
+
+
+def _changed(now: list[Any], before: list[Any]) -> bool:
+    return len(now) != len(before) or any(
+        (a[0] is not b[0] or a[1] is not b[1]) if isinstance(a, tuple) else a is not b for a, b in zip(now, before)
+    )
+
+
+def _refill(container: Any, items: list[Any]) -> None:
+    container.clear()
+    if isinstance(container, dict):
+        container.update(items)
+    elif isinstance(container, list):
+        container.extend(items)
+    else:
+        container.update(items)
 
 
 @contextmanager

@@ -31,39 +31,52 @@ class Analysis:
         """Paths of the leaves (opaque or standard ``torch.nn``) whose inner modules hooks can reach."""
         if self.traced is None:
             return [""]
-        leaves = [p.name for p in self.traced.points.values() if p.kind == "module" and _is_call_module(p.value)]
-        return sorted(set(leaves) | set(self.fallbacks))
+        leaves = {str(node.target) for node in self.traced.graph.nodes if node.op == "call_module"}
+        return sorted(leaves | set(self.fallbacks))
 
     def names(self) -> list[str]:
         """Every name this analysis can deliver, FX names first (graph order), then hookable ones."""
         fx_names = list(self.traced.points) if self.traced is not None else []
         known = set(fx_names)
+        leaves = set(self.hookable_under())
         hookable = [
-            path
-            for path, _ in self.model.named_modules()
-            if path and path not in known and any(_inside(path, leaf) for leaf in self.hookable_under())
+            path for path, _ in self.model.named_modules() if path and path not in known and _under_any(path, leaves)
         ]
         return fx_names + hookable
 
 
-def _is_call_module(value: Any) -> bool:
-    return getattr(value, "op", None) == "call_module"
+def _under_any(path: str, leaves: set[str]) -> bool:
+    """Whether ``path`` lies strictly inside one of ``leaves`` ("" holds everything)."""
+    if "" in leaves:
+        return True
+    parts = path.split(".")
+    return any(".".join(parts[:cut]) in leaves for cut in range(1, len(parts)))
 
 
 def _inside(path: str, leaf: str) -> bool:
     return leaf == "" or path.startswith(leaf + ".")
 
 
-def analyse(model: nn.Module, *, mode: str, concrete_args: dict[str, Any] | None) -> Analysis:
+def analyse(
+    model: nn.Module,
+    *,
+    mode: str,
+    concrete_args: dict[str, Any] | None,
+    fallbacks: dict[str, tuple[str, str]] | None = None,
+) -> Analysis:
     """Trace ``model``; in ``mode="auto"`` make each untraceable submodule a leaf and retry.
+
+    Args:
+        fallbacks: submodules to keep opaque from the start (path -> (type, reason)), so that a
+            new trace of the same model puts the same names on hooks.
 
     Raises:
         TraceFailedError: in ``mode="fx"``, naming the untraceable submodule.
     """
     if mode == "hooks":
         return Analysis(model, None, {"": (type(model).__name__, 'mode="hooks" was asked for')})
-    leaves: dict[str, nn.Module] = {}
-    fallbacks: dict[str, tuple[str, str]] = {}
+    fallbacks = {path: why for path, why in (fallbacks or {}).items() if path}
+    leaves: dict[str, nn.Module] = {path: model.get_submodule(path) for path in fallbacks}
     while True:
         try:
             traced = _fx.trace(model, leaves=frozenset(leaves.values()), concrete_args=concrete_args)

@@ -128,6 +128,8 @@ class _Ops:
             if _opaque(module) or getattr(module, "inplace", False) is True or isinstance(module, _PASS_THROUGH):
                 return node.all_input_nodes
             return []
+        if node.op == "call_function" and _opaque_function(node.target):
+            return node.all_input_nodes
         if node.op in ("call_function", "call_method"):
             if _op_name(node) in _VIEW_LIKE or node.target in _INPLACE_OPERATORS or _is_inplace_call(node):
                 return _first_input(node)
@@ -141,6 +143,8 @@ class _Ops:
             return list(node.all_input_nodes) if _opaque(module) else []
         if node.op not in ("call_function", "call_method"):
             return []
+        if node.op == "call_function" and _opaque_function(node.target):
+            return list(node.all_input_nodes)
         written = _first_input(node) if node.target in _INPLACE_OPERATORS or _is_inplace_call(node) else []
         out = node.kwargs.get("out")
         written += [n for n in _flat_nodes(out)]
@@ -201,6 +205,17 @@ class _Ops:
 
 
 _PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+_KNOWN_FUNCTION_MODULES = ("torch", "_operator", "operator", "builtins", "math", "fxtap")
+
+
+def _opaque_function(target: Any) -> bool:
+    """A Python function FX kept as one call (``torch.fx.wrap``, autowrap): its body is unseen,
+    so it may write into its arguments or return one of them (torchvision's ``_add_shortcut``
+    and ``stochastic_depth`` do)."""
+    module = getattr(target, "__module__", None) or ""
+    return hasattr(target, "__code__") and not module.startswith(_KNOWN_FUNCTION_MODULES)
 
 
 def _opaque(module: nn.Module) -> bool:

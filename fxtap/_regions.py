@@ -142,6 +142,7 @@ class Region:
     request: dict[str, str]
     keep: frozenset[str] = frozenset()  # local leaf paths that hooks need to run
     root: nn.Module | None = None  # the whole model, for hooks when no graph fits a call
+    opaque: dict[str, tuple[str, str]] = field(default_factory=dict)  # local leaves chosen at tap() time
     hookable: dict[str, _hooks.HookTarget] = field(default_factory=dict)  # request names that are module calls
     failed: str = ""  # why the last call could not use a graph
     _graphs: dict[Hashable, tuple[fx.GraphModule | None, Any, dict[str, int]]] = field(default_factory=dict)
@@ -162,7 +163,10 @@ class Region:
         return pytree.tree_unflatten(values.pop("output"), structure), values, inlined
 
     def _build(self, template: _Template, spec: list[Any]) -> tuple[fx.GraphModule | None, dict[str, int]]:
-        analysis = _plan.analyse(_shim(self.module, template, spec), mode="auto", concrete_args=None)
+        # the submodules that were opaque when the names were placed stay opaque, so that names
+        # placed on hooks inside them are still hooked (a list argument may make them traceable)
+        shim = _shim(self.module, template, spec)
+        analysis = _plan.analyse(shim, mode="auto", concrete_args=None, fallbacks=self.opaque)
         if analysis.traced is None:
             self.failed = f"{self.path!r} cannot be traced for this call: {analysis.fallbacks[''][1]}"
             return None, {}
@@ -234,7 +238,8 @@ def _resolve_in(module: nn.Module, prefix: str, names: list[str], result: Resolu
             keep = frozenset(analysis.hookable_under()) - {""}
             root = result.root if result.root is not None else module
             hookable = _hooks.hook_targets(root, list(local.values()))[0]
-            result.regions.append(Region(path, child, local, keep, root, hookable))
+            opaque = {sub: why for sub, why in analysis.fallbacks.items() if sub}
+            result.regions.append(Region(path, child, local, keep, root=root, opaque=opaque, hookable=hookable))
             result.fx.update({g: points[n].module_type if n else type(child).__name__ for n, g in local.items()})
     return leftover
 

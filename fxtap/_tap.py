@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from . import _fx, _hooks, _names, _plan, _regions
-from ._errors import FallbackWarning, FxtapError, MissingCallError, TapNameError
+from ._errors import FallbackWarning, FxtapError, MissingCallError, TapNameError, TraceFailedError
 from ._model import training_mode, unwrap
 from ._values import detach_value
 
@@ -109,14 +109,14 @@ class Tapped(nn.Module):
         self._warned: set[str] = set()
         self._runners: dict[Hashable, _Runner] = {}
         self._default_spec = _default_spec(model)
-        self._runner(self._default_spec, stacklevel=4)  # checks the names now, not at first call
+        self._spec = self._checked_spec(stacklevel=5)  # checks the names now, not at first call
 
     # -- public ------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
         """How the names are captured in the current mode: ``"fx"`` (one graph computes them all),
         ``"hooks"`` (nothing could be traced) or ``"mixed"``."""
-        runner = self._runner(self._default_spec, stacklevel=3)
+        runner = self._runner(self._spec, stacklevel=3)
         if runner.graph is not None and not runner.assignment.hooks:
             return "fx"
         return "mixed" if runner.assignment.fx else "hooks"
@@ -124,14 +124,14 @@ class Tapped(nn.Module):
     @property
     def paths(self) -> dict[str, str]:
         """Each requested name mapped to ``"fx"`` or ``"hook"``."""
-        assignment = self._runner(self._default_spec, stacklevel=3).assignment
+        assignment = self._runner(self._spec, stacklevel=3).assignment
         return {name: "fx" if name in assignment.fx else "hook" for name in self._request}
 
     def report(self) -> str:
         """A table: one row per requested name with its key, path, module type and fallback reason."""
         from ._table import table
 
-        assignment = self._runner(self._default_spec, stacklevel=3).assignment
+        assignment = self._runner(self._spec, stacklevel=3).assignment
         rows = [
             [name, key, "fx" if name in assignment.fx else "hook", assignment.module_types.get(name, ""), assignment.reasons.get(name, "")]
             for name, key in self._request.items()
@@ -141,7 +141,7 @@ class Tapped(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # Under torch.compile/torch.export, keep Python-side dispatch trivial: default arguments.
         compiling = torch.compiler.is_compiling()
-        spec = self._default_spec if compiling else _call_spec(self.model, args, kwargs)
+        spec = self._spec if compiling else _call_spec(self.model, args, kwargs)
         return self._runner(spec, stacklevel=4).run(self.model, args, kwargs)
 
     def graph_module(self) -> fx.GraphModule:
@@ -154,7 +154,7 @@ class Tapped(nn.Module):
             FxtapError: some names are captured by hooks, which no graph can hold; the message
                 names the untraceable code.
         """
-        runner = self._runner(self._default_spec, stacklevel=3)
+        runner = self._runner(self._spec, stacklevel=3)
         if runner.graph is None or runner.assignment.hooks:
             hooked = {name: runner.assignment.reasons[name] for name in runner.assignment.hooks}
             detail = "; ".join(f"{name!r}: {reason}" for name, reason in hooked.items())
@@ -183,6 +183,23 @@ class Tapped(nn.Module):
             self._runners[key] = runner
         return runner
 
+    def _checked_spec(self, *, stacklevel: int) -> tuple[tuple[str, Any], ...]:
+        """The argument spec the names are checked with: the defaults, or else every argument a
+        graph input (a name may exist only when an optional argument is given: ``if y is not None``)."""
+        try:
+            self._runner(self._default_spec, stacklevel=stacklevel)
+            return self._default_spec
+        except TapNameError:
+            if not self._default_spec or self._mode_arg == "hooks":
+                raise
+            try:
+                self._runner((), stacklevel=stacklevel)
+            except (TapNameError, TraceFailedError):
+                pass
+            else:
+                return ()
+            raise
+
     def _build(self, concrete_args: dict[str, Any], *, stacklevel: int) -> _Runner:
         analysis = _plan.analyse(self.model, mode=self._mode_arg, concrete_args=concrete_args)
         if analysis.traced is None and self._mode_arg == "auto":
@@ -192,7 +209,9 @@ class Tapped(nn.Module):
             assignment = _plan.assign(analysis, self._request, mode=self._mode_arg, note=note)
         except TapNameError as error:
             unknown = [name for name in self._request if name not in set(analysis.names())]
-            raise TapNameError(f"{error}{self._other_mode_hint(unknown)}") from None
+            given = ", ".join(f"{k}={v!r}" for k, v in concrete_args.items())
+            where = f"\n  (traced with {given}; names under other argument values are checked when called with them)" if given else ""
+            raise TapNameError(f"{error}{where}{self._other_mode_hint(unknown)}") from None
         self._warn_fallbacks(analysis, assignment, stacklevel)
         graph = None
         if analysis.traced is not None and self._mode_arg != "hooks":
