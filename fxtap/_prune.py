@@ -207,15 +207,15 @@ class _Ops:
 _PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 
 
-_KNOWN_FUNCTION_MODULES = ("torch", "_operator", "operator", "builtins", "math", "fxtap")
+_KNOWN_FUNCTION_PACKAGES = frozenset({"torch", "_operator", "operator", "builtins", "math", "fxtap"})
 
 
 def _opaque_function(target: Any) -> bool:
     """A Python function FX kept as one call (``torch.fx.wrap``, autowrap): its body is unseen,
     so it may write into its arguments or return one of them (torchvision's ``_add_shortcut``
-    and ``stochastic_depth`` do)."""
-    module = getattr(target, "__module__", None) or ""
-    return hasattr(target, "__code__") and not module.startswith(_KNOWN_FUNCTION_MODULES)
+    and ``stochastic_depth`` do). Functions of torch itself are known by name instead."""
+    package = (getattr(target, "__module__", None) or "").split(".")[0]
+    return hasattr(target, "__code__") and package not in _KNOWN_FUNCTION_PACKAGES
 
 
 def _opaque(module: nn.Module) -> bool:

@@ -137,7 +137,32 @@ def test_hooked_names_inside_a_child_traced_with_a_list_argument() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxtap.FallbackWarning)
         tapped = fxtap.tap(model, names)
-    out = tapped(x)  # today: MissingCallError, the hooks on neck.head.conv never fire
+    out = tapped(x)  # was: MissingCallError, the hooks on neck.head.conv never fired
     truth = hook_truth(model, x)
     for name in names:
         torch.testing.assert_close(out[name], truth[name], rtol=0, atol=0)
+
+
+# -- 5. torchvision's own wrapped functions: the fix of 2 and 3 skips every module named torch* ------------
+class TorchvisionMBConv(nn.Module):
+    """torchvision's MBConv / CNBlock in eval: ``torchvision.ops.stochastic_depth`` returns its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.fc = nn.Linear(4, 4)
+        self.stochastic_depth = StochasticDepth(0.2, "row")  # calls the torch.fx.wrap'ed stochastic_depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stochastic_depth(self.fc(x))
+        y += x
+        return y
+
+
+def test_torchvision_stochastic_depth_is_seen_as_an_alias() -> None:
+    torch.manual_seed(0)
+    model = TorchvisionMBConv().eval()
+    x = torch.randn(2, 4)
+    out = fxtap.tap(model, ["fc", "add"])(x)
+    torch.testing.assert_close(out["fc"], hook_truth(model, x)["fc"], rtol=0, atol=0)
