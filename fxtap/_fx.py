@@ -197,6 +197,8 @@ def build(
     if detach:
         outputs = {key: graph.call_function(detach_value, (v,)) for key, v in outputs.items()}
     graph.output(outputs)
+    for node in graph.nodes:
+        node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
     graph.lint()
     return fx.GraphModule(traced.root, graph, class_name=f"Tapped{type(traced.root).__name__}")
 

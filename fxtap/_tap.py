@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import fx, nn
@@ -14,6 +14,9 @@ from . import _fx, _hooks, _names, _plan, _regions
 from ._errors import FallbackWarning, FxtapError, MissingCallError, TapNameError, TraceFailedError
 from ._model import training_mode, unwrap
 from ._values import detach_value
+
+if TYPE_CHECKING:
+    from ._export import FeatureInfo
 
 __all__ = ["Mode", "Tapped", "names", "tap"]
 
@@ -97,7 +100,11 @@ class Tapped(nn.Module):
 
     Attributes:
         model: the wrapped model (the user's object, shared, not copied).
+        feature_info: for a ``Tapped`` made by ``fxtap.backbone``, one ``FeatureInfo`` per output
+            (key, channels, reduction, shape); ``None`` otherwise.
     """
+
+    feature_info: list[FeatureInfo] | None = None
 
     def __init__(self, model: nn.Module, request: dict[str, str], *, mode: Mode, detach: bool, keep_output: bool) -> None:
         super().__init__()
@@ -155,7 +162,13 @@ class Tapped(nn.Module):
                 names the untraceable code.
         """
         runner = self._runner(self._spec, stacklevel=3)
-        if runner.graph is None or runner.assignment.hooks:
+        if runner.graph is None:
+            raise FxtapError(
+                f"no single graph computes these taps of {type(self.model).__name__}: its own forward cannot be traced, "
+                "so it runs eagerly (see Tapped.report()).\n  Tap a traceable submodule instead: "
+                "fxtap.tap(model.get_submodule(path), names), or make the forward traceable (docs/fallback.md)."
+            )
+        if runner.assignment.hooks:
             hooked = {name: runner.assignment.reasons[name] for name in runner.assignment.hooks}
             detail = "; ".join(f"{name!r}: {reason}" for name, reason in hooked.items())
             raise FxtapError(

@@ -47,7 +47,7 @@ def check_seed_output(stdout: str, expected: dict[str, str]) -> None:
 
 def test_examples_all_listed() -> None:
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == sorted(["resnet18_features.py", *SEED_SHAPES])
+    assert scripts == sorted(["resnet18_features.py", "fpn_backbone.py", *SEED_SHAPES])
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))

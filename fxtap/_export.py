@@ -1,0 +1,461 @@
+"""Deployable taps: ``backbone`` (a ``Tapped`` with ``feature_info``) and ``export`` (ONNX, pt2, TorchScript).
+
+``export`` writes the pruned FX graph of a ``Tapped`` (``Tapped.graph_module()``), loads the
+written file back with the runtime that will serve it, and checks it against the eager graph
+at the example batch size and, for a dynamic batch, at twice that size. TorchScript cannot
+compile fxtap's Python helper ``copy_value`` nor FX's ``_assert_is_none`` guards, so it gets a
+copy of the graph in which copies are plain ``clone`` calls and the guards are gone.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import torch
+from torch import fx, nn
+
+from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
+from ._model import training_mode
+from ._tap import Mode, Tapped, tap
+from ._tap import names as fxtap_names
+from ._values import copy_value
+
+__all__ = ["ExportFormat", "FeatureInfo", "backbone", "export"]
+
+ExportFormat = Literal["onnx", "pt2", "torchscript"]
+_FORMATS: tuple[str, ...] = ("onnx", "pt2", "torchscript")
+_SUFFIXES = {".onnx": "onnx", ".pt2": "pt2", ".pt": "torchscript", ".ts": "torchscript"}
+_ONNX_SINGLE_FILE_BYTES = 1 << 30  # above this, weights go to a ``<path>.data`` file (ONNX's protobuf limit is 2 GiB)
+
+
+class FeatureInfo(NamedTuple):
+    """One output of a ``backbone``: where it comes from and what it looks like.
+
+    Attributes:
+        key: its key in the output dict.
+        name: the tap name it was requested by.
+        channels: the size of its channel dimension (dim 1 of ``(N, C, H, W)``, the last dim of
+            ``(N, H, W, C)`` and of tokens ``(N, L, C)``).
+        reduction: input size / feature size along the spatial dims (timm's "reduction"); for
+            tokens, the patch size whose grid (plus up to 8 extra tokens) gives their number;
+            ``None`` when the value has no spatial dims or they do not divide the input's.
+        shape: its shape for the example input.
+    """
+
+    key: str
+    name: str
+    channels: int
+    reduction: int | None
+    shape: tuple[int, ...]
+
+
+def backbone(model: nn.Module, names: Mapping[str, str] | Sequence[str], example_input: Any, *, mode: Mode = "auto") -> Tapped:
+    """``tap(model, names)`` with ``feature_info``: channels, reduction and shape of each output.
+
+    Args:
+        model: any ``nn.Module``; it is not changed (the example runs in eval mode, without
+            gradients, and the model's train/eval flags are restored).
+        names: tap names, or ``{name: output key}``, as for ``fxtap.tap``.
+        example_input: one input, or a tuple of the model's positional arguments; its spatial
+            size should be a multiple of the largest reduction.
+        mode: as for ``fxtap.tap``.
+
+    Returns:
+        The ``Tapped``, with ``feature_info``: a list of ``FeatureInfo``, one per output, in
+        output order. A 4-D output is read as ``(N, C, H, W)`` when its last two dims divide the
+        input's by one factor, else as ``(N, H, W, C)`` (torchvision's Swin).
+
+    Raises:
+        TypeError: an output is not a tensor.
+
+    Example:
+        >>> import torch, torchvision, fxtap
+        >>> model = torchvision.models.resnet18().eval()
+        >>> features = fxtap.backbone(model, {"layer2": "c3", "layer4": "c5"}, torch.randn(1, 3, 64, 64))
+        >>> [(f.key, f.channels, f.reduction) for f in features.feature_info]
+        [('c3', 128, 8), ('c5', 512, 32)]
+    """
+    tapped = tap(model, names, mode=mode)
+    args = _as_args(example_input)
+    with torch.no_grad(), training_mode(tapped.model, False):
+        out = tapped(*args)
+    info = [_feature_info(key, name, value, args) for (key, value), name in zip(out.items(), tapped.paths)]
+    tapped.feature_info = info
+    return tapped
+
+
+def export(
+    model: nn.Module,
+    names: Mapping[str, str] | Sequence[str],
+    example_input: Any,
+    path: str | Path,
+    *,
+    format: ExportFormat | None = None,
+    dynamic_batch: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-5,
+) -> Path:
+    """Write the taps of ``model`` as one deployable graph, and check the file against eager.
+
+    Only the computation the taps need is written. ONNX outputs are named by the output keys
+    (``key.0``, ``key.1``, ... for the tensors of a tap that returns a tuple).
+
+    Args:
+        model: an ``nn.Module`` in eval mode whose requested names torch.fx can capture.
+        names: tap names, or ``{name: output key}``, as for ``fxtap.tap``.
+        example_input: one input tensor, or a tuple of the model's positional tensor arguments.
+            Later arguments of ``forward`` are fixed at their defaults.
+        path: where to write; parent folders must exist.
+        format: ``"onnx"``, ``"pt2"`` (``torch.export``) or ``"torchscript"``; by default from
+            the suffix of ``path`` (``.onnx``, ``.pt2``, ``.pt`` or ``.ts``).
+        dynamic_batch: let dim 0 of every input vary (TorchScript always does).
+        atol: absolute tolerance: the written file's outputs ``a`` must match eager's ``e``
+            within ``|a - e| <= atol + rtol * |e|``.
+        rtol: relative tolerance (other runtimes' float32 kernels add in another order, which
+            shows as more than ``atol`` on large activations).
+
+    Returns:
+        ``path`` as a ``Path``, once the written file was loaded and matched eager.
+
+    Raises:
+        FxtapError: a name is captured by forward hooks (the message names the untraceable
+            submodule), an exporter failed, or the written file does not match eager (the file
+            is then removed).
+        ValueError: the format is unknown, or the model is in train mode.
+
+    Example:
+        >>> import tempfile, torch, torchvision, fxtap
+        >>> model = torchvision.models.resnet18().eval()
+        >>> folder = tempfile.mkdtemp()
+        >>> fxtap.export(model, {"layer2": "c3"}, torch.randn(1, 3, 64, 64), f"{folder}/c3.pt2").name
+        'c3.pt2'
+    """
+    path = Path(path)
+    fmt = _format(path, format)
+    if model.training:
+        raise ValueError(
+            f"export needs {type(model).__name__} in eval mode (train-mode layers change state and differ per run): call model.eval() first"
+        )
+    args = _as_args(example_input)
+    graph = _fx_graph(model, names)
+    with torch.no_grad():
+        outputs = dict(graph(*args))
+    writer = {"onnx": _write_onnx, "pt2": _write_pt2, "torchscript": _write_torchscript}[fmt]
+    before = _stamps(path)
+    try:
+        try:
+            writer(graph, args, path, dynamic_batch, outputs)
+        except FxtapError:
+            raise
+        except Exception as error:  # each exporter fails with its own exception types
+            hint = " If the model fixes its batch size, pass dynamic_batch=False." if dynamic_batch and fmt != "torchscript" else ""
+            raise FxtapError(
+                f"{fmt} export of the taps of {type(model).__name__} failed: {type(error).__name__}: {_first_line(error)}{hint}"
+            ) from error
+        _verify(fmt, graph, path, args, dynamic_batch, atol=atol, rtol=rtol)
+    except FxtapError:
+        _remove_written(path, before)  # never leave a file that did not pass the check
+        raise
+    return path
+
+
+# -- inputs and checks --------------------------------------------------------------------------
+def _as_args(example_input: Any) -> tuple[Any, ...]:
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def _format(path: Path, format: str | None) -> str:
+    if format is None:
+        found = _SUFFIXES.get(path.suffix.lower())
+        if found is None:
+            raise ValueError(
+                f"cannot tell the export format from {path.name!r}: pass format= one of {', '.join(map(repr, _FORMATS))}, "
+                f"or use a suffix among {', '.join(_SUFFIXES)}"
+            )
+        return found
+    if format not in _FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, _FORMATS))}, not {format!r}")
+    return format
+
+
+def _files(path: Path) -> tuple[Path, Path]:
+    return path, path.with_name(path.name + ".data")  # ONNX may put the weights in <path>.data
+
+
+def _stamps(path: Path) -> list[tuple[int, int, int] | None]:
+    return [(st.st_ino, st.st_size, st.st_mtime_ns) if f.exists() and (st := f.stat()) else None for f in _files(path)]
+
+
+def _remove_written(path: Path, before: list[tuple[int, int, int] | None]) -> None:
+    """Remove the files this call wrote (a file that was there before and is untouched stays)."""
+    for file, stamp, old in zip(_files(path), _stamps(path), before):
+        if stamp is not None and stamp != old:
+            file.unlink()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _fx_graph(model: nn.Module, names: Mapping[str, str] | Sequence[str]) -> fx.GraphModule:
+    """The pruned graph of the taps, or an ``FxtapError`` naming the code that keeps them out of one graph."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)  # export raises instead, naming the same code
+        tapped = tap(model, names, mode="auto")
+    hooked = [name for name, path in tapped.paths.items() if path == "hook"]
+    try:
+        if not hooked:
+            return tapped.graph_module()
+    except FxtapError as error:  # an untraceable root whose children fxtap traces one call at a time
+        failure = _trace_failure(model, names)
+        reason = f": {failure.reason}" if failure is not None and not failure.module else ""
+        raise FxtapError(
+            f"cannot export the taps of {type(model).__name__}: torch.fx cannot trace the forward of "
+            f"{type(model).__name__} itself{reason}, so no single graph computes them.\n"
+            "  Export the submodule that holds them instead (fxtap.export(model.<child>, ...)), or make the forward traceable (docs/fallback.md)."
+        ) from error
+    reasons = "\n  ".join(_why_hooked(model, names, hooked))
+    raise FxtapError(
+        f"cannot export {', '.join(map(repr, hooked))} of {type(model).__name__}: forward hooks capture "
+        f"{'it' if len(hooked) == 1 else 'them'}, and hooks cannot be exported.\n  {reasons}\n"
+        "  Tap that submodule's own output or names outside it instead, or make its code traceable (docs/fallback.md)."
+    )
+
+
+def _trace_failure(model: nn.Module, names: Mapping[str, str] | Sequence[str]) -> TraceFailedError | None:
+    """The first untraceable submodule, as ``mode="fx"`` reports it (``None``: only torch.nn leaves hide names)."""
+    try:
+        tap(model, names, mode="fx")
+    except TraceFailedError as error:
+        return error
+    except TapNameError:  # mode="fx" refuses names inside torch.nn modules, which FX never enters
+        return None
+    return None
+
+
+def _why_hooked(model: nn.Module, names: Mapping[str, str] | Sequence[str], hooked: list[str]) -> list[str]:
+    """For each hooked name, the submodule the graph runs as one step, and why."""
+    failure = _trace_failure(model, names)
+    graph_names = set(fxtap_names(model))
+    lines = []
+    for name in hooked:
+        leaf = max((n for n in graph_names if name.startswith(n + ".")), key=len, default="")
+        kind = type(model.get_submodule(leaf)).__name__
+        if not leaf:
+            detail = f": {failure.reason}" if failure is not None and not failure.module else ""
+            lines.append(f"{name!r}: torch.fx cannot trace the forward of {kind} itself{detail}")
+        elif failure is not None and failure.module == leaf:
+            lines.append(f"{name!r} is inside submodule {leaf!r} ({kind}), which torch.fx cannot trace: {failure.reason}")
+        else:
+            lines.append(f"{name!r} is inside submodule {leaf!r} ({kind}), which torch.fx runs as one step without entering it")
+    return lines
+
+
+# -- feature_info ----------------------------------------------------------------------------------
+def _feature_info(key: str, name: str, value: Any, args: tuple[Any, ...]) -> FeatureInfo:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"backbone outputs must be tensors; {name!r} (key {key!r}) is a {type(value).__name__}")
+    shape = tuple(value.shape)
+    image = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    spatial = tuple(image.shape[2:]) if image is not None else ()
+    channels, reduction = _layout(shape, spatial)
+    return FeatureInfo(key, name, channels, reduction, shape)
+
+
+def _layout(shape: tuple[int, ...], spatial: tuple[int, ...]) -> tuple[int, int | None]:
+    """``(channels, reduction)`` of a value of ``shape`` for an input of spatial size ``spatial``."""
+    if len(shape) < 2:
+        return (shape[0] if shape else 1), None
+    if spatial and len(shape) == len(spatial) + 2:
+        for channels, dims in ((shape[1], shape[2:]), (shape[-1], shape[1:-1])):  # (N, C, ...) first, then (N, ..., C)
+            factor = _common_factor(spatial, dims)
+            if factor is not None:
+                return channels, factor
+        return shape[1], None
+    if len(shape) == 3 and len(spatial) == 2:
+        return shape[-1], _patch_size(spatial, shape[1])
+    return shape[1], None
+
+
+def _common_factor(spatial: tuple[int, ...], dims: tuple[int, ...]) -> int | None:
+    if any(d <= 0 or s % d for s, d in zip(spatial, dims)):
+        return None
+    factors = {s // d for s, d in zip(spatial, dims)}
+    return factors.pop() if len(factors) == 1 else None
+
+
+def _patch_size(spatial: tuple[int, ...], tokens: int) -> int | None:
+    """The patch size whose grid over ``spatial`` gives ``tokens`` tokens, counting up to 8 extra ones (class, register)."""
+    height, width = spatial
+    for size in range(1, math.gcd(height, width) + 1):
+        if height % size == 0 and width % size == 0 and 0 <= tokens - (height // size) * (width // size) <= 8:
+            return size
+    return None
+
+
+# -- writers ------------------------------------------------------------------------------------------
+def _flat(out: Mapping[str, Any]) -> dict[str, Any]:
+    """``{output name: value}``: a tap's tensor keeps its key; a container's items get ``key.0``, ``key.name``."""
+    flat: dict[str, Any] = {}
+
+    def visit(name: str, value: Any) -> None:
+        if isinstance(value, (tuple, list)):
+            for index, item in enumerate(value):
+                visit(f"{name}.{index}", item)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(f"{name}.{key}", item)
+        else:
+            flat[name] = value
+
+    for key, value in out.items():
+        visit(key, value)
+    return flat
+
+
+def _doubled(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The inputs at twice the batch size (the rows again, reversed)."""
+    return tuple(torch.cat([a, a.flip(0)]) if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
+
+
+def _exported(graph: fx.GraphModule, args: tuple[Any, ...], dynamic_batch: bool) -> torch.export.ExportedProgram:
+    if not dynamic_batch:
+        return torch.export.export(graph, args)
+    # torch.export specialises a dim of size 1, so a dynamic batch is traced at twice the example's batch.
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+    return torch.export.export(graph, _doubled(args), dynamic_shapes=shapes)
+
+
+def _write_pt2(graph: fx.GraphModule, args: tuple[Any, ...], path: Path, dynamic_batch: bool, outputs: dict[str, Any]) -> None:
+    torch.export.save(_exported(graph, args, dynamic_batch), path)
+
+
+def _write_onnx(graph: fx.GraphModule, args: tuple[Any, ...], path: Path, dynamic_batch: bool, outputs: dict[str, Any]) -> None:
+    inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder"][: len(args)]
+    tensors = [name for name, value in _flat(outputs).items() if isinstance(value, torch.Tensor)]
+    size = sum(t.numel() * t.element_size() for t in [*graph.parameters(), *graph.buffers()])
+    torch.onnx.export(
+        _exported(graph, args, dynamic_batch),
+        f=str(path),
+        input_names=[name for name, a in zip(inputs, args) if isinstance(a, torch.Tensor)],
+        output_names=tensors,
+        external_data=size > _ONNX_SINGLE_FILE_BYTES,
+        verbose=False,
+    )
+
+
+def _write_torchscript(graph: fx.GraphModule, args: tuple[Any, ...], path: Path, dynamic_batch: bool, outputs: dict[str, Any]) -> None:
+    others = {key: type(value).__name__ for key, value in outputs.items() if not isinstance(value, torch.Tensor)}
+    if others:
+        detail = ", ".join(f"{key!r} is a {kind}" for key, kind in others.items())
+        raise FxtapError(
+            f"TorchScript export returns Dict[str, Tensor], so every tap must be one tensor: {detail}. "
+            "Tap the tensors inside instead, or export to pt2 or onnx."
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support instance-level annotations")
+        torch.jit.save(torch.jit.script(_scriptable(graph, len(args))), str(path))
+
+
+def _scriptable(graph: fx.GraphModule, n_args: int) -> fx.GraphModule:
+    """A copy TorchScript compiles: ``copy_value`` becomes ``clone``, FX's None-guards go,
+    arguments after the first ``n_args`` become their defaults, and no node keeps a type annotation
+    (FX writes string annotations under ``from __future__ import annotations`` as unknown names)."""
+    new = fx.Graph()
+    new.output(new.graph_copy(graph.graph, {}))
+    placeholders = [n for n in new.nodes if n.op == "placeholder"]
+    for node in placeholders[n_args:]:
+        _replace_with_constant(node, node.args[0] if node.args else None)
+    for node in list(new.nodes):
+        node.type = None
+        if node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none:
+            new.erase_node(node)
+        elif node.op == "call_function" and node.target is copy_value:
+            with new.inserting_after(node):
+                clone = new.call_method("clone", node.args)
+            node.replace_all_uses_with(clone)
+            new.erase_node(node)
+    for node in placeholders[n_args:]:
+        new.erase_node(node)
+    new.lint()
+    return fx.GraphModule(graph, new, class_name=type(graph).__name__)
+
+
+def _replace_with_constant(node: fx.Node, value: Any) -> None:
+    def swap(n: fx.Node) -> Any:
+        return value if n is node else n
+
+    for user in list(node.users):
+        user.args = tuple(fx.node.map_arg(user.args, swap))
+        user.kwargs = dict(fx.node.map_arg(user.kwargs, swap))
+
+
+# -- verification ---------------------------------------------------------------------------------------
+def _verify(fmt: str, graph: fx.GraphModule, path: Path, args: tuple[Any, ...], dynamic_batch: bool, *, atol: float, rtol: float) -> None:
+    """Load the written file and compare it with the graph at the example batch (and at twice it when the batch is dynamic)."""
+    run = _loader(fmt, path)
+    for inputs in [args, _doubled(args)] if dynamic_batch or fmt == "torchscript" else [args]:
+        with torch.no_grad():
+            expected = {k: v for k, v in _flat(graph(*inputs)).items() if isinstance(v, torch.Tensor)}
+            try:
+                actual = run(inputs)
+            except Exception as error:  # any runtime's failure is a failed check
+                raise FxtapError(
+                    f"the {fmt} file {path.name!r} fails on inputs of shape {_shapes(inputs)}: {type(error).__name__}: {_first_line(error)}"
+                ) from error
+        _compare(fmt, path, expected, actual, inputs, atol=atol, rtol=rtol)
+
+
+def _loader(fmt: str, path: Path) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
+    if fmt == "pt2":
+        program = torch.export.load(path).module()
+        return lambda inputs: _flat(program(*inputs))
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+            scripted = torch.jit.load(str(path))  # type: ignore[no-untyped-call]
+        return lambda inputs: _flat(scripted(*inputs))
+    import onnxruntime  # type: ignore[import-untyped]  # lazily: only ONNX export needs it
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(inputs: tuple[Any, ...]) -> dict[str, Any]:
+        tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+        results = session.run(None, {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)})
+        return {name: torch.from_numpy(array) for name, array in zip(outputs, results)}
+
+    return run
+
+
+def _compare(
+    fmt: str, path: Path, expected: dict[str, Any], actual: dict[str, Any], inputs: tuple[Any, ...], *, atol: float, rtol: float
+) -> None:
+    got = {k: v for k, v in actual.items() if isinstance(v, torch.Tensor)}
+    if list(got) != list(expected):
+        raise FxtapError(f"the {fmt} file {path.name!r} returns outputs named {list(got)}, expected the tap keys {list(expected)}")
+    problems = []
+    for key, want in expected.items():
+        have = got[key].to(want.device)
+        if have.shape != want.shape:
+            problems.append(f"{key!r}: shape {tuple(have.shape)}, expected {tuple(want.shape)}")
+        elif not torch.allclose(have.to(want.dtype), want, atol=atol, rtol=rtol, equal_nan=True):
+            diff = (have.double() - want.double()).abs().max().item()
+            problems.append(f"{key!r}: max abs diff {diff:.3g}")
+    if problems:
+        raise FxtapError(
+            f"the {fmt} file {path.name!r} differs from eager on inputs of shape {_shapes(inputs)} "
+            f"(atol={atol}, rtol={rtol}): {'; '.join(problems)}"
+        )
+
+
+def _shapes(inputs: tuple[Any, ...]) -> str:
+    return ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in inputs)
