@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 import torch.fx
 from torch import nn
+from truth import hook_truth
 
 import fxtap
-from truth import hook_truth
 
 
 # -- 1. timm levit_128s: a cache dict on the module keeps a Proxy after tracing ---------------------------
