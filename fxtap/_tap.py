@@ -116,6 +116,9 @@ class Tapped(nn.Module):
         self._warned: set[str] = set()
         self._runners: dict[Hashable, _Runner] = {}
         self._default_spec = _default_spec(model)
+        params = _parameters(model)
+        # how many tensors a call passes positionally when it leaves every default alone (-1: unknown)
+        self._required = sum(1 for p in params if p.default is p.empty and p.kind != p.KEYWORD_ONLY) if _plain(params) else -1
         self._spec = self._checked_spec(stacklevel=5)  # checks the names now, not at first call
 
     # -- public ------------------------------------------------------------------------------
@@ -147,9 +150,19 @@ class Tapped(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # Under torch.compile/torch.export, keep Python-side dispatch trivial: default arguments.
-        compiling = torch.compiler.is_compiling()
-        spec = self._spec if compiling else _call_spec(self.model, args, kwargs)
+        if torch.compiler.is_compiling() or self._plain_call(args, kwargs):
+            spec = self._spec  # the common call, tensors for the required arguments: no signature binding
+        else:
+            spec = _call_spec(self.model, args, kwargs)
         return self._runner(spec, stacklevel=4).run(self.model, args, kwargs)
+
+    def _plain_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        return (
+            not kwargs
+            and self._spec == self._default_spec
+            and len(args) == self._required
+            and all(isinstance(a, torch.Tensor) for a in args)
+        )
 
     def graph_module(self) -> fx.GraphModule:
         """The ``torch.fx.GraphModule`` that computes every requested value in the current mode.
