@@ -1,6 +1,6 @@
 """fxtap against the other ways to get activations, measured side by side in one process.
 
-    python benchmarks/run.py [--device cpu|cuda] [--rounds N] [--quick] [--no-write]
+    pip install -e '.[bench]' && python benchmarks/run.py [--device cpu|cuda] [--rounds N] [--quick] [--no-write]
 
 Every case times its contenders round by round, interleaved (A B C A B C ...), and reports
 medians, so that noise on a shared machine hits all of them alike. Ratios, not absolute times,
