@@ -210,20 +210,23 @@ class Tapped(nn.Module):
         return runner
 
     def _checked_spec(self, *, stacklevel: int) -> tuple[tuple[str, Any], ...]:
-        """The argument spec the names are checked with: the defaults, or else every argument a
-        graph input (a name may exist only when an optional argument is given: ``if y is not None``)."""
+        """The argument spec the names are checked with: the defaults, or else the defaults with
+        every ``None`` argument a graph input (a name may exist only when an optional argument is
+        given: ``if y is not None``)."""
         try:
             self._runner(self._default_spec, stacklevel=stacklevel)
             return self._default_spec
         except TapNameError:
             if not self._default_spec or self._mode_arg == "hooks":
                 raise
+            # optional arguments (default None) become graph inputs; flags keep their defaults
+            given = tuple((name, value) for name, value in self._default_spec if value is not None)
             try:
-                self._runner((), stacklevel=stacklevel)
+                self._runner(given, stacklevel=stacklevel)
             except (TapNameError, TraceFailedError):
                 pass
             else:
-                return ()
+                return given
             raise
 
     def _build(self, concrete_args: dict[str, Any], *, stacklevel: int) -> _Runner:
