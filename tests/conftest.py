@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 from hypothesis import settings
 
 settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
 settings.register_profile("thorough", max_examples=5000, deadline=None)
 settings.register_profile("dev", max_examples=30, deadline=None)
-settings.load_profile("ci")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))  # "thorough": 5,000 examples per property
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
