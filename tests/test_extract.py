@@ -28,8 +28,18 @@ from fxtap.cli import main
 READABLE = ["checker.webp", "gradient.png", "shapes/circle.png", "shapes/rings.jpeg", "shapes/triangle.bmp", "stripes.jpg"]
 
 
+def _sleep(x: torch.Tensor) -> torch.Tensor:
+    """Sleeps ``FXTAP_TEST_SLEEP`` seconds. ``torch.fx.wrap``ped, so the graph calls it on every
+    forward: a plain ``time.sleep`` in a traced forward runs once, while tracing, and never again."""
+    time.sleep(float(os.environ.get("FXTAP_TEST_SLEEP", "0")))
+    return x
+
+
+torch.fx.wrap("_sleep")
+
+
 class SlowNet(nn.Module):
-    """A small conv net; its forward sleeps ``FXTAP_TEST_SLEEP`` seconds, so that a run can be killed midway."""
+    """A small conv net that sleeps on every call, so that a run can be killed midway."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,8 +47,7 @@ class SlowNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(float(os.environ.get("FXTAP_TEST_SLEEP", "0")))
-        return self.relu(self.conv(x))
+        return self.relu(self.conv(_sleep(x)))
 
 
 def slow_net() -> nn.Module:
@@ -119,7 +128,7 @@ def test_extract_killed_run_keeps_finished_shards(tmp_path: Path, capsys: pytest
     out = tmp_path / "features"
     args = ["extract", "test_extract:slow_net", "relu", "--data", str(IMAGES), "-o", str(out), "--image-size", "16"]
     args += ["--shard-size", "1", "--batch-size", "1", "--quiet"]
-    env = fxtap_env() | {"FXTAP_TEST_SLEEP": "0.4"}
+    env = fxtap_env() | {"FXTAP_TEST_SLEEP": "1.5"}  # slow enough to kill between shards on a loaded machine
     proc = subprocess.Popen([sys.executable, "-m", "fxtap", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not (out / "shard-00001.safetensors").exists() and proc.poll() is None and time.monotonic() < deadline:
