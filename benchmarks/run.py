@@ -269,6 +269,7 @@ def write_docs(headers: list[str], rows: list[Row], args: argparse.Namespace, ba
         "Made by `python benchmarks/run.py`; every number below comes from one run of that script, with",
         "the contenders of each case timed round by round, interleaved, and reported as medians (ms for",
         "calls, ratios to the case's baseline: the plain model, the hand-truncated model, or torchvision).",
+        "On a shared 2-core machine ratios move by a few percent from run to run; compare runs, not digits.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {platform.system()} {platform.machine()}, {device}, {torch.get_num_threads()} threads, device `{args.device}`",
