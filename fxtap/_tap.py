@@ -239,7 +239,7 @@ class Tapped(nn.Module):
         except TapNameError as error:
             unknown = [name for name in self._request if name not in set(analysis.names())]
             given = ", ".join(f"{k}={v!r}" for k, v in concrete_args.items())
-            where = f"\n  (traced with {given}; names under other argument values are checked when called with them)" if given else ""
+            where = f"\n  (checked with the arguments {given}; names that exist only for other values are not known here)" if given else ""
             raise TapNameError(f"{error}{where}{self._other_mode_hint(unknown)}") from None
         self._warn_fallbacks(analysis, assignment, stacklevel)
         graph = None

@@ -161,9 +161,9 @@ class Scaled(nn.Module):
 @pytest.mark.xfail(strict=True, reason="fxtap bug: a name that needs a non-default non-tensor argument is rejected by tap()")
 def test_name_that_exists_only_with_a_non_default_flag() -> None:
     # tap() checks names with None arguments as graph inputs and every other default fixed
-    # (scale=1.0), where "mul" does not exist: TapNameError, although the error message says
-    # names under other argument values are checked when called with them, and the Tapped
-    # builds a graph per non-tensor argument value when called.
+    # (scale=1.0), where "mul" does not exist: TapNameError (its message now says that names of
+    # other argument values are not known there), although the Tapped builds a graph per
+    # non-tensor argument value when called.
     torch.manual_seed(0)
     model = Scaled()
     x = torch.randn(3, 2)
