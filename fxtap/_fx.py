@@ -45,6 +45,7 @@ class Traced:
     root: nn.Module
     points: dict[str, TapPoint] = field(default_factory=dict)
     inlined: dict[str, int] = field(default_factory=dict)  # module path -> calls traced through (no hook fires)
+    naming: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, key, name) of every name handed out
 
 
 class _Proxy(fx.Proxy):
@@ -85,6 +86,7 @@ class _TapTracer(fx.Tracer):
         self.failure: tuple[str, str] | None = None  # innermost (path, type) whose forward raised
         self._calls: dict[str, int] = {}
         self.inlined: dict[str, int] = {}
+        self.naming: list[tuple[str, str, str]] = []  # what _names.Replay needs to name later calls
         self._scopes: list[tuple[str, str]] = [("", type(root).__name__)]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -98,6 +100,7 @@ class _TapTracer(fx.Tracer):
         index = self._calls.get(path, 0)
         self._calls[path] = index + 1
         name = self.namer.module_call(path, index)
+        self.naming.append(("module", path, name))
         kind = type(m).__name__
         if self.is_leaf_module(m, path):
             proxy = super().call_module(m, forward, args, kwargs)
@@ -122,13 +125,19 @@ class _TapTracer(fx.Tracer):
         scope, scope_type = self._scopes[-1]
         proxy.node.meta["fxtap_scope"] = scope
         if kind == "placeholder":
-            self._record(self.namer.node(str(target).lstrip("*")), "input", proxy, scope_type, scope)
+            name = self.namer.node(str(target).lstrip("*"))
+            self.naming.append(("input", str(target), name))
+            self._record(name, "input", proxy, scope_type, scope)
         elif kind == "get_attr":
-            self._record(self.namer.attribute(str(target)), "attribute", proxy, scope_type, scope)
+            name = self.namer.attribute(str(target))
+            self.naming.append(("attribute", str(target), name))
+            self._record(name, "attribute", proxy, scope_type, scope)
         elif kind in ("call_function", "call_method"):
             raw = target if isinstance(target, str) else getattr(target, "__name__", "op")
             base = _names.join(scope, _names.op_base_name(raw))
-            self._record(self.namer.node(base), "op", proxy, scope_type, scope)
+            name = self.namer.node(base)
+            self.naming.append(("node", base, name))
+            self._record(name, "op", proxy, scope_type, scope)
         return proxy
 
     def _record(self, name: str, kind: str, value: Any, module_type: str, scope: str, moment: fx.Node | None = None) -> None:
@@ -159,7 +168,7 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
         raise TraceFailedError(
             f"torch.fx cannot trace {where}: {reason}", module=path, module_type=kind, reason=reason
         ) from error
-    return Traced(graph, root, tracer.points, tracer.inlined)
+    return Traced(graph, root, tracer.points, tracer.inlined, tracer.naming)
 
 
 def build(

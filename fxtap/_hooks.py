@@ -89,6 +89,7 @@ class _Capture:
     def __init__(self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int) -> None:
         self.values: dict[str, Any] = {}
         self.calls: dict[str, int] = {}
+        self.served: dict[str, int] = {}  # calls of modules served by their own graph (_regions)
         self._wanted = {(t.path, t.call_index): t.name for t in targets.values()}
         self._copy = copy
         self._stop = stop_when_done
@@ -139,9 +140,11 @@ def capture(
             handle.remove()
 
 
-def missing_calls_message(targets: dict[str, HookTarget], state: _Capture, owner: str) -> str:
+def missing_calls_message(targets: dict[str, HookTarget], state: _Capture, owner: str, more: list[str] | None = None) -> str:
+    """What ``targets`` (and the described ``more``) were not produced, and how often their modules ran."""
     missing = [t for name, t in targets.items() if name not in state.values]
     parts = [f"{t.name!r} (call {t.call_index + 1} of {t.path!r}, which ran {state.calls.get(t.path, 0)} time(s))" for t in missing]
+    parts += more or []
     return (
         f"{owner}: these names were not produced by this call: {', '.join(parts)}.\n"
         "  A module's later calls are named path_1, path_2, ...; see docs/names.md."

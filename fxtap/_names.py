@@ -20,7 +20,7 @@ import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["Namer", "module_call_name", "normalize_request", "suggest", "unknown_name_message"]
+__all__ = ["Namer", "Replay", "module_call_name", "normalize_request", "suggest", "unknown_name_message"]
 
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
@@ -96,6 +96,44 @@ class Namer:
 
 
 _SUFFIX = re.compile(r"^(.+)_([0-9]+)$")
+
+
+class Replay:
+    """Names the successive calls of one module traced on its own, as a trace of the whole model would.
+
+    A module traced by itself (its parent's code cannot be traced) names its nodes locally
+    (``fc``, ``add``). Fed each call's naming log (``(kind, key, local name)`` in graph order,
+    kinds ``module``, ``node``, ``attribute``, ``input``), ``call`` returns the global names of that
+    call: ``blk.fc``/``blk.add``/``blk`` for the first, ``blk.fc_1``/``blk.add_1``/``blk_1`` for
+    the second. The module's own output is the local name ``""``; inputs have no global name.
+
+    Args:
+        path: the module's path in the model.
+        module_paths, other_paths: as for ``Namer``, of the whole model.
+    """
+
+    def __init__(self, path: str, module_paths: Iterable[str], other_paths: Iterable[str] = ()) -> None:
+        self._path = path
+        self._namer = Namer(module_paths, other_paths)
+        self._calls: dict[str, int] = {}
+
+    def call(self, naming: Sequence[tuple[str, str, str]]) -> dict[str, str]:
+        """Local name -> global name for the next call of the module."""
+        mapping = {"": self._module_call(self._path)}
+        for kind, key, local in naming:
+            full = join(self._path, key)
+            if kind == "module":
+                mapping[local] = self._module_call(full)
+            elif kind == "node":
+                mapping[local] = self._namer.node(full)
+            elif kind == "attribute":
+                mapping[local] = self._namer.attribute(full)
+        return mapping
+
+    def _module_call(self, path: str) -> str:
+        index = self._calls.get(path, 0)
+        self._calls[path] = index + 1
+        return self._namer.module_call(path, index)
 
 
 def module_call_name(path: str, call_index: int, reserved: frozenset[str] | set[str]) -> str:

@@ -12,6 +12,7 @@ fails too is opened in turn; only what lies in untraceable code itself is left t
 from __future__ import annotations
 
 import inspect
+import re
 import threading
 import types
 from collections import OrderedDict
@@ -24,7 +25,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from . import _fx, _hooks, _plan
+from . import _fx, _hooks, _names, _plan
+from ._model import attribute_paths
 from ._values import copy_value, detach_value
 
 __all__ = ["Region", "Resolution", "resolve", "serve"]
@@ -135,49 +137,65 @@ def _shim(module: nn.Module, template: _Template, spec: list[Any]) -> nn.Module:
 
 @dataclass
 class Region:
-    """A submodule traced on its own; ``request`` maps its local names to the global ones."""
+    """A submodule traced on its own, for every call it gets during a tapped forward.
+
+    ``wanted`` maps each requested global name to its local name in the module's graph (``""``
+    is the module's own output); which call a name belongs to is found per call by
+    ``_names.Replay``, so ``blk.add_1`` is the local ``add`` of the second call.
+    """
 
     path: str
     module: nn.Module
-    request: dict[str, str]
+    wanted: dict[str, str]
+    paths: tuple[frozenset[str], frozenset[str]]  # module and other attribute paths of ``root``
     keep: frozenset[str] = frozenset()  # local leaf paths that hooks need to run
     root: nn.Module | None = None  # the whole model, for hooks when no graph fits a call
     opaque: dict[str, tuple[str, str]] = field(default_factory=dict)  # local leaves chosen at tap() time
-    hookable: dict[str, _hooks.HookTarget] = field(default_factory=dict)  # request names that are module calls
+    hookable: dict[str, _hooks.HookTarget] = field(default_factory=dict)  # wanted names that are calls of inner modules
     failed: str = ""  # why the last call could not use a graph
-    _graphs: dict[Hashable, tuple[fx.GraphModule | None, Any, dict[str, int]]] = field(default_factory=dict)
+    _graphs: dict[Hashable, _Graph | None] = field(default_factory=dict)
 
-    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, int]] | None:
-        """The module's output, the requested values, and how often each module was called inside
-        the graph without hooks firing; ``None`` when no graph fits this call."""
+    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], _Graph] | None:
+        """The module's output, the graph's values by local name, and the graph; ``None`` when
+        no graph fits this call."""
         template, tensors = _call_template(args, kwargs)
         key = (self.module.training, template.key())
         if key not in self._graphs:
-            spec: list[Any] = []
-            graph, inlined = self._build(template, spec)
-            self._graphs[key] = (graph, spec[0] if spec else None, inlined)
-        graph, structure, inlined = self._graphs[key]
-        if graph is None:
+            self._graphs[key] = self._build(template)
+        built = self._graphs[key]
+        if built is None:
             return None
-        values = dict(graph(*tensors))
-        return pytree.tree_unflatten(values.pop("output"), structure), values, inlined
+        values = built.module(*tensors)
+        output = pytree.tree_unflatten(values["output"], built.structure)
+        return output, {local: values[k] for local, k in built.keys.items()}, built
 
-    def _build(self, template: _Template, spec: list[Any]) -> tuple[fx.GraphModule | None, dict[str, int]]:
+    def _build(self, template: _Template) -> _Graph | None:
         # the submodules that were opaque when the names were placed stay opaque, so that names
         # placed on hooks inside them are still hooked (a list argument may make them traceable)
+        spec: list[Any] = []
         shim = _shim(self.module, template, spec)
         analysis = _plan.analyse(shim, mode="auto", concrete_args=None, fallbacks=self.opaque)
         if analysis.traced is None:
             self.failed = f"{self.path!r} cannot be traced for this call: {analysis.fallbacks[''][1]}"
-            return None, {}
-        inner = {local: name for local, name in self.request.items() if local}  # "" is the output itself
+            return None
+        inner = sorted({local for local in self.wanted.values() if local})  # "" is the output itself
         missing = [local for local in inner if local not in analysis.traced.points]
         if missing:
             self.failed = f"{self.path!r} traced for this call has no {', '.join(map(repr, missing))}"
-            return None, {}
+            return None
+        keys = {local: f"v{i}" for i, local in enumerate(inner)}  # a local name may be "output"
+        graph = _fx.build(analysis.traced, keys, keep_output=True, detach=False, run_modules=self.keep)
         inlined = {_join(self.path, p): n for p, n in analysis.traced.inlined.items()}
-        graph = _fx.build(analysis.traced, inner, keep_output=True, detach=False, run_modules=self.keep)
-        return graph, inlined
+        return _Graph(graph, keys, inlined, analysis.traced.naming, spec[0] if spec else None)
+
+
+@dataclass
+class _Graph:
+    module: fx.GraphModule
+    keys: dict[str, str]  # local name -> the graph's output key
+    inlined: dict[str, int]  # module path -> calls traced through (no hook fires)
+    naming: list[tuple[str, str, str]]  # the trace's naming log, for _names.Replay
+    structure: Any  # the output's pytree structure (the shim returns its flat leaves)
 
 
 @dataclass
@@ -196,7 +214,9 @@ class Resolution:
 def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False) -> Resolution:
     """Place ``names`` of a model whose own forward runs eagerly (``everything``: trace all children)."""
     result = Resolution(fallbacks={"": root_reason}, root=model)
-    leftover = _resolve_in(model, "", names, result, everything)
+    modules, others = attribute_paths(model)
+    paths = (frozenset(modules), frozenset(others))
+    leftover = _resolve_in(model, "", names, result, everything, paths)
     targets, unknown = _hooks.hook_targets(model, leftover)
     result.hooks.update(targets)
     result.unknown = unknown
@@ -207,17 +227,30 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _resolve_in(module: nn.Module, prefix: str, names: list[str], result: Resolution, everything: bool) -> list[str]:
+_MAX_CALLS = 4096  # a later-call name is looked for among this many calls of a module at most
+_NUMBER = re.compile(r"_([0-9]+)(?=\.|$)")
+
+
+def _resolve_in(
+    module: nn.Module,
+    prefix: str,
+    names: list[str],
+    result: Resolution,
+    everything: bool,
+    paths: tuple[frozenset[str], frozenset[str]],
+) -> list[str]:
     """Resolve names inside the children of an eagerly running ``module``; return the unplaced ones."""
     leftover = list(names)
+    root = result.root if result.root is not None else module
     for child_name, child in module.named_children():
         path = _join(prefix, child_name)
-        inside = [n for n in leftover if n.startswith(path + ".") or n == path]
+        calls = _hooks.hook_targets(root, [n for n in leftover if n.startswith(path + "_")])[0]  # path_1: a later call
+        inside = [n for n in leftover if n.startswith(path + ".") or n == path or (n in calls and calls[n].path == path)]
         if (not inside and not everything) or _fx.is_standard_leaf(child):
             continue
         leftover = [n for n in leftover if n not in inside]
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called: look at its items
-            leftover += _resolve_in(child, path, inside, result, everything)
+            leftover += _resolve_in(child, path, inside, result, everything, paths)
             continue
         try:
             analysis = _plan.analyse(_shim(child, _default_template(child), []), mode="auto", concrete_args=None)
@@ -228,20 +261,46 @@ def _resolve_in(module: nn.Module, prefix: str, names: list[str], result: Resolu
         for sub, (kind, reason) in analysis.fallbacks.items():
             result.fallbacks[_join(path, sub)] = (type(child).__name__ if not sub else kind, reason)
         if analysis.traced is None:
-            leftover += _resolve_in(child, path, inside, result, everything)
+            leftover += _resolve_in(child, path, inside, result, everything, paths)
             continue
         points = {n: p for n, p in analysis.traced.points.items() if p.kind != "input"}
-        result.available += [_join(path, n) for n in points]
-        local = {n[len(path) + 1 :]: n for n in inside if n == path or n[len(path) + 1 :] in points}  # "": the output
-        leftover += [n for n in inside if n not in local.values()]
-        if local:
+        wanted = _place(path, analysis.traced.naming, points, inside, paths, result)
+        leftover += [n for n in inside if n not in wanted]
+        if wanted:
             keep = frozenset(analysis.hookable_under()) - {""}
-            root = result.root if result.root is not None else module
-            hookable = _hooks.hook_targets(root, list(local.values()))[0]
+            hookable = {
+                n: t for n, t in _hooks.hook_targets(root, list(wanted))[0].items() if t.path != path
+            }  # the module's own calls come from the graph's output
             opaque = {sub: why for sub, why in analysis.fallbacks.items() if sub}
-            result.regions.append(Region(path, child, local, keep, root=root, opaque=opaque, hookable=hookable))
-            result.fx.update({g: points[n].module_type if n else type(child).__name__ for n, g in local.items()})
+            result.regions.append(Region(path, child, wanted, paths, keep, root=root, opaque=opaque, hookable=hookable))
+            result.fx.update({g: points[n].module_type if n else type(child).__name__ for g, n in wanted.items()})
     return leftover
+
+
+def _place(
+    path: str,
+    naming: list[tuple[str, str, str]],
+    points: dict[str, Any],
+    inside: list[str],
+    paths: tuple[frozenset[str], frozenset[str]],
+    result: Resolution,
+) -> dict[str, str]:
+    """Global name -> local name for the names of ``inside`` that some call of the module at
+    ``path`` produces, if every call runs the graph of the default call."""
+    replay = _names.Replay(path, *paths)
+    first = replay.call(naming)
+    result.available += [first[n] for n in points]
+    wanted = {first[n]: n for n in ["", *points] if first[n] in inside}
+    later = {n for n in inside if n not in wanted}
+    numbers = [int(k) for n in later for k in _NUMBER.findall(n)]
+    for _ in range(min(max(numbers, default=0), _MAX_CALLS)):  # the k-th later call has suffixes >= k
+        if not later:
+            break
+        for local, name in replay.call(naming).items():
+            if name in later and (not local or local in points):
+                wanted[name] = local
+                later.discard(name)
+    return wanted
 
 
 _SWAP_LOCK = threading.Lock()  # guards installing and removing routers, across Tapped objects
@@ -300,35 +359,60 @@ def serve(regions: list[Region], state: Any, *, detach: bool) -> Iterator[None]:
 
 
 def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach: bool) -> Callable[..., Any]:
-    served = False
+    replay: _names.Replay | None = _names.Replay(region.path, *region.paths)  # None once a call had no graph
+    count = 0  # calls of the module so far in this forward
+
+    def keep(name: str, value: Any) -> None:
+        if name in region.wanted:
+            state.add(name, detach_value(value) if detach else value)
 
     def forward(*args: Any, **kwargs: Any) -> Any:
-        nonlocal served
-        if served:
-            return original(*args, **kwargs)
-        served = True
-        result = region.run(args, kwargs)
-        if result is None:  # no graph fits this call: module names inside still come from hooks
-            if region.root is None or not region.hookable:
-                return original(*args, **kwargs)
-            with _hooks.capture(region.root, region.hookable) as inner:
-                output = original(*args, **kwargs)
-            for name, value in inner.values.items():
-                state.add(name, detach_value(value) if detach else value)
-            return output
-        output, values, inlined = result
-        for path, count in inlined.items():  # keep hook call numbering right for later calls
-            state.calls[path] = state.calls.get(path, 0) + count
+        nonlocal replay, count
+        own = _names.module_call_name(region.path, count, region.paths[0] | region.paths[1])
+        count += 1
+        state.served[region.path] = count
+        current = replay
+        result = region.run(args, kwargs) if current is not None else None
+        if current is None or result is None:
+            replay = None  # later calls cannot be named without this call's graph: they run eagerly too
+            return _eager(region, original, state, own, keep, args, kwargs)
+        output, values, graph = result
+        names = current.call(graph.naming)
+        for path, calls in graph.inlined.items():  # keep hook call numbering right for later calls
+            state.calls[path] = state.calls.get(path, 0) + calls
         shared = _storages((output, args, kwargs))
-        if "" in region.request:  # the module's own output: eager code goes on with it, so copy
-            values[region.request[""]] = copy_value(output)
-        for name, value in values.items():
+        keep(names[""], copy_value(output))  # the module's own output: eager code goes on with it, so copy
+        for local, value in values.items():
             if _storages(value) & shared:
                 value = copy_value(value)  # eager code after this module may write into it
-            state.add(name, detach_value(value) if detach else value)
+            keep(names[local], value)
         return output
 
     return forward
+
+
+def _eager(
+    region: Region,
+    original: Callable[..., Any],
+    state: Any,
+    own: str,
+    keep: Callable[[str, Any], None],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run a call that no graph fits: names of inner module calls still come from hooks."""
+    if region.root is None or not region.hookable:
+        output = original(*args, **kwargs)
+    else:
+        with _hooks.capture(region.root, region.hookable) as inner:
+            inner.calls.update(state.calls)  # number calls across the whole forward, not from here
+            output = original(*args, **kwargs)
+        for path, calls in inner.calls.items():
+            state.calls[path] = max(state.calls.get(path, 0), calls)
+        for name, value in inner.values.items():
+            keep(name, value)
+    keep(own, copy_value(output))
+    return output
 
 
 def _storages(value: Any) -> set[int]:

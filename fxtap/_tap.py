@@ -120,28 +120,31 @@ class Tapped(nn.Module):
         # how many tensors a call passes positionally when it leaves every default alone (-1: unknown)
         self._required = sum(1 for p in params if p.default is p.empty and p.kind != p.KEYWORD_ONLY) if _plain(params) else -1
         self._spec = self._checked_spec(stacklevel=5)  # checks the names now, not at first call
+        self._last_spec = self._spec  # what mode, paths and report() describe
 
     # -- public ------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
-        """How the names are captured in the current mode: ``"fx"`` (one graph computes them all),
+        """How the names are captured in the current train/eval mode, for the non-tensor arguments
+        of the last call (the defaults before any call): ``"fx"`` (one graph computes them all),
         ``"hooks"`` (nothing could be traced) or ``"mixed"``."""
-        runner = self._runner(self._spec, stacklevel=3)
+        runner = self._runner(self._last_spec, stacklevel=3)
         if runner.graph is not None and not runner.assignment.hooks:
             return "fx"
         return "mixed" if runner.assignment.fx else "hooks"
 
     @property
     def paths(self) -> dict[str, str]:
-        """Each requested name mapped to ``"fx"`` or ``"hook"``."""
-        assignment = self._runner(self._spec, stacklevel=3).assignment
+        """Each requested name mapped to ``"fx"`` or ``"hook"`` (for the same call as ``mode``)."""
+        assignment = self._runner(self._last_spec, stacklevel=3).assignment
         return {name: "fx" if name in assignment.fx else "hook" for name in self._request}
 
     def report(self) -> str:
-        """A table: one row per requested name with its key, path, module type and fallback reason."""
+        """A table: one row per requested name with its key, path, module type and fallback reason
+        (for the same call as ``mode``)."""
         from ._table import table
 
-        assignment = self._runner(self._spec, stacklevel=3).assignment
+        assignment = self._runner(self._last_spec, stacklevel=3).assignment
         rows = [
             [name, key, "fx" if name in assignment.fx else "hook", assignment.module_types.get(name, ""), assignment.reasons.get(name, "")]
             for name, key in self._request.items()
@@ -150,11 +153,15 @@ class Tapped(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # Under torch.compile/torch.export, keep Python-side dispatch trivial: default arguments.
-        if torch.compiler.is_compiling() or self._plain_call(args, kwargs):
+        if torch.compiler.is_compiling():
+            return self._runner(self._spec, stacklevel=4).run(self.model, args, kwargs)
+        if self._plain_call(args, kwargs):
             spec = self._spec  # the common call, tensors for the required arguments: no signature binding
         else:
             spec = _call_spec(self.model, args, kwargs)
-        return self._runner(spec, stacklevel=4).run(self.model, args, kwargs)
+        runner = self._runner(spec, stacklevel=4)
+        self._last_spec = spec
+        return runner.run(self.model, args, kwargs)
 
     def _plain_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         return (
@@ -212,7 +219,11 @@ class Tapped(nn.Module):
     def _checked_spec(self, *, stacklevel: int) -> tuple[tuple[str, Any], ...]:
         """The argument spec the names are checked with: the defaults, or else the defaults with
         every ``None`` argument a graph input (a name may exist only when an optional argument is
-        given: ``if y is not None``)."""
+        given: ``if y is not None``).
+
+        When neither has the names but the graph depends on the value of a non-tensor argument
+        (``if scale != 1.0``), the names may exist for other values: they are checked per call.
+        """
         try:
             self._runner(self._default_spec, stacklevel=stacklevel)
             return self._default_spec
@@ -227,7 +238,22 @@ class Tapped(nn.Module):
                 pass
             else:
                 return given
+            if self._graph_depends_on_arguments():
+                return self._default_spec
             raise
+
+    def _graph_depends_on_arguments(self) -> bool:
+        """Whether tracing with the non-tensor arguments as graph inputs fails where tracing with
+        them fixed at their defaults works: then their values decide what the graph holds."""
+        analysis = _plan.analyse(self.model, mode="auto", concrete_args=dict(self._default_spec))
+        if analysis.traced is None:
+            return False
+        leaves = frozenset(self.model.get_submodule(path) for path in analysis.fallbacks if path)
+        try:
+            _fx.trace(self.model, leaves=leaves, concrete_args=None)
+        except TraceFailedError:
+            return True
+        return False
 
     def _build(self, concrete_args: dict[str, Any], *, stacklevel: int) -> _Runner:
         analysis = _plan.analyse(self.model, mode=self._mode_arg, concrete_args=concrete_args)
@@ -276,10 +302,8 @@ class Tapped(nn.Module):
         root_type, reason = fallbacks[""]
         others = "".join(f"\n    {path!r} ({kind}): {why}" for path, (kind, why) in fallbacks.items() if path)
         traced = sorted({name for name in assignment.fx})
-        did = (
-            f"the model runs eagerly; {len(traced)} of {len(self._request)} requested names come from submodules traced "
-            f"on their own, the others from forward hooks"
-        )
+        did = f"the model runs eagerly; {len(traced)} of {len(self._request)} requested names come from submodules traced on their own"
+        did += ", the others from forward hooks" if len(traced) < len(self._request) else ""
         warnings.warn(
             f"fxtap: torch.fx cannot trace the forward of {root_type} itself: {reason}"
             + (f"\n  Also untraceable:{others}" if others else "")
@@ -370,10 +394,16 @@ class _Runner:
         return out
 
     def _missing_message(self, model: nn.Module, captured: Any) -> str:
+        more = [
+            f"{name!r} (from {region.path!r}, which ran {captured.served.get(region.path, 0)} time(s))"
+            for region in self.regions
+            for name in region.wanted
+            if name not in captured.values
+        ]
         message = _hooks.missing_calls_message(
-            {n: t for n, t in self.assignment.hooks.items() if n not in captured.values}, captured, type(model).__name__
+            {n: t for n, t in self.assignment.hooks.items() if n not in captured.values}, captured, type(model).__name__, more
         )
-        failed = [r.failed for r in self.regions if r.failed and any(g not in captured.values for g in r.request.values())]
+        failed = [r.failed for r in self.regions if r.failed and any(g not in captured.values for g in r.wanted)]
         return message + "".join(f"\n  {reason}" for reason in failed)
 
 

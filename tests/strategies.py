@@ -52,8 +52,6 @@ class _Recorder:
     values: dict[str, Any] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
-    later: set[str] = field(default_factory=set)  # names recorded in a later call of a region
-    later_flag: list[bool] = field(default_factory=lambda: [False])
 
     def name(self, full: str) -> str:
         k = self.counts.get(full, 0)
@@ -74,8 +72,6 @@ def _op(module: nn.Module, op: str, value: torch.Tensor) -> torch.Tensor:
         name = recorder.name(f"{module._scope}.{op}" if module._scope else op)
         recorder.values[name] = value.detach().clone()
         recorder.order.append(name)
-        if recorder.later_flag[-1]:
-            recorder.later.add(name)
     return value
 
 
@@ -513,7 +509,7 @@ def _annotate(model: nn.Module) -> None:
     own (``"fx"``) unless the callee is a ``torch.nn`` leaf or untraceable itself (``"hook"``).
     """
     code = {"": "eager" if model.untraceable else "traced"}
-    model._scope, model._code, model._call, model._region = "", code[""], "fx", False
+    model._scope, model._code, model._call = "", code[""], "fx"
     for path, module in model.named_modules():
         if not path:
             continue
@@ -529,8 +525,7 @@ def _annotate(model: nn.Module) -> None:
         else:
             standard = type(module).__module__.startswith("torch.nn") and not isinstance(module, nn.Sequential)
             code[path], call = ("opaque", "hook") if standard else ("traced", "fx")
-        region = parent == "eager" and code[path] == "traced"  # traced on its own, per call
-        module._scope, module._code, module._call, module._region = path, code[path], call, region
+        module._scope, module._code, module._call = path, code[path], call
 
 
 _CALLS = {
@@ -563,16 +558,11 @@ class Truth:
     ops: list[str]  # functional ops in traced code, in execution order
     order: list[str]  # both, interleaved in the order they completed
     hook_only: set[str]  # module calls that mode="auto" captures with hooks
-    later_calls: set[str]  # names in the second and later calls of a child traced on its own
 
     @property
     def names(self) -> list[str]:
-        """Every name fxtap can be asked for, in the order the values were produced.
-
-        Leaves out the op names of ``later_calls``: a known bug, see
-        test_regressions.py::test_second_call_of_a_child_traced_under_an_eager_root.
-        """
-        return [n for n in self.order if n in self.values and not (n in self.later_calls and n not in self.modules)]
+        """Every name fxtap can be asked for, in the order the values were produced."""
+        return [n for n in self.order if n in self.values]
 
 
 def case_truth(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, seed: int = 0) -> Truth:
@@ -580,13 +570,6 @@ def case_truth(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
     recorder = _Recorder()
     counts: dict[str, int] = {}
     hook_only: set[str] = set()
-    later: list[bool] = [False]  # inside a second or later call of a region (a stack)
-
-    def enter(path: str) -> Any:
-        def pre_hook(module: nn.Module, inputs: Any) -> None:
-            later.append(later[-1] or counts.get(path, 0) > 0)
-
-        return pre_hook
 
     def leave(path: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
@@ -596,16 +579,10 @@ def case_truth(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
             recorder.order.append(name)
             if module._call == "hook":
                 hook_only.add(name)
-            if module._region:
-                later.pop()
-            if later[-1] or (module._region and k > 0):
-                recorder.later.add(name)
 
         return hook
 
     handles = [m.register_forward_hook(leave(p)) for p, m in model.named_modules() if p]
-    handles += [m.register_forward_pre_hook(enter(p)) for p, m in model.named_modules() if p and m._region]
-    recorder.later_flag = later
     token = _RECORDING.set(recorder)
     try:
         seed_rng(seed)
@@ -616,17 +593,4 @@ def case_truth(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
             handle.remove()
     values = {**modules, **recorder.values}
     module_names = [n for n in modules if n != "output"]
-    return Truth(values, module_names, list(recorder.values), recorder.order, hook_only, recorder.later)
-
-
-def requestable(case: Case, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], truth: Truth) -> list[str]:
-    """The names of ``truth`` to ask fxtap for, in order.
-
-    When the call passes ``scale``, only the names that exist without it too: a known bug rejects
-    names that need a non-default non-tensor argument (the root's ``mul`` by ``scale``), see
-    test_regressions.py::test_name_that_exists_only_with_a_non_default_flag.
-    """
-    if "scale" not in kwargs:
-        return truth.names
-    without = case_truth(model, args, {k: v for k, v in kwargs.items() if k != "scale"})
-    return [name for name in truth.names if name in without.values]
+    return Truth(values, module_names, list(recorder.values), recorder.order, hook_only)

@@ -13,7 +13,7 @@ from torch import nn
 
 import fxtap
 from fxtap import _compare
-from strategies import Case, case_truth, cases, requestable, seed_rng
+from strategies import Case, case_truth, cases, seed_rng
 from toy_models import DataDependent, InplaceZoo, MultiIO, Shared
 from truth import assert_unchanged, model_fingerprint
 
@@ -140,7 +140,7 @@ def test_compare_max_diff_and_close_fail_on_a_perturbed_value() -> None:  # meta
 def test_property_compare_is_ok_on_random_models(case: Case, data: st.DataObject) -> None:
     model, args, kwargs = case.build()
     truth = case_truth(model, args, kwargs)
-    names = requestable(case, model, args, kwargs, truth)
+    names = truth.names
     chosen = data.draw(st.permutations(names), label="names")[: data.draw(st.integers(1, min(5, len(names))))]
     before = model_fingerprint(model)
     seed_rng(0)  # the RNG state case_truth ran from: the same dropout masks, so the same branches

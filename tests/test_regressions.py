@@ -1,9 +1,8 @@
 """Plain regression tests: counterexamples found by the property tests (tests/test_properties.py).
 
-Each is the smallest model found for one bug; each failed before its fix in fxtap. A test
-marked ``xfail(strict=True)`` is a bug not fixed yet: the fix makes it pass, strict xfail then
-fails, and the mark goes (with the matching exclusion in tests/strategies.py or
-tests/test_properties.py, named in its comment).
+Each is the smallest model found for one bug; each failed before its fix in fxtap. A bug not
+fixed yet is marked ``xfail(strict=True)``: the fix makes it pass, strict xfail then fails, and
+the mark goes (with any matching exclusion in tests/strategies.py or tests/test_properties.py).
 """
 
 from __future__ import annotations
@@ -100,12 +99,10 @@ class Twice(nn.Module):
         return self.blk(self.blk(x))
 
 
-@pytest.mark.xfail(strict=True, reason="fxtap bug: later calls of a locally traced child lose their op names and fall back to hooks")
 def test_second_call_of_a_child_traced_under_an_eager_root() -> None:
-    # Local tracing names only the first call of blk: names() lists blk.fc, blk.add, blk;
-    # blk.add_1 (the add of the second call) raises TapNameError, and blk_1 and blk.fc_1 are
-    # reported as "hook" although blk's code traces (docs/fallback.md: only names in untraceable
-    # code itself go to hooks).
+    # Local tracing used to serve only the first call of blk: blk.add_1 (the add of the second
+    # call) raised TapNameError, and blk_1 and blk.fc_1 went to hooks although blk's code traces
+    # (docs/fallback.md: only names in untraceable code itself go to hooks).
     torch.manual_seed(0)
     model = Twice()
     x = torch.randn(3, 2)
@@ -117,6 +114,20 @@ def test_second_call_of_a_child_traced_under_an_eager_root() -> None:
     out = tapped(x)
     assert_same(out["blk.fc_1"], truth["blk.fc_1"])
     assert_same(out["blk.add_1"], truth["blk_1"])  # blk returns its add
+    assert_same(out["blk_1"], truth["blk_1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        first = fxtap.tap(model, ["blk.add", "blk"])(x)  # the first call keeps the bare names
+    assert_same(first["blk.add"], truth["blk"])
+
+
+def test_call_of_a_locally_traced_child_that_does_not_happen() -> None:
+    model = Twice()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        tapped = fxtap.tap(model, ["blk.add_2"])
+    with pytest.raises(fxtap.MissingCallError, match="'blk.add_2' .from 'blk', which ran 2 time"):
+        tapped(torch.randn(3, 2))
 
 
 class OptionalInputAndScale(nn.Module):
@@ -158,14 +169,37 @@ class Scaled(nn.Module):
         return x
 
 
-@pytest.mark.xfail(strict=True, reason="fxtap bug: a name that needs a non-default non-tensor argument is rejected by tap()")
 def test_name_that_exists_only_with_a_non_default_flag() -> None:
-    # tap() checks names with None arguments as graph inputs and every other default fixed
-    # (scale=1.0), where "mul" does not exist: TapNameError (its message now says that names of
-    # other argument values are not known there), although the Tapped builds a graph per
-    # non-tensor argument value when called.
+    # tap() checked names with every non-tensor default fixed (scale=1.0), where "mul" does not
+    # exist, and raised TapNameError, although the Tapped builds a graph per non-tensor argument
+    # value when called. Now such names are checked per call when the graph depends on them.
     torch.manual_seed(0)
     model = Scaled()
     x = torch.randn(3, 2)
-    out = fxtap.tap(model, ["mul"])(x, scale=2.0)
+    tapped = fxtap.tap(model, ["mul"])
+    out = tapped(x, scale=2.0)
     assert_same(out["mul"], (model.fc(x) * 2.0).detach())
+    assert tapped.paths == {"mul": "fx"}  # paths, mode and report() describe the last call
+    assert tapped.mode == "fx"
+
+
+def test_unknown_name_of_a_flag_dependent_model_is_reported_at_the_call() -> None:
+    model = Scaled()
+    tapped = fxtap.tap(model, ["mull"])  # may exist for some scale: checked when called
+    with pytest.raises(fxtap.TapNameError, match=r"(?s)'mull'.*'mul'.*scale=2\.0"):
+        tapped(torch.randn(3, 2), scale=2.0)
+    with pytest.raises(fxtap.TapNameError, match="scale=1.0"):
+        tapped(torch.randn(3, 2))
+
+
+def test_unknown_name_of_a_model_whose_graph_ignores_its_flags_is_rejected_by_tap() -> None:
+    class Flagged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            return self.fc(x) * scale  # no branch on scale: every value gives the same names
+
+    with pytest.raises(fxtap.TapNameError, match="Did you mean: 'mul'"):
+        fxtap.tap(Flagged(), ["mull"])

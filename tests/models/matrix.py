@@ -264,7 +264,7 @@ def _locate(model: nn.Module, name: str) -> tuple[Any, str, nn.Module] | None:
             return (analysis.traced, "", model) if name in analysis.traced.points else None
         found = _regions.resolve(model, [name], analysis.fallbacks[""])
         for region in found.regions:
-            if name in region.request.values():
+            if name in region.wanted:
                 shim = _regions._shim(region.module, _regions._default_template(region.module), [])
                 local = _plan.analyse(shim, mode="auto", concrete_args=None)
                 if local.traced is not None:
