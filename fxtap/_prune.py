@@ -156,8 +156,7 @@ class _Ops:
 
     def is_random(self, node: fx.Node) -> bool:
         if node.op == "call_module":
-            module = self._module(node)
-            return module.training and isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+            return _may_draw_random(self._module(node))
         return node.op in ("call_function", "call_method") and _op_name(node) in _RANDOM
 
     def liveness(
@@ -221,6 +220,23 @@ def _opaque_function(target: Any) -> bool:
 def _opaque(module: nn.Module) -> bool:
     """A leaf whose code fxtap cannot see: assume it may return or write into its inputs."""
     return not type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
+
+
+def _may_draw_random(module: nn.Module) -> bool:
+    """Whether calling ``module`` may draw from the RNG: code outside ``torch.nn`` (an opaque
+    leaf) may call anything; ``torch.nn`` modules draw only in training, through dropout."""
+    if not type(module).__module__.startswith(("torch.nn", "torch.ao.nn")):
+        return True
+    if not module.training:
+        return False
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if isinstance(module, nn.RReLU):
+        return True
+    dropout = getattr(module, "dropout", None)  # MultiheadAttention's attention dropout
+    if isinstance(dropout, float) and dropout > 0:
+        return True
+    return any(_may_draw_random(child) for child in module.children())
 
 
 def _op_name(node: fx.Node) -> str:

@@ -203,3 +203,41 @@ def test_unknown_name_of_a_model_whose_graph_ignores_its_flags_is_rejected_by_ta
 
     with pytest.raises(fxtap.TapNameError, match="Did you mean: 'mul'"):
         fxtap.tap(Flagged(), ["mull"])
+
+
+class RandomGate(nn.Module):
+    """Untraceable (a branch on a value) and random: an opaque leaf that draws from the RNG."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.drop(x)
+        return self.drop(-x)
+
+
+class DropThenGate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.gate = RandomGate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(x) + self.gate(x)
+
+
+def test_random_op_before_an_opaque_leaf_that_draws_is_kept() -> None:
+    # Tapping gate.drop needs only the gate, so pruning dropped the root's dropout before it; but
+    # the gate's own dropout then drew from another RNG state than in the eager forward. Pruning
+    # treated only Dropout modules as drawing from the RNG, not opaque leaves (which may call anything).
+    model = DropThenGate().train()
+    x = torch.randn(4, 16)
+    torch.manual_seed(0)
+    truth = hook_truth(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        tapped = fxtap.tap(model, ["gate.drop"])
+    torch.manual_seed(0)
+    assert_same(tapped(x)["gate.drop"], truth["gate.drop"])
