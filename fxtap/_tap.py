@@ -119,7 +119,7 @@ class Tapped(nn.Module):
         params = _parameters(model)
         # how many tensors a call passes positionally when it leaves every default alone (-1: unknown)
         self._required = sum(1 for p in params if p.default is p.empty and p.kind != p.KEYWORD_ONLY) if _plain(params) else -1
-        self._spec = self._checked_spec(stacklevel=5)  # checks the names now, not at first call
+        self._spec = self._checked_spec(stacklevel=6)  # checks the names now, not at first call
         self._last_spec = self._spec  # what mode, paths and report() describe
 
     # -- public ------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class Tapped(nn.Module):
         """How the names are captured in the current train/eval mode, for the non-tensor arguments
         of the last call (the defaults before any call): ``"fx"`` (one graph computes them all),
         ``"hooks"`` (nothing could be traced) or ``"mixed"``."""
-        runner = self._runner(self._last_spec, stacklevel=3)
+        runner = self._runner(self._last_spec, stacklevel=4)
         if runner.graph is not None and not runner.assignment.hooks:
             return "fx"
         return "mixed" if runner.assignment.fx else "hooks"
@@ -136,7 +136,7 @@ class Tapped(nn.Module):
     @property
     def paths(self) -> dict[str, str]:
         """Each requested name mapped to ``"fx"`` or ``"hook"`` (for the same call as ``mode``)."""
-        assignment = self._runner(self._last_spec, stacklevel=3).assignment
+        assignment = self._runner(self._last_spec, stacklevel=4).assignment
         return {name: "fx" if name in assignment.fx else "hook" for name in self._request}
 
     def report(self) -> str:
@@ -144,7 +144,7 @@ class Tapped(nn.Module):
         (for the same call as ``mode``)."""
         from ._table import table
 
-        assignment = self._runner(self._last_spec, stacklevel=3).assignment
+        assignment = self._runner(self._last_spec, stacklevel=4).assignment
         rows = [
             [name, key, "fx" if name in assignment.fx else "hook", assignment.module_types.get(name, ""), assignment.reasons.get(name, "")]
             for name, key in self._request.items()
@@ -154,12 +154,12 @@ class Tapped(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         # Under torch.compile/torch.export, keep Python-side dispatch trivial: default arguments.
         if torch.compiler.is_compiling():
-            return self._runner(self._spec, stacklevel=4).run(self.model, args, kwargs)
+            return self._runner(self._spec, stacklevel=6).run(self.model, args, kwargs)
         if self._plain_call(args, kwargs):
             spec = self._spec  # the common call, tensors for the required arguments: no signature binding
         else:
             spec = _call_spec(self.model, args, kwargs)
-        runner = self._runner(spec, stacklevel=4)
+        runner = self._runner(spec, stacklevel=6)
         self._last_spec = spec
         return runner.run(self.model, args, kwargs)
 
@@ -181,7 +181,7 @@ class Tapped(nn.Module):
             FxtapError: some names are captured by hooks, which no graph can hold; the message
                 names the untraceable code.
         """
-        runner = self._runner(self._spec, stacklevel=3)
+        runner = self._runner(self._spec, stacklevel=4)
         if runner.graph is None:
             raise FxtapError(
                 f"no single graph computes these taps of {type(self.model).__name__}: its own forward cannot be traced, "
@@ -238,22 +238,11 @@ class Tapped(nn.Module):
                 pass
             else:
                 return given
-            if self._graph_depends_on_arguments():
-                return self._default_spec
-            raise
-
-    def _graph_depends_on_arguments(self) -> bool:
-        """Whether tracing with the non-tensor arguments as graph inputs fails where tracing with
-        them fixed at their defaults works: then their values decide what the graph holds."""
-        analysis = _plan.analyse(self.model, mode="auto", concrete_args=dict(self._default_spec))
-        if analysis.traced is None:
-            return False
-        leaves = frozenset(self.model.get_submodule(path) for path in analysis.fallbacks if path)
-        try:
-            _fx.trace(self.model, leaves=leaves, concrete_args=None)
-        except TraceFailedError:
-            return True
-        return False
+            analysis = _plan.analyse(self.model, mode=self._mode_arg, concrete_args=dict(self._default_spec))
+            if not _depends_on_arguments(analysis):
+                raise
+            self._warn_fallbacks(analysis, _plan.Assignment({}, {}, {}, {}, {}), stacklevel - 1)  # now, not at the call
+            return self._default_spec
 
     def _build(self, concrete_args: dict[str, Any], *, stacklevel: int) -> _Runner:
         analysis = _plan.analyse(self.model, mode=self._mode_arg, concrete_args=concrete_args)
@@ -408,6 +397,19 @@ class _Runner:
 
 
 # -- calls are specialised on their non-tensor arguments --------------------------------------------
+def _depends_on_arguments(analysis: _plan.Analysis) -> bool:
+    """Whether tracing with the non-tensor arguments as graph inputs fails where tracing with
+    them fixed at their defaults works: then their values decide what the graph holds."""
+    if analysis.traced is None:
+        return False
+    leaves = frozenset(analysis.model.get_submodule(path) for path in analysis.fallbacks if path)
+    try:
+        _fx.trace(analysis.model, leaves=leaves, concrete_args=None)
+    except TraceFailedError:
+        return True
+    return False
+
+
 def _parameters(model: nn.Module) -> list[inspect.Parameter]:
     try:
         return list(inspect.signature(model.forward).parameters.values())

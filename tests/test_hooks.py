@@ -211,3 +211,24 @@ def test_local_tracing_threads_never_mix_and_model_restored() -> None:
         assert_same(results[i]["block"], torch.tanh(model.block[0](x)).detach())
     assert "forward" not in model.block.__dict__
     assert_unchanged(before, model)
+
+
+def test_fallback_warning_points_at_the_users_line() -> None:
+    # warnings.warn's stacklevel must skip fxtap's frames (it pointed into fxtap/_tap.py)
+    class Flagged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = DataDependent()
+
+        def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+            x = self.inner(x)
+            if scale != 1.0:  # "mul" exists only for other scales: tap() defers its check
+                x = x * scale
+            return x
+
+    with pytest.warns(fxtap.FallbackWarning) as caught:
+        fxtap.tap(DataDependent(), ["gate.a"])
+    assert caught[0].filename == __file__
+    with pytest.warns(fxtap.FallbackWarning) as caught:
+        fxtap.tap(Flagged(), ["mul"])
+    assert caught[0].filename == __file__
