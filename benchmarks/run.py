@@ -37,18 +37,43 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def minor_faults() -> int:
+    """Page faults of this process so far (0 where ``resource`` does not exist)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+FAULTS: dict[str, float] = {}  # contender -> median page faults per call, of the last interleaved()
+
+
 def interleaved(contenders: dict[str, Callable[[], Any]], rounds: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each contender, timed round by round in turn."""
+    """Median seconds per call of each contender, timed round by round in turn.
+
+    The order rotates every round: a call pays for the allocator state the previous call left
+    (glibc returns freed memory to the system and faults it in again; on ViT-B that is 10^5 page
+    faults per call, and how many depends on which contender ran just before), so each contender
+    runs after each other one equally often. Page faults per call go to ``FAULTS``.
+    """
     for fn in contenders.values():  # warm-up: first-call costs, caches, lazy graphs
         fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[int]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             sync(device)
+            before = minor_faults()
             start = time.perf_counter()
-            fn()
+            contenders[name]()
             sync(device)
             times[name].append(time.perf_counter() - start)
+            faults[name].append(minor_faults() - before)
+    FAULTS.clear()
+    FAULTS.update({name: statistics.median(values) for name, values in faults.items()})
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -117,7 +142,7 @@ def case_stages(arch: str, batch: int, rounds: int, device: str) -> list[Row]:
         med = interleaved(contenders, rounds, device)
     base = med["plain forward"]
     return [
-        [f"1. {arch} 4 stages", name, f"{t * 1000:.1f}", f"{t / base:.3f}", "<= 1.02" if name == "fxtap fx" else ""]
+        [f"1. {arch} 4 stages", name, f"{t * 1000:.1f}", f"{t / base:.3f}", "<= 1.02" if name == "fxtap fx" else "", f"{FAULTS[name]:.0f}"]
         for name, t in med.items()
     ]
 
@@ -140,7 +165,10 @@ def case_early(arch: str, batch: int, rounds: int, device: str) -> list[Row]:
         med = interleaved(contenders, rounds, device)
     base = med["hand-truncated"]
     target = {"fxtap fx": "<= 1.05", "fxtap hooks": "<= 1.10"}
-    return [[f"2. {arch} early tap ({name})", n, f"{t * 1000:.1f}", f"{t / base:.3f}", target.get(n, "")] for n, t in med.items()]
+    return [
+        [f"2. {arch} early tap ({name})", n, f"{t * 1000:.1f}", f"{t / base:.3f}", target.get(n, ""), f"{FAULTS[n]:.0f}"]
+        for n, t in med.items()
+    ]
 
 
 def case_build(arch: str, rounds: int) -> list[Row]:
@@ -251,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += case_memory("resnet50", batch, args.device)
     from fxtap._table import table
 
-    headers = ["case", "contender", "median", "ratio", "target"]
+    headers = ["case", "contender", "median", "ratio", "target", "page faults/call"]
     print(table(headers, rows))
     if not args.no_write:
         write_docs(headers, rows, args, batch)
@@ -270,6 +298,10 @@ def write_docs(headers: list[str], rows: list[Row], args: argparse.Namespace, ba
         "the contenders of each case timed round by round, interleaved, and reported as medians (ms for",
         "calls, ratios to the case's baseline: the plain model, the hand-truncated model, or torchvision).",
         "On a shared 2-core machine ratios move by a few percent from run to run; compare runs, not digits.",
+        "The order of the contenders rotates every round: glibc gives freed memory back to the system",
+        "and each call faults it in again (the page-fault column, medians per call), and how much",
+        "depends on the allocations of the call that ran just before, so a fixed order favours some",
+        "contenders by a few percent on ViT-B.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- machine: {platform.system()} {platform.machine()}, {device}, {torch.get_num_threads()} threads, device `{args.device}`",

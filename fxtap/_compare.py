@@ -32,7 +32,7 @@ from . import _hooks, _names, _plan
 from ._errors import FallbackWarning, MissingCallError
 from ._model import unwrap
 from ._tap import Tapped, tap
-from ._values import copy_value, detach_value
+from ._values import copy_value, detach_value, holds_tensor
 
 __all__ = ["Comparison", "ComparisonRow", "compare"]
 
@@ -207,7 +207,7 @@ def _graph_truth(model: nn.Module, names: list[str], args: tuple[Any, ...], kwar
         return {}
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
-    concrete = {key: value for key, value in bound.arguments.items() if not _holds_tensor(value)}
+    concrete = {key: value for key, value in bound.arguments.items() if not holds_tensor(value)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)
         analysis = _plan.analyse(model, mode="auto", concrete_args=concrete)
@@ -216,10 +216,6 @@ def _graph_truth(model: nn.Module, names: list[str], args: tuple[Any, ...], kwar
     interpreter = _Snapshots(analysis.traced, names)
     interpreter.run(*[bound.arguments[p.name] for p in params])
     return interpreter.values
-
-
-def _holds_tensor(value: Any) -> bool:
-    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
 
 
 # -- every run from the same state ---------------------------------------------------------------------

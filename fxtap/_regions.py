@@ -5,8 +5,10 @@ models' ``GeneralizedRCNN``), it runs eagerly, but each child that holds request
 traced on its own, *with the arguments of the actual call*: tensors become graph inputs and
 every other argument (``None`` masks, flags, ints) is fixed at its value. During a tapped call
 the child's ``forward`` is swapped for that graph (an instance attribute, removed in ``finally``),
-so functional-op names inside it (a residual ``add``) stay tappable. A child whose own code
-fails too is opened in turn; only what lies in untraceable code itself is left to hooks.
+so functional-op names inside it (a residual ``add``) stay tappable. Every call of the child
+runs a graph; ``_names.Replay`` names the values of its second call ``blk_1``, ``blk.add_1``, as
+a trace of the whole model would. A child whose own code fails too is opened in turn; only what
+lies in untraceable code itself is left to hooks.
 """
 
 from __future__ import annotations
@@ -330,7 +332,7 @@ class _Router:
 
 @contextmanager
 def serve(regions: list[Region], state: Any, *, detach: bool) -> Iterator[None]:
-    """Route each region's calls in this thread to its graph during the block (first call per region)."""
+    """Route each region's calls in this thread to its graph during the block (every call, named by _names.Replay)."""
     thread = threading.get_ident()
     routers: list[_Router] = []
     try:

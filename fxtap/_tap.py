@@ -13,7 +13,7 @@ from torch import fx, nn
 from . import _fx, _hooks, _names, _plan, _regions
 from ._errors import FallbackWarning, FxtapError, MissingCallError, TapNameError, TraceFailedError
 from ._model import training_mode, unwrap
-from ._values import detach_value
+from ._values import detach_value, holds_tensor
 
 if TYPE_CHECKING:
     from ._export import FeatureInfo
@@ -421,18 +421,6 @@ def _plain(params: list[inspect.Parameter]) -> bool:
     return all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
 
 
-def _holds_tensor(value: Any) -> bool:
-    found = False
-
-    def visit(v: Any) -> Any:
-        nonlocal found
-        found = found or isinstance(v, torch.Tensor)
-        return v
-
-    fx.node.map_aggregate(value, visit)
-    return found
-
-
 def _frozen(value: Any) -> Any:
     try:
         hash(value)
@@ -445,7 +433,7 @@ def _default_spec(model: nn.Module) -> tuple[tuple[str, Any], ...]:
     params = _parameters(model)
     if not _plain(params):
         return ()
-    return tuple((p.name, p.default) for p in params if p.default is not p.empty and not _holds_tensor(p.default))
+    return tuple((p.name, p.default) for p in params if p.default is not p.empty and not holds_tensor(p.default))
 
 
 def _default_concrete_args(model: nn.Module) -> dict[str, Any]:
@@ -460,7 +448,7 @@ def _call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     spec = []
     for p in params:
         value = bound.arguments.get(p.name, p.default)
-        if value is not p.empty and not _holds_tensor(value):
+        if value is not p.empty and not holds_tensor(value):
             spec.append((p.name, _frozen(value)))
     return tuple(spec)
 

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
-__all__ = ["copy_value", "detach_value", "map_tensors"]
+__all__ = ["copy_value", "detach_value", "holds_tensor", "map_tensors"]
 
 
 def copy_value(value: Any) -> Any:
@@ -44,3 +45,10 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
             out[key] = map_tensors(item, fn)
         return out
     return value
+
+
+def holds_tensor(value: Any) -> bool:
+    """Whether ``value`` is a tensor or a pytree container with a tensor inside (tuples, lists,
+    dicts, namedtuples and registered types such as ``ModelOutput``): such an argument is a graph
+    input, any other is fixed at its value."""
+    return any(isinstance(leaf, torch.Tensor) for leaf in pytree.tree_leaves(value))
