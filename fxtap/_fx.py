@@ -9,8 +9,11 @@ returns a ``GraphModule`` whose output is a dict.
 
 from __future__ import annotations
 
+import gc
 import math
 import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -23,7 +26,7 @@ from ._model import attribute_paths, preserved, stand_in
 from ._prune import plan
 from ._values import copy_value, detach_value
 
-__all__ = ["TapPoint", "Traced", "build", "trace"]
+__all__ = ["TapPoint", "Traced", "build", "gc_paused", "trace"]
 
 
 class TapPoint(NamedTuple):
@@ -149,6 +152,23 @@ class _TapTracer(fx.Tracer):
             self.points[name] = TapPoint(name, kind, nodes, module_type, scope, last)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a graph is traced or built.
+
+    Both allocate a few objects per node, and every full collection they trigger scans all live
+    objects, the model's and the graph's: on a 2,000-block model that doubled the build time
+    (the build grew faster than the model). The collector runs again afterwards as usual.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concrete_args: dict[str, Any] | None = None) -> Traced:
     """Trace ``model`` and name every node.
 
@@ -159,7 +179,7 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
     root = stand_in(model)
     tracer = _TapTracer(root, leaves)
     try:
-        with preserved(model):
+        with preserved(model), gc_paused():
             graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as error:
         path, kind = tracer.failure or ("", type(model).__name__)
@@ -179,6 +199,13 @@ def build(
     Every name in ``request`` must be in ``traced.points``. Calls of the leaf modules in
     ``run_modules`` are kept too: hooks inside them capture other requested values.
     """
+    with gc_paused():
+        return _build(traced, request, keep_output=keep_output, detach=detach, run_modules=run_modules)
+
+
+def _build(
+    traced: Traced, request: dict[str, str], *, keep_output: bool, detach: bool, run_modules: frozenset[str]
+) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     old_output = graph.graph_copy(traced.graph, env)

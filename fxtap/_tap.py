@@ -212,7 +212,8 @@ class Tapped(nn.Module):
         key = (self.model.training, spec)
         runner = self._runners.get(key)
         if runner is None:
-            runner = self._build(dict(spec), stacklevel=stacklevel + 1)
+            with _fx.gc_paused():  # building allocates a few objects per node: see gc_paused
+                runner = self._build(dict(spec), stacklevel=stacklevel + 1)
             self._runners[key] = runner
         return runner
 
