@@ -157,6 +157,9 @@ class Region:
     failed: str = ""  # why the last call could not use a graph
     _graphs: dict[Hashable, _Graph | None] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.reserved = self.paths[0] | self.paths[1]  # names a later module call's suffix skips
+
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], _Graph] | None:
         """The module's output, the graph's values by local name, and the graph; ``None`` when
         no graph fits this call."""
@@ -370,7 +373,7 @@ def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         nonlocal replay, count
-        own = _names.module_call_name(region.path, count, region.paths[0] | region.paths[1])
+        own = _names.module_call_name(region.path, count, region.reserved)
         count += 1
         state.served[region.path] = count
         current = replay
