@@ -38,11 +38,18 @@ def module_paths(root: nn.Module) -> dict[nn.Module, str]:
     return {module: path for path, module in root.named_modules() if path}
 
 
-def hook_targets(root: nn.Module, names: list[str]) -> tuple[dict[str, HookTarget], list[str]]:
-    """Split ``names`` into module calls (hookable) and the rest."""
-    modules, others = attribute_paths(root)
-    reserved = frozenset(modules) | frozenset(others)
-    module_set = frozenset(modules)
+def hook_targets(
+    root: nn.Module, names: list[str], paths: tuple[frozenset[str], frozenset[str]] | None = None
+) -> tuple[dict[str, HookTarget], list[str]]:
+    """Split ``names`` into module calls (hookable) and the rest.
+
+    ``paths``: ``root``'s module paths and other attribute paths, when the caller has them.
+    """
+    if paths is None:
+        modules, others = attribute_paths(root)
+        paths = (frozenset(modules), frozenset(others))
+    module_set = paths[0]
+    reserved = paths[0] | paths[1]
     targets: dict[str, HookTarget] = {}
     rest: list[str] = []
     for name in names:

@@ -19,12 +19,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def stand_in(module: nn.Module) -> nn.Module:
-    """A shallow twin of ``module``: same class, same submodules, parameters and buffers (the same
-    dict objects), but its own attribute dict. torch.fx stores constants it meets while tracing
-    as new attributes of the traced root (``_tensor_constant0``); they land on the twin, never on
-    the user's model."""
-    twin = object.__new__(type(module))
+def stand_in(module: nn.Module, cls: type[nn.Module] | None = None) -> nn.Module:
+    """A shallow twin of ``module``: same class (or the subclass ``cls``), same submodules,
+    parameters and buffers (the same dict objects), but its own attribute dict. torch.fx stores
+    constants it meets while tracing as new attributes of the traced root (``_tensor_constant0``);
+    they land on the twin, never on the user's model."""
+    twin = object.__new__(cls or type(module))
     twin.__dict__.update(module.__dict__)
     twin.__dict__.pop("forward", None)  # an instance-level forward is not the class's code
     return twin

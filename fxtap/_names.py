@@ -41,8 +41,8 @@ _INPLACE_OPERATORS = frozenset(
 
 
 def join(scope: str, leaf: str) -> str:
-    """``scope.leaf``, or ``leaf`` at the root."""
-    return f"{scope}.{leaf}" if scope else leaf
+    """``scope.leaf``; ``leaf`` at the root, ``scope`` for an empty leaf (the scope itself)."""
+    return f"{scope}.{leaf}" if scope and leaf else scope or leaf
 
 
 class Namer:

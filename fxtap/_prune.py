@@ -225,7 +225,7 @@ def _opaque(module: nn.Module) -> bool:
 def _may_draw_random(module: nn.Module) -> bool:
     """Whether calling ``module`` may draw from the RNG: code outside ``torch.nn`` (an opaque
     leaf) may call anything; ``torch.nn`` modules draw only in training, through dropout."""
-    if not type(module).__module__.startswith(("torch.nn", "torch.ao.nn")):
+    if _opaque(module):
         return True
     if not module.training:
         return False

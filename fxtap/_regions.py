@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from . import _fx, _hooks, _names, _plan
-from ._model import attribute_paths
+from ._model import attribute_paths, stand_in
 from ._values import copy_value, detach_value
 
 __all__ = ["Region", "Resolution", "resolve", "serve"]
@@ -131,10 +131,7 @@ def _shim(module: nn.Module, template: _Template, spec: list[Any]) -> nn.Module:
     namespace: dict[str, Any] = {"_call": call}
     exec(f"def forward(self, {', '.join(names)}):\n    return _call(self, {packed})\n", namespace)
     cls: Any = type(type(module).__name__, (type(module),), {"forward": namespace["forward"], "__module__": type(module).__module__})
-    shim: nn.Module = object.__new__(cls)
-    shim.__dict__.update(module.__dict__)
-    shim.__dict__.pop("forward", None)
-    return shim
+    return stand_in(module, cls)
 
 
 @dataclass
@@ -190,7 +187,7 @@ class Region:
             return None
         keys = {local: f"v{i}" for i, local in enumerate(inner)}  # a local name may be "output"
         graph = _fx.build(analysis.traced, keys, keep_output=True, detach=False, run_modules=self.keep)
-        inlined = {_join(self.path, p): n for p, n in analysis.traced.inlined.items()}
+        inlined = {_names.join(self.path, p): n for p, n in analysis.traced.inlined.items()}
         return _Graph(graph, keys, inlined, analysis.traced.naming, spec[0] if spec else None)
 
 
@@ -222,14 +219,10 @@ def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *,
     modules, others = attribute_paths(model)
     paths = (frozenset(modules), frozenset(others))
     leftover = _resolve_in(model, "", names, result, everything, paths)
-    targets, unknown = _hooks.hook_targets(model, leftover)
+    targets, unknown = _hooks.hook_targets(model, leftover, paths)
     result.hooks.update(targets)
     result.unknown = unknown
     return result
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 _MAX_CALLS = 4096  # a later-call name is looked for among this many calls of a module at most
@@ -248,8 +241,9 @@ def _resolve_in(
     leftover = list(names)
     root = result.root if result.root is not None else module
     for child_name, child in module.named_children():
-        path = _join(prefix, child_name)
-        calls = _hooks.hook_targets(root, [n for n in leftover if n.startswith(path + "_")])[0]  # path_1: a later call
+        path = _names.join(prefix, child_name)
+        later = [n for n in leftover if n.startswith(path + "_")]  # path_1: a later call of the child
+        calls = _hooks.hook_targets(root, later, paths)[0] if later else {}
         inside = [n for n in leftover if n.startswith(path + ".") or n == path or (n in calls and calls[n].path == path)]
         if (not inside and not everything) or _fx.is_standard_leaf(child):
             continue
@@ -264,7 +258,7 @@ def _resolve_in(
             leftover += inside
             continue
         for sub, (kind, reason) in analysis.fallbacks.items():
-            result.fallbacks[_join(path, sub)] = (type(child).__name__ if not sub else kind, reason)
+            result.fallbacks[_names.join(path, sub)] = (type(child).__name__ if not sub else kind, reason)
         if analysis.traced is None:
             leftover += _resolve_in(child, path, inside, result, everything, paths)
             continue
@@ -274,7 +268,7 @@ def _resolve_in(
         if wanted:
             keep = frozenset(analysis.hookable_under()) - {""}
             hookable = {
-                n: t for n, t in _hooks.hook_targets(root, list(wanted))[0].items() if t.path != path
+                n: t for n, t in _hooks.hook_targets(root, list(wanted), paths)[0].items() if t.path != path
             }  # the module's own calls come from the graph's output
             opaque = {sub: why for sub, why in analysis.fallbacks.items() if sub}
             result.regions.append(Region(path, child, wanted, paths, keep, root=root, opaque=opaque, hookable=hookable))
