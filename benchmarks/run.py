@@ -46,16 +46,18 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-FAULTS: dict[str, float] = {}  # contender -> median page faults per call, of the last interleaved()
-
-
 def interleaved(contenders: dict[str, Callable[[], Any]], rounds: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each contender, timed round by round in turn.
+    """Median seconds per call of each contender (see ``measure``)."""
+    return measure(contenders, rounds, device)[0]
+
+
+def measure(contenders: dict[str, Callable[[], Any]], rounds: int, device: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds and median page faults per call of each contender, timed round by round in turn.
 
     The order rotates every round: a call pays for the allocator state the previous call left
-    (glibc returns freed memory to the system and faults it in again; on ViT-B that is 10^5 page
+    (glibc returns freed memory to the system and faults it in again; on ViT-B up to 10^5 page
     faults per call, and how many depends on which contender ran just before), so each contender
-    runs after each other one equally often. Page faults per call go to ``FAULTS``.
+    runs after each other one equally often.
     """
     for fn in contenders.values():  # warm-up: first-call costs, caches, lazy graphs
         fn()
@@ -72,9 +74,8 @@ def interleaved(contenders: dict[str, Callable[[], Any]], rounds: int, device: s
             sync(device)
             times[name].append(time.perf_counter() - start)
             faults[name].append(minor_faults() - before)
-    FAULTS.clear()
-    FAULTS.update({name: statistics.median(values) for name, values in faults.items()})
-    return {name: statistics.median(values) for name, values in times.items()}
+    median = statistics.median
+    return {name: median(values) for name, values in times.items()}, {name: median(values) for name, values in faults.items()}
 
 
 def hook_recipe(model: nn.Module, names: list[str]) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
@@ -139,10 +140,10 @@ def case_stages(arch: str, batch: int, rounds: int, device: str) -> list[Row]:
     recipe_model.load_state_dict(model.state_dict())
     contenders = {"plain forward": contenders["plain forward"], "hook recipe": lambda r=hook_recipe(recipe_model, names): r(x), **contenders}
     with torch.inference_mode():
-        med = interleaved(contenders, rounds, device)
+        med, faults = measure(contenders, rounds, device)
     base = med["plain forward"]
     return [
-        [f"1. {arch} 4 stages", name, f"{t * 1000:.1f}", f"{t / base:.3f}", "<= 1.02" if name == "fxtap fx" else "", f"{FAULTS[name]:.0f}"]
+        [f"1. {arch} 4 stages", name, f"{t * 1000:.1f}", f"{t / base:.3f}", "<= 1.02" if name == "fxtap fx" else "", f"{faults[name]:.0f}"]
         for name, t in med.items()
     ]
 
@@ -162,11 +163,11 @@ def case_early(arch: str, batch: int, rounds: int, device: str) -> list[Row]:
         "fxtap hooks": lambda t=tap(model, [name], "hooks"): t(x),
     }
     with torch.inference_mode():
-        med = interleaved(contenders, rounds, device)
+        med, faults = measure(contenders, rounds, device)
     base = med["hand-truncated"]
     target = {"fxtap fx": "<= 1.05", "fxtap hooks": "<= 1.10"}
     return [
-        [f"2. {arch} early tap ({name})", n, f"{t * 1000:.1f}", f"{t / base:.3f}", target.get(n, ""), f"{FAULTS[n]:.0f}"]
+        [f"2. {arch} early tap ({name})", n, f"{t * 1000:.1f}", f"{t / base:.3f}", target.get(n, ""), f"{faults[n]:.0f}"]
         for n, t in med.items()
     ]
 
