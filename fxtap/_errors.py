@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FallbackWarning", "FxtapError", "MissingCallError", "TapNameError", "TraceFailedError"]
+__all__ = ["FallbackWarning", "FxtapError", "MissingCallError", "TapNameError", "TraceFailedError", "summary"]
 
 
 class FxtapError(Exception):
@@ -46,3 +46,9 @@ class FallbackWarning(UserWarning):
 
 for _cls in (FxtapError, TapNameError, TraceFailedError, MissingCallError, FallbackWarning):
     _cls.__module__ = "fxtap"
+
+
+def summary(error: BaseException) -> str:
+    """``"TypeError: <first line of the message>"``: an error quoted inside another message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"

@@ -18,7 +18,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import fx, nn
 
-from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
+from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError, summary
 from ._model import training_mode
 from ._tap import Mode, Tapped, tap
 from ._tap import names as fxtap_names
@@ -154,7 +154,7 @@ def export(
         except Exception as error:  # each exporter fails with its own exception types
             hint = " If the model fixes its batch size, pass dynamic_batch=False." if dynamic_batch and fmt != "torchscript" else ""
             raise FxtapError(
-                f"{fmt} export of the taps of {type(model).__name__} failed: {type(error).__name__}: {_first_line(error)}{hint}"
+                f"{fmt} export of the taps of {type(model).__name__} failed: {summary(error)}{hint}"
             ) from error
         _verify(fmt, graph, path, args, dynamic_batch, atol=atol, rtol=rtol)
     except FxtapError:
@@ -195,11 +195,6 @@ def _remove_written(path: Path, before: list[tuple[int, int, int] | None]) -> No
     for file, stamp, old in zip(_files(path), _stamps(path), before):
         if stamp is not None and stamp != old:
             file.unlink()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _fx_graph(model: nn.Module, names: Mapping[str, str] | Sequence[str]) -> fx.GraphModule:
@@ -408,7 +403,7 @@ def _verify(fmt: str, graph: fx.GraphModule, path: Path, args: tuple[Any, ...], 
                 actual = run(inputs)
             except Exception as error:  # any runtime's failure is a failed check
                 raise FxtapError(
-                    f"the {fmt} file {path.name!r} fails on inputs of shape {_shapes(inputs)}: {type(error).__name__}: {_first_line(error)}"
+                    f"the {fmt} file {path.name!r} fails on inputs of shape {_shapes(inputs)}: {summary(error)}"
                 ) from error
         _compare(fmt, path, expected, actual, inputs, atol=atol, rtol=rtol)
 

@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.fx.node import Argument
 
 from . import _names
-from ._errors import TraceFailedError
+from ._errors import TraceFailedError, summary
 from ._model import attribute_paths, preserved, stand_in
 from ._prune import plan
 from ._values import copy_value, detach_value
@@ -183,7 +183,7 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
             graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as error:
         path, kind = tracer.failure or ("", type(model).__name__)
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        reason = summary(error)
         where = f"submodule {path!r} ({kind})" if path else f"the forward of {kind} itself"
         raise TraceFailedError(
             f"torch.fx cannot trace {where}: {reason}", module=path, module_type=kind, reason=reason
