@@ -23,7 +23,7 @@ from torch.fx.node import Argument
 from . import _names
 from ._errors import TraceFailedError, summary
 from ._model import attribute_paths, preserved, stand_in
-from ._prune import plan
+from ._prune import from_torch_nn, plan
 from ._values import copy_value, detach_value
 
 __all__ = ["TapPoint", "Traced", "build", "gc_paused", "trace"]
@@ -75,9 +75,7 @@ for _op in "iadd iand ifloordiv ilshift imod imul imatmul ior ipow irshift isub 
 
 def is_standard_leaf(module: nn.Module) -> bool:
     """torch.fx's own leaf rule: modules from ``torch.nn`` itself, except the containers."""
-    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn")) and not isinstance(
-        module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-    )
+    return from_torch_nn(module) and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
 
 class _TapTracer(fx.Tracer):

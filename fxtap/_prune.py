@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx, nn
 
-__all__ = ["Plan", "plan"]
+__all__ = ["Plan", "from_torch_nn", "plan"]
 
 _VIEW_LIKE = frozenset(
     """
@@ -217,9 +217,14 @@ def _opaque_function(target: Any) -> bool:
     return hasattr(target, "__code__") and package not in _KNOWN_FUNCTION_PACKAGES
 
 
+def from_torch_nn(module: nn.Module) -> bool:
+    """Whether ``module``'s class is ``torch.nn``'s own (code fxtap knows), not user code."""
+    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
+
+
 def _opaque(module: nn.Module) -> bool:
     """A leaf whose code fxtap cannot see: assume it may return or write into its inputs."""
-    return not type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
+    return not from_torch_nn(module)
 
 
 def _may_draw_random(module: nn.Module) -> bool:
