@@ -11,7 +11,8 @@ paths run the same kernels in the same order as the eager model. Gradients (prop
 compared within ``rtol=1e-5, atol=1e-5 * (1 + max |gradient|)``: where two requested names are
 one tensor, autograd sums their contributions in another order on each path. Dropout in train mode draws
 the same masks on every path because the global RNG is seeded with ``SEED`` before each run:
-FX prunes random ops only when no later kept random op depends on the RNG state they leave.
+FX prunes random ops only when no later kept random op (an opaque leaf counts as one) depends on
+the RNG state they leave.
 
 Profiles (tests/conftest.py): ``ci`` (200 examples per property, the default) and
 ``thorough`` (5,000): ``HYPOTHESIS_PROFILE=thorough python -m pytest tests/test_properties.py``.
