@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     scale_rows, scale = case_scale(depths, rounds)
     rows += scale_rows
     rows += case_memory("resnet50", batch, args.device)
-    from fxtap._table import table
+    from fxtap._text import table
 
     headers = ["case", "contender", "median", "ratio", "target", "page faults/call"]
     print(table(headers, rows))

@@ -19,11 +19,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT / "tests" / "models"), str(ROOT / "tests"), str(ROOT)]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-import matrix
+from support import matrix
 import torch
-from registry import CASES, Case
+from support.registry import CASES, Case
 
 OUT = ROOT / "docs" / "models.md"
 

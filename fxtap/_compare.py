@@ -28,9 +28,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from . import _hooks, _names, _plan
+from ._capture import analysis as _plan
+from ._capture import hooks as _hooks
+from ._capture import names as _names
+from ._capture.model import unwrap
 from ._errors import FallbackWarning, MissingCallError
-from ._model import unwrap
 from ._tap import Tapped, tap
 from ._values import copy_value, detach_value, holds_tensor
 
@@ -73,7 +75,7 @@ class Comparison:
         raise KeyError(name)
 
     def __str__(self) -> str:
-        from ._table import table
+        from ._text import table
 
         rows = [
             [r.name, _shape_text(r.shape), r.dtype, _paths_text(r), _diff_text(r.fx_vs_hooks), _diff_text(r.vs_truth), "ok" if r.ok else "MISMATCH"]

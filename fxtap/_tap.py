@@ -2,26 +2,54 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import fx, nn
 
-from . import _fx, _hooks, _names, _plan, _regions
-from ._errors import FallbackWarning, FxtapError, MissingCallError, TapNameError, TraceFailedError
-from ._model import training_mode, unwrap
-from ._values import detach_value, holds_tensor
+from ._capture import analysis as _analysis
+from ._capture import call_spec as _call
+from ._capture import describe
+from ._capture import fx as _fx
+from ._capture import names as _names
+from ._capture import placement as _plan
+from ._capture import regions as _regions
+from ._capture.model import unwrap
+from ._capture.runner import Runner as _Runner
+from ._errors import (
+    FallbackWarning,
+    FxtapError,
+    TapNameError,
+    TraceFailedError,
+)
 
-if TYPE_CHECKING:
-    from ._export import FeatureInfo
-
-__all__ = ["Mode", "Tapped", "names", "tap"]
+__all__ = ["FeatureInfo", "Mode", "Tapped", "names", "tap"]
 
 Mode = Literal["auto", "fx", "hooks"]
 _MODES = ("auto", "fx", "hooks")
+
+
+class FeatureInfo(NamedTuple):
+    """One output of a ``backbone``: where it comes from and what it looks like.
+
+    Attributes:
+        key: its key in the output dict.
+        name: the tap name it was requested by.
+        channels: the size of its channel dimension (dim 1 of ``(N, C, H, W)``, the last dim of
+            ``(N, H, W, C)`` and of tokens ``(N, L, C)``).
+        reduction: input size / feature size along the spatial dims (timm's "reduction"); for
+            tokens, the patch size whose grid (plus up to 8 extra tokens) gives their number;
+            ``None`` when the value has no spatial dims or they do not divide the input's.
+        shape: its shape for the example input.
+    """
+
+    key: str
+    name: str
+    channels: int
+    reduction: int | None
+    shape: tuple[int, ...]
 
 
 def tap(
@@ -80,15 +108,7 @@ def names(model: nn.Module, *, train: bool = False, mode: Mode = "auto") -> list
         >>> fxtap.names(torchvision.models.resnet18())[:6]
         ['x', 'conv1', 'bn1', 'relu', 'maxpool', 'layer1.0.conv1']
     """
-    model = unwrap(model)
-    with training_mode(model, train), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)
-        analysis = _plan.analyse(model, mode=mode, concrete_args=_default_concrete_args(model))
-        if analysis.traced is not None or mode != "auto":
-            return analysis.names()
-        local = _regions.resolve(model, [], analysis.fallbacks[""], everything=True).available
-        known = set(local)
-        return local + [path for path in analysis.names() if path not in known]
+    return [info.name for info in describe(model, train=train, mode=mode)]
 
 
 class Tapped(nn.Module):
@@ -115,10 +135,10 @@ class Tapped(nn.Module):
         self._keep_output = keep_output
         self._warned: set[str] = set()
         self._runners: dict[Hashable, _Runner] = {}
-        self._default_spec = _default_spec(model)
-        params = _parameters(model)
+        self._default_spec = _call.default_spec(model)
+        params = _call.parameters(model)
         # how many tensors a call passes positionally when it leaves every default alone (-1: unknown)
-        self._required = sum(1 for p in params if p.default is p.empty and p.kind != p.KEYWORD_ONLY) if _plain(params) else -1
+        self._required = sum(1 for p in params if p.default is p.empty and p.kind != p.KEYWORD_ONLY) if _call.plain(params) else -1
         self._spec = self._checked_spec(stacklevel=6)  # checks the names now, not at first call
         self._last_spec = self._spec  # what mode, paths and report() describe
 
@@ -142,7 +162,7 @@ class Tapped(nn.Module):
     def report(self) -> str:
         """A table: one row per requested name with its key, path, module type and fallback reason
         (for the same call as ``mode``)."""
-        from ._table import table
+        from ._text import table
 
         assignment = self._runner(self._last_spec, stacklevel=4).assignment
         rows = [
@@ -158,7 +178,7 @@ class Tapped(nn.Module):
         if self._plain_call(args, kwargs):
             spec = self._spec  # the common call, tensors for the required arguments: no signature binding
         else:
-            spec = _call_spec(self.model, args, kwargs)
+            spec = _call.call_spec(self.model, args, kwargs)
         runner = self._runner(spec, stacklevel=6)
         self._last_spec = spec
         return runner.run(self.model, args, kwargs)
@@ -239,14 +259,14 @@ class Tapped(nn.Module):
                 pass
             else:
                 return given
-            analysis = _plan.analyse(self.model, mode=self._mode_arg, concrete_args=dict(self._default_spec))
-            if not _depends_on_arguments(analysis):
+            analysis = _analysis.analyse(self.model, mode=self._mode_arg, concrete_args=dict(self._default_spec))
+            if not _call.depends_on_arguments(analysis):
                 raise
             self._warn_fallbacks(analysis, _plan.Assignment({}, {}, {}, {}, {}), stacklevel - 1)  # now, not at the call
             return self._default_spec
 
     def _build(self, concrete_args: dict[str, Any], *, stacklevel: int) -> _Runner:
-        analysis = _plan.analyse(self.model, mode=self._mode_arg, concrete_args=concrete_args)
+        analysis = _analysis.analyse(self.model, mode=self._mode_arg, concrete_args=concrete_args)
         if analysis.traced is None and self._mode_arg == "auto":
             return self._build_eager(analysis, stacklevel=stacklevel + 1)
         note = "" if self._mode_arg != "hooks" else ' (mode="hooks")'
@@ -266,7 +286,7 @@ class Tapped(nn.Module):
             )
         return _Runner(graph, assignment, self._request, keep_output=self._keep_output, detach=self._detach)
 
-    def _build_eager(self, analysis: _plan.Analysis, *, stacklevel: int) -> _Runner:
+    def _build_eager(self, analysis: _analysis.Analysis, *, stacklevel: int) -> _Runner:
         """The root runs eagerly; traceable children holding requested names are traced on their own."""
         found = _regions.resolve(self.model, list(self._request), analysis.fallbacks[""])
         if found.unknown:
@@ -281,7 +301,7 @@ class Tapped(nn.Module):
             types[name] = type(self.model.get_submodule(target.path)).__name__
         fx_keys = {name: self._request[name] for name in found.fx}
         assignment = _plan.Assignment(fx_keys, found.hooks, reasons, types, {})
-        self._warn_fallbacks(_plan.Analysis(self.model, None, found.fallbacks), assignment, stacklevel)
+        self._warn_fallbacks(_analysis.Analysis(self.model, None, found.fallbacks), assignment, stacklevel)
         return _Runner(None, assignment, self._request, keep_output=self._keep_output, detach=self._detach, regions=found.regions)
 
     def _warn_eager(self, fallbacks: dict[str, tuple[str, str]], assignment: _plan.Assignment, stacklevel: int) -> None:
@@ -313,7 +333,7 @@ class Tapped(nn.Module):
         mode, call = ("train", ".train()") if not training else ("eval", ".eval()")
         return f"\n  {', '.join(map(repr, found))} exist(s) in {mode} mode only: call {call} on the model or the Tapped first."
 
-    def _warn_fallbacks(self, analysis: _plan.Analysis, assignment: _plan.Assignment, stacklevel: int) -> None:
+    def _warn_fallbacks(self, analysis: _analysis.Analysis, assignment: _plan.Assignment, stacklevel: int) -> None:
         if self._mode_arg != "auto":
             return
         if "" in analysis.fallbacks:
@@ -335,129 +355,3 @@ class Tapped(nn.Module):
                 FallbackWarning,
                 stacklevel=stacklevel,
             )
-
-
-class _Runner:
-    """One way to compute the requested values: a graph, hooks, or both (hooks inside the graph's
-    leaves, or graphs of traceable submodules inside an eagerly running model)."""
-
-    def __init__(
-        self,
-        graph: fx.GraphModule | None,
-        assignment: _plan.Assignment,
-        request: dict[str, str],
-        *,
-        keep_output: bool,
-        detach: bool,
-        regions: list[_regions.Region] | None = None,
-    ) -> None:
-        self.graph = graph
-        self.assignment = assignment
-        self.regions = regions or []
-        self._request = request
-        self._keep_output = keep_output
-        self._detach = detach
-
-    def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        targets = self.assignment.hooks
-        if self.graph is not None and not targets:
-            return dict(self.graph(*_graph_args(model, args, kwargs)))  # the graph returns keys in order
-        stop_early = self.graph is None and not self._keep_output
-        in_regions = 0 if self.graph is not None else len(self.assignment.fx)
-        from_graph: dict[str, Any] = {}
-        with _hooks.capture(model, targets, stop_when_done=stop_early, extra=in_regions) as captured:
-            with _regions.serve(self.regions, captured, detach=self._detach):
-                if self.graph is not None:
-                    from_graph = self.graph(*_graph_args(model, args, kwargs))
-                else:
-                    from_graph = {"output": model(*args, **kwargs)}
-        expected = set(targets) if self.graph is not None else set(targets) | set(self.assignment.fx)
-        if not expected <= set(captured.values):
-            raise MissingCallError(self._missing_message(model, captured))
-        hooked = {name: detach_value(captured.values[name]) if self._detach else captured.values[name] for name in targets}
-        out = {
-            key: hooked[name] if name in targets else (from_graph[key] if self.graph is not None else captured.values[name])
-            for name, key in self._request.items()
-        }
-        if self._keep_output:
-            out["output"] = from_graph["output"]
-        return out
-
-    def _missing_message(self, model: nn.Module, captured: Any) -> str:
-        more = [
-            f"{name!r} (from {region.path!r}, which ran {captured.served.get(region.path, 0)} time(s))"
-            for region in self.regions
-            for name in region.wanted
-            if name not in captured.values
-        ]
-        message = _hooks.missing_calls_message(
-            {n: t for n, t in self.assignment.hooks.items() if n not in captured.values}, captured, type(model).__name__, more
-        )
-        failed = [r.failed for r in self.regions if r.failed and any(g not in captured.values for g in r.wanted)]
-        return message + "".join(f"\n  {reason}" for reason in failed)
-
-
-# -- calls are specialised on their non-tensor arguments --------------------------------------------
-def _depends_on_arguments(analysis: _plan.Analysis) -> bool:
-    """Whether tracing with the non-tensor arguments as graph inputs fails where tracing with
-    them fixed at their defaults works: then their values decide what the graph holds."""
-    if analysis.traced is None:
-        return False
-    leaves = frozenset(analysis.model.get_submodule(path) for path in analysis.fallbacks if path)
-    try:
-        _fx.trace(analysis.model, leaves=leaves, concrete_args=None)
-    except TraceFailedError:
-        return True
-    return False
-
-
-def _parameters(model: nn.Module) -> list[inspect.Parameter]:
-    try:
-        return list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return []
-
-
-def _plain(params: list[inspect.Parameter]) -> bool:
-    return all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
-
-
-def _frozen(value: Any) -> Any:
-    try:
-        hash(value)
-        return value
-    except TypeError:
-        return repr(value)
-
-
-def _default_spec(model: nn.Module) -> tuple[tuple[str, Any], ...]:
-    params = _parameters(model)
-    if not _plain(params):
-        return ()
-    return tuple((p.name, p.default) for p in params if p.default is not p.empty and not holds_tensor(p.default))
-
-
-def _default_concrete_args(model: nn.Module) -> dict[str, Any]:
-    return dict(_default_spec(model))
-
-
-def _call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    params = _parameters(model)
-    if not _plain(params):
-        return ()
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    spec = []
-    for p in params:
-        value = bound.arguments.get(p.name, p.default)
-        if value is not p.empty and not holds_tensor(value):
-            spec.append((p.name, _frozen(value)))
-    return tuple(spec)
-
-
-def _graph_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """The call's arguments, positionally in signature order (FX may rename specialised placeholders)."""
-    params = _parameters(model)
-    if not _plain(params) or not kwargs:
-        return args
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return tuple(bound.arguments.get(p.name, p.default) for p in params)

@@ -10,7 +10,7 @@ import warnings
 import torch
 import torch.fx
 from torch import nn
-from truth import hook_truth
+from support.truth import hook_truth
 
 import fxtap
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import matrix
+from support import matrix
 import pytest
-from registry import CASES, Case
+from support.registry import CASES, Case
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,101 @@
+"""The capture engine: tracing, placing each tap name on the graph or on a hook, and running it.
+
+It imports nothing above it (``fxtap._tap``, ``_compare``, ``_deploy`` and the CLI use it), only
+``fxtap._errors`` and ``fxtap._values``. Its contract, for every caller outside it:
+
+- ``describe(model, train=..., mode=...)``: every tap name with its kind, module type and path;
+- ``locate(model, name)``: the trace whose graph holds the node of ``name``;
+- ``analyse`` / ``assign`` / ``Runner``: the steps ``fxtap.tap`` builds a call from (see
+  docs/architecture.md for how a call flows).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from .._errors import FallbackWarning
+from . import regions as _regions
+from .analysis import Analysis, analyse
+from .call_spec import default_concrete_args
+from .fx import Traced
+from .hooks import HookTarget, hook_targets
+from .model import training_mode, unwrap
+
+__all__ = ["Analysis", "HookTarget", "Located", "NameInfo", "analyse", "describe", "locate"]
+
+
+class NameInfo(NamedTuple):
+    """One tap name of a model, as ``describe`` lists it."""
+
+    name: str
+    kind: str  # "module", "op", "input" or "attribute"
+    module_type: str  # the module's class for "module", else the class whose forward ran the op ("" when unknown)
+    path: str  # "fx" (a graph computes it) or "hook" (a forward hook captures it)
+
+
+class Located(NamedTuple):
+    """The trace whose graph holds a name's node."""
+
+    traced: Traced
+    path: str  # the traced module's path ("" = the model itself)
+    module: nn.Module
+
+
+def describe(model: nn.Module, *, train: bool = False, mode: str = "auto") -> list[NameInfo]:
+    """Every tap name of ``model`` in train or eval mode, in graph order (FX names first, then
+    the names only hooks reach), with the non-tensor arguments at their defaults."""
+    model = unwrap(model)
+    with training_mode(model, train), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)  # the caller decides what to say
+        analysis = analyse(model, mode=mode, concrete_args=default_concrete_args(model))
+        if analysis.traced is not None or mode != "auto":
+            graph_names: dict[str, tuple[str, str]] = (
+                {n: (p.kind, p.module_type) for n, p in analysis.traced.points.items()} if analysis.traced is not None else {}
+            )
+            ordered = analysis.names()
+        else:
+            found = _regions.resolve(model, [], analysis.fallbacks[""], everything=True)
+            graph_names = {n: ("", "") for n in found.available}  # kinds and types below, as hooks see them
+            known = set(found.available)
+            ordered = found.available + [path for path in analysis.names() if path not in known]
+    targets, _ = hook_targets(model, [n for n in ordered if n not in graph_names])
+    infos = []
+    for name in ordered:
+        if name in graph_names:
+            kind, module_type = graph_names[name]
+            if not kind:
+                kind, module_type = _kind_of(model, name)
+            infos.append(NameInfo(name, kind, module_type, "fx"))
+        else:
+            target = targets.get(name)
+            module_type = type(model.get_submodule(target.path)).__name__ if target is not None else ""
+            infos.append(NameInfo(name, "module", module_type, "hook"))
+    return infos
+
+
+def _kind_of(model: nn.Module, name: str) -> tuple[str, str]:
+    """Kind and module type of a name that a child's own trace found: a module call, or an op."""
+    target = hook_targets(model, [name])[0].get(name)
+    return ("module", type(model.get_submodule(target.path)).__name__) if target is not None else ("op", "")
+
+
+def locate(model: nn.Module, name: str, *, concrete_args: dict[str, Any] | None = None) -> Located | None:
+    """fxtap's trace whose graph holds the node of ``name`` (the model's own, or that of a child
+    traced on its own under an eagerly running root); ``None`` when no graph holds it."""
+    model = unwrap(model)
+    args = default_concrete_args(model) if concrete_args is None else concrete_args
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        analysis = analyse(model, mode="auto", concrete_args=args)
+        if analysis.traced is not None:
+            return Located(analysis.traced, "", model) if name in analysis.traced.points else None
+        found = _regions.resolve(model, [name], analysis.fallbacks[""])
+        for region in found.regions:
+            if name in region.wanted:
+                local = _regions.trace_alone(region.module)
+                if local is not None:
+                    return Located(local, region.path, region.module)
+    return None

@@ -1,0 +1,80 @@
+"""Specialising a call on its non-tensor arguments: the spec a graph is built for."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from .._errors import TraceFailedError
+from .._values import holds_tensor
+from . import analysis as _plan
+from . import fx as _fx
+
+__all__ = ["call_spec", "default_concrete_args", "default_spec", "depends_on_arguments", "graph_args", "parameters", "plain"]
+
+
+def depends_on_arguments(analysis: _plan.Analysis) -> bool:
+    """Whether tracing with the non-tensor arguments as graph inputs fails where tracing with
+    them fixed at their defaults works: then their values decide what the graph holds."""
+    if analysis.traced is None:
+        return False
+    leaves = frozenset(analysis.model.get_submodule(path) for path in analysis.fallbacks if path)
+    try:
+        _fx.trace(analysis.model, leaves=leaves, concrete_args=None)
+    except TraceFailedError:
+        return True
+    return False
+
+
+def parameters(model: nn.Module) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
+def plain(params: list[inspect.Parameter]) -> bool:
+    return all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
+
+
+def _frozen(value: Any) -> Any:
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def default_spec(model: nn.Module) -> tuple[tuple[str, Any], ...]:
+    params = parameters(model)
+    if not plain(params):
+        return ()
+    return tuple((p.name, p.default) for p in params if p.default is not p.empty and not holds_tensor(p.default))
+
+
+def default_concrete_args(model: nn.Module) -> dict[str, Any]:
+    return dict(default_spec(model))
+
+
+def call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    params = parameters(model)
+    if not plain(params):
+        return ()
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    spec = []
+    for p in params:
+        value = bound.arguments.get(p.name, p.default)
+        if value is not p.empty and not holds_tensor(value):
+            spec.append((p.name, _frozen(value)))
+    return tuple(spec)
+
+
+def graph_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The call's arguments, positionally in signature order (FX may rename specialised placeholders)."""
+    params = parameters(model)
+    if not plain(params) or not kwargs:
+        return args
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return tuple(bound.arguments.get(p.name, p.default) for p in params)

@@ -1,0 +1,158 @@
+"""The hook path: capture module outputs with forward hooks that live for one call only.
+
+Module call names come from ``_names.module_call_name``, the same function the FX tracer uses,
+so both paths name the ``k``-th call of a module alike. Captured values are copied (tensors
+cloned, containers rebuilt): a hook cannot know whether a later in-place op will overwrite them.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .._values import copy_value
+from . import names as _names
+from .model import attribute_paths
+
+__all__ = ["HookTarget", "capture", "hook_targets", "module_paths", "nearest_module"]
+
+_SUFFIX = re.compile(r"^(.+)_([0-9]+)$")
+
+
+class HookTarget(NamedTuple):
+    """A requested name as a module call: the module's path and the 0-based call index."""
+
+    name: str
+    path: str
+    call_index: int
+
+
+def module_paths(root: nn.Module) -> dict[nn.Module, str]:
+    """Each module object of ``root`` with its first path, as torch.fx's ``path_of_module`` gives it."""
+    return {module: path for path, module in root.named_modules() if path}
+
+
+def hook_targets(
+    root: nn.Module, names: list[str], paths: tuple[frozenset[str], frozenset[str]] | None = None
+) -> tuple[dict[str, HookTarget], list[str]]:
+    """Split ``names`` into module calls (hookable) and the rest.
+
+    ``paths``: ``root``'s module paths and other attribute paths, when the caller has them.
+    """
+    if paths is None:
+        modules, others = attribute_paths(root)
+        paths = (frozenset(modules), frozenset(others))
+    module_set = paths[0]
+    reserved = paths[0] | paths[1]
+    targets: dict[str, HookTarget] = {}
+    rest: list[str] = []
+    for name in names:
+        target = _as_module_call(name, module_set, reserved)
+        if target is None:
+            rest.append(name)
+        else:
+            targets[name] = target
+    return targets, rest
+
+
+def _as_module_call(name: str, modules: frozenset[str], reserved: frozenset[str]) -> HookTarget | None:
+    if name in modules:
+        return HookTarget(name, name, 0)
+    match = _SUFFIX.match(name)
+    if match is None or match.group(1) not in modules:
+        return None
+    path, number = match.group(1), int(match.group(2))
+    for index in range(1, number + 1):  # the suffix skips reserved names, so index <= number
+        if _names.module_call_name(path, index, reserved) == name:
+            return HookTarget(name, path, index)
+    return None
+
+
+def nearest_module(root: nn.Module, name: str) -> str:
+    """The longest module path that is a '.'-prefix of ``name`` ("" when none is)."""
+    paths = {n for n, _ in root.named_modules() if n}
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        candidate = ".".join(parts[:cut])
+        if candidate in paths:
+            return candidate
+    return ""
+
+
+class _StopForward(BaseException):
+    """Raised by a hook once every requested value is captured; caught by ``capture``.
+
+    A BaseException, so a model's own ``except Exception`` cannot swallow it.
+    """
+
+
+class _Capture:
+    def __init__(self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int) -> None:
+        self.values: dict[str, Any] = {}
+        self.calls: dict[str, int] = {}
+        self.served: dict[str, int] = {}  # calls of modules served by their own graph (_regions)
+        self._wanted = {(t.path, t.call_index): t.name for t in targets.values()}
+        self._copy = copy
+        self._stop = stop_when_done
+        self._expected = len(self._wanted) + extra
+        self.thread = threading.get_ident()
+
+    def add(self, name: str, value: Any) -> None:
+        """Store a value captured by other means (a locally traced submodule); may end the forward."""
+        self.values[name] = value
+        if self._stop and len(self.values) == self._expected:
+            raise _StopForward
+
+    def hook(self, path: str) -> Callable[[nn.Module, Any, Any], None]:
+        def record(module: nn.Module, args: Any, output: Any) -> None:
+            if threading.get_ident() != self.thread:
+                return  # another thread's call of the same model: not ours
+            index = self.calls.get(path, 0)
+            self.calls[path] = index + 1
+            name = self._wanted.get((path, index))
+            if name is not None:
+                self.add(name, copy_value(output) if self._copy else output)
+
+        return record
+
+
+@contextmanager
+def capture(
+    root: nn.Module, targets: dict[str, HookTarget], *, copy: bool = True, stop_when_done: bool = False, extra: int = 0
+) -> Iterator[_Capture]:
+    """Hook the modules of ``targets`` for the duration of the ``with`` block.
+
+    The handles are removed in ``finally``, whatever happens. With ``stop_when_done`` the forward
+    is cut short (a private exception, swallowed here) as soon as every target is captured,
+    and ``extra`` more values arrived through ``add``.
+    """
+    paths = {t.path for t in targets.values()}
+    state = _Capture(targets, copy, stop_when_done, extra)
+    handles: list[RemovableHandle] = []
+    try:
+        for path in sorted(paths):
+            handles.append(root.get_submodule(path).register_forward_hook(state.hook(path)))
+        try:
+            yield state
+        except _StopForward:
+            pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def missing_calls_message(targets: dict[str, HookTarget], state: _Capture, owner: str, more: list[str] | None = None) -> str:
+    """What ``targets`` (and the described ``more``) were not produced, and how often their modules ran."""
+    missing = [t for name, t in targets.items() if name not in state.values]
+    parts = [f"{t.name!r} (call {t.call_index + 1} of {t.path!r}, which ran {state.calls.get(t.path, 0)} time(s))" for t in missing]
+    parts += more or []
+    return (
+        f"{owner}: these names were not produced by this call: {', '.join(parts)}.\n"
+        "  A module's later calls are named path_1, path_2, ...; see docs/names.md."
+    )

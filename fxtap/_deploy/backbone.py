@@ -1,0 +1,93 @@
+"""``backbone``: a ``Tapped`` with ``feature_info`` (channels, reduction and shape of each output)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._capture.model import training_mode
+from .._tap import FeatureInfo, Mode, Tapped, tap
+from .verify import as_args as _as_args
+
+__all__ = ["FeatureInfo", "backbone"]
+
+
+def backbone(model: nn.Module, names: Mapping[str, str] | Sequence[str], example_input: Any, *, mode: Mode = "auto") -> Tapped:
+    """``tap(model, names)`` with ``feature_info``: channels, reduction and shape of each output.
+
+    Args:
+        model: any ``nn.Module``; it is not changed (the example runs in eval mode, without
+            gradients, and the model's train/eval flags are restored).
+        names: tap names, or ``{name: output key}``, as for ``fxtap.tap``.
+        example_input: one input, or a tuple of the model's positional arguments; its spatial
+            size should be a multiple of the largest reduction.
+        mode: as for ``fxtap.tap``.
+
+    Returns:
+        The ``Tapped``, with ``feature_info``: a list of ``FeatureInfo``, one per output, in
+        output order. A 4-D output is read as ``(N, C, H, W)`` when its last two dims divide the
+        input's by one factor, else as ``(N, H, W, C)`` (torchvision's Swin).
+
+    Raises:
+        TypeError: an output is not a tensor.
+
+    Example:
+        >>> import torch, torchvision, fxtap
+        >>> model = torchvision.models.resnet18().eval()
+        >>> features = fxtap.backbone(model, {"layer2": "c3", "layer4": "c5"}, torch.randn(1, 3, 64, 64))
+        >>> [(f.key, f.channels, f.reduction) for f in features.feature_info]
+        [('c3', 128, 8), ('c5', 512, 32)]
+    """
+    tapped = tap(model, names, mode=mode)
+    args = _as_args(example_input)
+    with torch.no_grad(), training_mode(tapped.model, False):
+        out = tapped(*args)
+    info = [_feature_info(key, name, value, args) for (key, value), name in zip(out.items(), tapped.paths)]
+    tapped.feature_info = info
+    return tapped
+
+
+# -- feature_info ----------------------------------------------------------------------------------
+def _feature_info(key: str, name: str, value: Any, args: tuple[Any, ...]) -> FeatureInfo:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"backbone outputs must be tensors; {name!r} (key {key!r}) is a {type(value).__name__}")
+    shape = tuple(value.shape)
+    image = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    spatial = tuple(image.shape[2:]) if image is not None else ()
+    channels, reduction = _layout(shape, spatial)
+    return FeatureInfo(key, name, channels, reduction, shape)
+
+
+def _layout(shape: tuple[int, ...], spatial: tuple[int, ...]) -> tuple[int, int | None]:
+    """``(channels, reduction)`` of a value of ``shape`` for an input of spatial size ``spatial``."""
+    if len(shape) < 2:
+        return (shape[0] if shape else 1), None
+    if spatial and len(shape) == len(spatial) + 2:
+        for channels, dims in ((shape[1], shape[2:]), (shape[-1], shape[1:-1])):  # (N, C, ...) first, then (N, ..., C)
+            factor = _common_factor(spatial, dims)
+            if factor is not None:
+                return channels, factor
+        return shape[1], None
+    if len(shape) == 3 and len(spatial) == 2:
+        return shape[-1], _patch_size(spatial, shape[1])
+    return shape[1], None
+
+
+def _common_factor(spatial: tuple[int, ...], dims: tuple[int, ...]) -> int | None:
+    if any(d <= 0 or s % d for s, d in zip(spatial, dims)):
+        return None
+    factors = {s // d for s, d in zip(spatial, dims)}
+    return factors.pop() if len(factors) == 1 else None
+
+
+def _patch_size(spatial: tuple[int, ...], tokens: int) -> int | None:
+    """The patch size whose grid over ``spatial`` gives ``tokens`` tokens, counting up to 8 extra ones (class, register)."""
+    height, width = spatial
+    for size in range(1, math.gcd(height, width) + 1):
+        if height % size == 0 and width % size == 0 and 0 <= tokens - (height // size) * (width // size) <= 8:
+            return size
+    return None
