@@ -64,9 +64,18 @@ def split(traced: _fx.Traced, inputs: dict[str, str], outputs: dict[str, str], e
     cut = _replace_inputs(graph, traced, inputs, env, order)
     wanted, end_reads, results = _outputs(traced, outputs, env, cut, old_output, order)
     upstream = _upstream(graph, cut, order)
+    early = [name for name in outputs if name != "output" and any(n in upstream for n in _nodes_of(results[outputs[name]][0]))]
+    if early:
+        raise CutError(
+            f"cannot cut {type(traced.root).__name__} at {', '.join(map(repr, inputs))}: the output{'s' if len(early) > 1 else ''} "
+            f"{', '.join(map(repr, early))} {'are' if len(early) > 1 else 'is'} computed before the cut.\n"
+            "  Add them to the inputs (the cut then returns them as given), or ask for outputs after the cut; see docs/cut.md.",
+            missing=early,
+        )
     walk = _Walk(graph, traced, cut, upstream, order, evidence, names)
     walk.run([n for n, _ in wanted] + end_reads + [m for _, m in wanted if m not in upstream])
     walk.seed_guards_and_state()
+    walk.keep_writes(wanted, end_reads)
     if walk.missing:
         raise CutError(walk.message(inputs, outputs), missing=list(walk.missing))
     for node in reversed(list(graph.nodes)):
@@ -253,10 +262,10 @@ class _Walk:
                     continue
             self.needed.add(node)
             for source in node.all_input_nodes:
-                if source in self.upstream and source.op != "placeholder":
+                if source in self.upstream and source.op != "placeholder" and _shape_read(source) is None:
                     self._miss(source, node, "value")
                 else:
-                    pending.add(source)
+                    pending.add(source)  # a shape read before the cut is answered above, or its tensor is missing
 
     def _miss(self, source: fx.Node, user: fx.Node, kind: str) -> None:
         first, was = self._first_use.get(source, (len(self.order), "shape"))
@@ -292,6 +301,27 @@ class _Walk:
             if ops.is_guard(node) or any(ops.find(w) in attributes for w in ops.writes.get(node, [])):
                 extra.append(node)
         if extra:
+            self.run(extra)
+
+    def keep_writes(self, wanted: list[tuple[fx.Node, fx.Node]], end_reads: list[fx.Node]) -> None:
+        """Run every in-place op after the cut whose write a needed node (or an output) reads later."""
+        ops = effects(self.graph, self.traced.root)
+        end = len(self.order) + 1
+        while True:
+            last_read: dict[fx.Node, int] = {}
+            reads = [(s, self.order.get(n, -1)) for n in self.needed for s in n.all_input_nodes]
+            reads += [(v, self.order[m]) for v, m in wanted] + [(n, end) for n in end_reads]
+            for source, at in reads:
+                cls = ops.find(source)
+                last_read[cls] = max(last_read.get(cls, -1), at)
+            extra = [
+                writer
+                for writer, written in ops.writes.items()
+                if writer not in self.needed and writer not in self.upstream and writer in self.order
+                and any(last_read.get(ops.find(w), -1) > self.order[writer] for w in written)
+            ]
+            if not extra:
+                return
             self.run(extra)
 
     def _derived(self) -> tuple[set[fx.Node], set[fx.Node]]:

@@ -20,28 +20,42 @@ import fxtap
 from .matrix import assert_close
 
 
-def build(model: nn.Module, point: str, outputs: list[str], example: Any = None, rounds: int = 8) -> tuple[fxtap.Cut, list[str]]:
-    """``fxtap.cut(model, [point, ...], outputs)`` with every value it reports missing added."""
+def build(model: nn.Module, point: str, outputs: list[str], example: Any = None, rounds: int = 8) -> tuple[fxtap.Cut, list[str]] | None:
+    """``fxtap.cut(model, [point, ...], outputs)`` with every value it reports missing added;
+    ``None`` when the cut is refused for another reason (an in-place write it cannot reproduce)."""
     inputs = [point]
     for _ in range(rounds):
         try:
             return fxtap.cut(model, inputs, outputs, example=example), inputs
         except fxtap.CutError as error:
-            assert error.missing, f"CutError without missing values: {error}"
+            if not error.missing:
+                assert "writes into it in place" in str(error), error
+                return None
             again = [name for name in error.missing if name in inputs]
             assert not again, f"{again} reported missing though given as inputs"
             inputs = inputs + error.missing
     raise AssertionError(f"still missing values after {rounds} rounds: {inputs}")
 
 
-def check(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], point: str, outputs: list[str], *, example: bool = True) -> list[str]:
-    """Cut at ``point`` (plus what is missing); its outputs equal the model's. Returns the inputs used."""
-    cut, inputs = build(model, point, outputs, example=args if example else None)
+def is_tensor(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> bool:
+    """Whether the value of ``name`` is one tensor (a cut input must be: not an int read from a shape, nor a tuple)."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        return isinstance(fxtap.tap(model, [name])(*args, **kwargs)[name], torch.Tensor)
+
+
+def check(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], point: str, outputs: list[str], *, example: bool = True) -> list[str] | None:
+    """Cut at ``point`` (plus what is missing); its outputs equal the model's. Returns the inputs
+    used, or ``None`` when the cut is refused (``build``)."""
+    built = build(model, point, outputs, example=args if example else None)
+    if built is None:
+        return None
+    cut, inputs = built
     wanted = list(dict.fromkeys([*inputs, *[o for o in outputs if o != "output"]]))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", fxtap.FallbackWarning)
         full = fxtap.tap(model, wanted, keep_output=True)(*args, **kwargs)
-        given = {name: full[name].clone() for name in inputs}
+        given = {name: full[name].clone() if isinstance(full[name], torch.Tensor) else full[name] for name in inputs}
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
         extra = [bound.arguments[name] for name in cut.inputs[len(inputs):]]
         out = cut(*[given[name] for name in inputs], *extra)
@@ -49,5 +63,5 @@ def check(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], point
     for name in outputs:
         assert_close(out[name], full[name], where=f"cut at {inputs} -> {name!r}")
     for name in inputs:
-        assert torch.equal(given[name], full[name]), f"the cut changed its input {name!r}"
+        assert_close(given[name], full[name], where=f"the cut's input {name!r} after the call")
     return inputs
