@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .._deploy.verify import as_args, doubled
-
 __all__ = ["Evidence"]
 
 
@@ -29,14 +27,15 @@ class Evidence:
 
     @staticmethod
     def _measure(root: nn.Module, graph: fx.Graph, example: Any) -> list[dict[str, tuple[int, ...]]]:
-        args = as_args(example)
+        args = example if isinstance(example, tuple) else (example,)
         copy = fx.Graph()
         copy.output(copy.graph_copy(graph, {}))  # same node names; the traced graph itself stays unowned
         module = fx.GraphModule(root, copy)
         buffers = {name: b.detach().clone() for name, b in root.named_buffers()}
         rng = torch.random.get_rng_state()
         try:
-            runs = [_shapes(module, inputs) for inputs in (args, doubled(args))]
+            twice = tuple(torch.cat([a, a]) if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args)
+            runs = [_shapes(module, inputs) for inputs in (args, twice)]
         finally:
             torch.random.set_rng_state(rng)
             with torch.no_grad():

@@ -213,7 +213,8 @@ def test_cut_exports_with_dynamic_batch_onnx_names_torchscript_and_compile(tmp_p
 
     session = onnxruntime.InferenceSession(str(folder / "head.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["mid", "c4"]
-    program = torch.export.export(cut, tuple(torch.cat([a, a]) for a in args), dynamic_shapes=({0: torch.export.Dim("batch")},) * 2)
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(cut, tuple(torch.cat([a, a]) for a in args), dynamic_shapes={"args": ({0: batch}, {0: batch})})
     assert torch.equal(program.module()(*args)["logits"], taps["output"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
