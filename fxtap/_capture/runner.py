@@ -46,7 +46,7 @@ class Runner:
         hooks = self.placement.hooks
         return {name: detach_value(values[name]) if self._detach else values[name] for name in hooks}
 
-    def _missing(self, model: nn.Module, captured: Any, expected: set[str]) -> None:
+    def _missing(self, model: nn.Module, captured: _hooks.CallLog, expected: set[str]) -> None:
         if expected <= set(captured.values):
             return
         placement = self.placement
