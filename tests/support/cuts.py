@@ -37,11 +37,12 @@ def build(model: nn.Module, point: str, outputs: list[str], example: Any = None,
     raise AssertionError(f"still missing values after {rounds} rounds: {inputs}")
 
 
-def is_tensor(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str) -> bool:
-    """Whether the value of ``name`` is one tensor (a cut input must be: not an int read from a shape, nor a tuple)."""
+def tensor_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], names: list[str]) -> set[str]:
+    """Those of ``names`` whose value is one tensor (a cut input must be: not an int read from a shape, nor a tuple)."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", fxtap.FallbackWarning)
-        return isinstance(fxtap.tap(model, [name])(*args, **kwargs)[name], torch.Tensor)
+        out = fxtap.tap(model, names)(*args, **kwargs)
+    return {name for name, value in out.items() if isinstance(value, torch.Tensor)}
 
 
 def check(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], point: str, outputs: list[str], *, example: bool = True) -> list[str] | None:

@@ -1,7 +1,9 @@
 """fxtap.cut on the real-model matrix: for every model whose names are all FX, random cut points.
 
-For each model of ``registry.CASES`` with mode "fx" (41 models), two tap names are drawn (seeded
-by the model's name) among those whose value is one tensor. The model is cut there, the values
+For each model of ``registry.CASES`` with mode "fx" (41 models), tap names of the FX graph are
+drawn (seeded by the model's name) among those whose value is one tensor, until two cuts were
+checked (a cut refused for an in-place write it cannot reproduce, a documented ``CutError``,
+counts as neither; at least one must be checked). The model is cut there, the values
 that ``fxtap.cut`` reports missing are added (a multi-input cut for skips), and the cut's outputs
 (the model's output and a name after the cut) must equal the full model's exactly (eval mode).
 A few small models run by default; ``--runslow`` runs them all.
@@ -15,6 +17,7 @@ import warnings
 import pytest
 
 import fxtap
+from fxtap._capture import describe
 from support import cuts
 from support.registry import CASES, Case
 
@@ -34,18 +37,16 @@ def test_cut_at_random_points_equals_model(case: Case) -> None:
     args, kwargs = case.inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxtap.FallbackWarning)
-        listed = fxtap.names(model)
+        listed = [info.name for info in describe(model) if info.path == "fx"]  # not names inside torch.nn leaves
     rng = random.Random(case.name)
-    candidates = rng.sample(listed[1:], min(len(listed) - 1, 12))
+    candidates = rng.sample(listed[1:], min(len(listed) - 1, 16))
+    tensors = cuts.tensor_names(model, args, kwargs, candidates)  # one forward for all of them
+    points = [n for n in candidates if n in tensors]
     done = 0
-    for point in candidates:
+    for point in points:
         if done == 2:
             break
-        if not cuts.is_tensor(model, args, kwargs, point):
-            continue
-        later = rng.sample(listed[listed.index(point) + 1 :], min(4, len(listed) - listed.index(point) - 1)) if done else []
-        tensors = [n for n in later if cuts.is_tensor(model, args, kwargs, n)][:1]
-        outputs = ["output", *tensors]  # the second cut also returns a value after it
-        if cuts.check(model, args, kwargs, point, outputs) is not None:  # None: refused, see cuts.build
+        later = [n for n in points if listed.index(n) > listed.index(point)][:1] if done else []
+        if cuts.check(model, args, kwargs, point, ["output", *later]) is not None:  # None: refused, see cuts.build
             done += 1
-    assert done == 2, f"fewer than two tensor-valued names among {candidates}"
+    assert done >= 1, f"every cut among the tensor-valued names {points} was refused"
