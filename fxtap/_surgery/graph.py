@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -97,7 +98,7 @@ def split(traced: _fx.Traced, inputs: dict[str, str], outputs: dict[str, str], e
         else:
             with graph.inserting_after(anchor):
                 snapshots[(node, moment)] = graph.call_function(copy_value, (node,))
-    graph.output({key: fx.node.map_arg(value, lambda n: snapshots.get((n, moment), n)) for key, (value, moment) in results.items()})
+    graph.output({key: fx.node.map_arg(value, functools.partial(_snapshot, snapshots, moment)) for key, (value, moment) in results.items()})
     for node in graph.nodes:
         node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
     graph.lint()
@@ -155,7 +156,7 @@ def _outputs(
             continue
         point = traced.points[name]
         moment = env[point.moment]
-        value = fx.node.map_arg(point.value, lambda n: _after_cut(env[n], moment, cut, order))
+        value = fx.node.map_arg(point.value, functools.partial(_traced_after_cut, env, moment, cut, order))
         wanted += [(n, moment) for n in _nodes_of(value)]
         results[key] = (value, moment)
     return wanted, end_reads, results
@@ -167,6 +168,14 @@ def _after_cut(node: fx.Node, moment: fx.Node | None, cut: list[_Input], order: 
         if node is c.value and (moment is None or order[moment] >= order[c.moment]):
             return c.placeholder
     return node
+
+
+def _traced_after_cut(env: dict[fx.Node, fx.Node], moment: fx.Node, cut: list[_Input], order: dict[fx.Node, int], node: fx.Node) -> fx.Node:
+    return _after_cut(env[node], moment, cut, order)
+
+
+def _snapshot(snapshots: dict[tuple[fx.Node, fx.Node], fx.Node], moment: fx.Node, node: fx.Node) -> fx.Node:
+    return snapshots.get((node, moment), node)
 
 
 def _upstream(graph: fx.Graph, cut: list[_Input], order: dict[fx.Node, int]) -> set[fx.Node]:
@@ -339,8 +348,10 @@ class _Walk:
         model = type(self.traced.root).__name__
         listed = ", ".join(map(repr, self.missing))
         lines = [
-            f"cannot cut {model} at {', '.join(map(repr, inputs))}: the outputs {', '.join(map(repr, outputs))} also need "
-            f"{listed}, which {'is' if len(self.missing) == 1 else 'are'} computed before the cut and not from its inputs."
+            (
+                f"cannot cut {model} at {', '.join(map(repr, inputs))}: the outputs {', '.join(map(repr, outputs))} also need "
+                f"{listed}, which {'is' if len(self.missing) == 1 else 'are'} computed before the cut and not from its inputs."
+            )
         ]
         shapes = [name for name, kind in self.missing.items() if kind == "shape"]
         if shapes:

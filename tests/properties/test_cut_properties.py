@@ -16,11 +16,11 @@ import warnings
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-
-import fxtap
 from support import cuts
 from support.strategies import Case, case_truth, cases
 from support.truth import assert_same
+
+import fxtap
 
 
 @given(case=cases(train=False), data=st.data())

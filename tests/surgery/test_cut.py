@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 import torchvision
+from support import cut_models, cuts
+from support.truth import assert_unchanged, model_fingerprint
 from torch import nn
 
 import fxtap
-from support import cut_models, cuts
-from support.truth import assert_unchanged, model_fingerprint
 
 
 def _resnet18() -> nn.Module:

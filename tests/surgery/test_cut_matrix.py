@@ -15,11 +15,11 @@ import random
 import warnings
 
 import pytest
+from support import cuts
+from support.registry import CASES, Case
 
 import fxtap
 from fxtap._capture import describe
-from support import cuts
-from support.registry import CASES, Case
 
 FX_CASES = [case for case in CASES.values() if case.mode == "fx"]
 DEFAULT = {"torchvision/resnet18", "torchvision/mobilenet_v3_small", "torchvision/r3d_18", "timm/vit_tiny_patch16_224"}
