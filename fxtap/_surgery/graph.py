@@ -103,6 +103,12 @@ def split(traced: _fx.Traced, inputs: dict[str, str], outputs: dict[str, str], e
         node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
     graph.lint()
     extra = [str(n.target) for n in graph.nodes if n.op == "placeholder" and not any(n is c.placeholder for c in cut)]
+    clash = sorted(set(extra) & {c.key for c in cut})
+    if clash:
+        raise CutError(
+            f"the cut input key{'s' if len(clash) > 1 else ''} {', '.join(map(repr, clash))} also name{'' if len(clash) > 1 else 's'} "
+            "a model input that the cut still reads: rename the cut input with a mapping {name: key}."
+        )
     return Split(graph, [c.key for c in cut] + extra, extra)
 
 

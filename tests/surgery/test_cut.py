@@ -105,6 +105,8 @@ def test_cut_takes_a_model_input_read_after_the_cut_as_an_extra_argument() -> No
     with torch.no_grad():
         assert torch.equal(cut(model.a(x), x, scale)["output"], model(x, scale))
         assert torch.equal(cut(model.a(x), scale=scale, x=x)["output"], model(x, scale))
+    with pytest.raises(fxtap.CutError, match="key 'x' also names a model input"):
+        fxtap.cut(model, {"a": "x"})
 
 
 def test_cut_takes_a_shape_read_before_the_cut_from_the_cut_inputs_with_an_example() -> None:
