@@ -171,7 +171,7 @@ def test_cut_names_the_dense_concatenations_of_densenet() -> None:
     fxtap.cut(model, ["features.transition3"])  # a clean cut: everything after reads only it
 
 
-@pytest.mark.parametrize("name", ["fcn_resnet50", "deeplabv3_resnet50"])
+@pytest.mark.parametrize("name", ["fcn_resnet50", pytest.param("deeplabv3_resnet50", marks=pytest.mark.slow)])
 def test_cut_names_what_a_segmentation_head_misses(name: str) -> None:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None, aux_loss=False).eval()

@@ -22,7 +22,7 @@ import fxtap
 from fxtap._capture import describe
 
 FX_CASES = [case for case in CASES.values() if case.mode == "fx"]
-DEFAULT = {"torchvision/resnet18", "torchvision/mobilenet_v3_small", "torchvision/r3d_18", "timm/vit_tiny_patch16_224"}
+DEFAULT = {"torchvision/resnet18", "torchvision/mobilenet_v3_small", "timm/vit_tiny_patch16_224"}
 
 
 def test_matrix_has_enough_fx_models() -> None:
