@@ -10,6 +10,7 @@ from ._errors import FxtapError as FxtapError
 from ._errors import MissingCallError as MissingCallError
 from ._errors import TapNameError as TapNameError
 from ._errors import TraceFailedError as TraceFailedError
+from ._extract import extract as extract
 from ._features import load_features as load_features
 from ._tap import Tapped as Tapped
 from ._tap import names as names
@@ -29,6 +30,7 @@ __all__ = [
     "backbone",
     "compare",
     "export",
+    "extract",
     "load_features",
     "names",
     "tap",

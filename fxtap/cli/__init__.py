@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         except (FxtapError, OSError) as error:
             print(f"fxtap: error: {_message(error, args)}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as interrupt:
+            print(f"fxtap: {_interrupted(interrupt)}", file=sys.stderr)
+            return 130
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -73,31 +76,32 @@ def _tap(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from .. import _extract as library
     from . import extract as ex
 
     data = Path(args.data)
     files = ex.find_images(data, limit=args.limit)
+    device = library._device(torch.nn.Module(), _device_of_rank(args.device))  # checked before the output folder exists
     loaded = _load(args)
     tapped = fxtap.tap(loaded.model, args.names, mode=args.mode, detach=True)
     preprocess = loaded.preprocess if args.image_size is None else loaded.preprocess.scaled(args.image_size)
     out = _writable_folder(Path(args.output))
     _note_random_weights(args, loaded)
     config = {
-        "model": args.model,
-        "weights": _digest(Path(args.weights)) if args.weights else None,
-        "seed": None if args.weights else args.seed,
-        "names": list(args.names),
+        "spec": args.model,
+        "weights_file": _digest(Path(args.weights)) if args.weights else None,
         "preprocess": preprocess._asdict(),
-        "pool": args.pool,
-        "shard_size": args.shard_size,
         "data": str(data.resolve()),
     }
-    job = ex.Job(
-        tapped, list(args.names), preprocess, data, out, files, config,
-        shard_size=args.shard_size, batch_size=args.batch_size, pool=args.pool, workers=args.workers, device=_device_of_rank(args.device),
-    )  # fmt: skip
-    summary = ex.extract(job, progress=not args.quiet and sys.stderr.isatty(), warn=_warn_line)
-    if summary is not None:
+    options = {"pool": args.pool, "dtype": args.dtype, "out_dtype": args.out_dtype, "shard_size": args.shard_size, "device": device}
+    try:
+        summary = ex.extract_folder(
+            tapped, list(args.names), data, files, preprocess, out, config=config, batch_size=args.batch_size, workers=args.workers,
+            bar=not args.quiet and sys.stderr.isatty(), warn=_warn_line, log=_info_line, **options,
+        )  # fmt: skip
+    except library.BatchFailedError as error:
+        raise FxtapError(f"{error}; does it take images of that size? Try another --image-size") from error
+    if summary.manifest is not None:
         print(_summary_text(summary, out))
     return 0
 
@@ -234,6 +238,15 @@ def _summary_text(summary: Any, out: Path) -> str:
     return "\n".join(lines)
 
 
+def _interrupted(interrupt: KeyboardInterrupt) -> str:
+    from .._extract import Interrupted
+
+    if not isinstance(interrupt, Interrupted):
+        return "interrupted"
+    of = f" of {interrupt.total}" if interrupt.total is not None else ""
+    return f"interrupted: {interrupt.finished}{of} shards finished in {interrupt.out}; run the same command again to resume"
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -246,6 +259,12 @@ def _warn_line(text: str) -> None:
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     tqdm.write(f"fxtap: warning: {text}", file=sys.stderr)
+
+
+def _info_line(text: str) -> None:
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    tqdm.write(f"fxtap: {text}", file=sys.stderr)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -309,9 +328,14 @@ def _parser() -> argparse.ArgumentParser:
     extract.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="where the shards and manifest.json go")
     extract.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="images per forward (default 32)")
     extract.add_argument("--image-size", type=_positive, metavar="S", help="crop size (default: the model's own, e.g. 224)")
-    extract.add_argument("--pool", choices=("avg", "none"), default="avg", help="average feature maps to vectors (default avg)")
+    extract.add_argument(
+        "--pool", choices=("avg", "max", "cls", "mean_tokens", "none"), default="avg",
+        help="feature maps and tokens to one vector per image: avg or max over the spatial dims or tokens, cls (token 0), none (default avg)",
+    )  # fmt: skip
+    extract.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="autocast dtype (float16 on CUDA only; default: none)")
+    extract.add_argument("--out-dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the stored features (default: as computed)")
     extract.add_argument("--limit", type=_positive, metavar="N", help="only the first N images, in sorted order")
-    extract.add_argument("--shard-size", type=_positive, default=1024, metavar="N", help="images per shard file (default 1024)")
+    extract.add_argument("--shard-size", type=_positive, default=256, metavar="N", help="images per shard file; Ctrl-C keeps finished shards (default 256)")
     extract.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding processes (default 0)")
     extract.add_argument("--device", default="cpu", help="torch device (default cpu; under torchrun, cuda means cuda:LOCAL_RANK)")
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
