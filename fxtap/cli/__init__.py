@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -68,7 +69,7 @@ def _nodes(args: argparse.Namespace) -> int:
 def _tap(args: argparse.Namespace) -> int:
     loaded = _load(args)
     tapped = fxtap.tap(loaded.model, args.names, mode=args.mode, detach=True)
-    values = _forward(tapped, loaded.model, args.input_shape)
+    values = _forward(tapped, loaded.model, args)
     rows = [[name, *_shape_dtype(value), *_stats(value), tapped.paths[name]] for name, value in values.items()]
     _note_random_weights(args, loaded)
     print(table(["name", "shape", "dtype", "mean", "std", "min", "max", "path"], rows))
@@ -109,7 +110,7 @@ def _extract(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     loaded = _load(args)
     model = loaded.model.train(args.train)
-    comparison = fxtap.compare(model, args.names, torch.randn(args.input_shape), rtol=args.rtol, atol=args.atol)
+    comparison = fxtap.compare(model, args.names, _example(args), rtol=args.rtol, atol=args.atol)
     _note_random_weights(args, loaded)
     print(comparison)
     return 0 if comparison.ok else 1
@@ -120,7 +121,7 @@ def _export(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise FxtapError(f"cannot write {args.output!r}: folder {str(folder)!r} does not exist")
     loaded = _load(args)
-    example = torch.randn(args.input_shape)
+    example = _example(args)
     try:
         path = fxtap.export(loaded.model, args.names, example, args.output, format=args.format)
     except ValueError as error:  # the model is in train mode, or the format is unknown
@@ -147,17 +148,32 @@ def _note_random_weights(args: argparse.Namespace, loaded: Loaded) -> None:
         )
 
 
-def _forward(tapped: nn.Module, model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
-    """One forward on a random input of ``shape``; a failing model becomes one clear error."""
+def _example(args: argparse.Namespace) -> torch.Tensor:
+    """The random input of ``--input-shape`` and ``--input-dtype`` (integers: token ids in [0, 100))."""
+    if args.input_dtype == "int64":
+        return torch.randint(0, 100, args.input_shape)
+    return torch.randn(args.input_shape)
+
+
+def _forward(tapped: nn.Module, model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """One forward on a random input; a failing model becomes one clear error."""
+    example = _example(args)
+    shape = ",".join(map(str, args.input_shape))
     try:
         with torch.no_grad():
-            return dict(tapped(torch.randn(shape)))
+            return dict(tapped(example))
     except FxtapError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+        text = one_line(error, 200)
+        if example.is_floating_point() and re.search(r"indices|Long, Int|scalar type Long|embedding", text, re.IGNORECASE):
+            raise FxtapError(
+                f"{type(model).__name__} takes integer token ids, and got a random float32 input of shape {shape} "
+                f"({type(error).__name__}: {text}); give integer input with --input-dtype int64 (and --input-shape N,L)"
+            ) from error
         raise FxtapError(
-            f"{type(model).__name__} failed on a random input of shape {','.join(map(str, shape))} "
-            f"({type(error).__name__}: {one_line(error, 200)}); give its input shape with --input-shape"
+            f"{type(model).__name__} failed on a random {args.input_dtype} input of shape {shape} "
+            f"({type(error).__name__}: {text}); give its input shape with --input-shape (and --input-dtype int64 for token ids)"
         ) from error
 
 
@@ -166,12 +182,12 @@ def _values_and_paths(model: nn.Module, names: list[str], args: argparse.Namespa
     tapped = fxtap.tap(model, names, mode=args.mode, detach=True)
     paths = tapped.paths
     try:
-        return _forward(tapped, model, args.input_shape), paths
+        return _forward(tapped, model, args), paths
     except MissingCallError:  # a listed module this input does not call: tap the names one by one
         values: dict[str, Any] = {}
         for name in names:
             try:
-                values |= _forward(fxtap.tap(model, [name], mode=args.mode, detach=True), model, args.input_shape)
+                values |= _forward(fxtap.tap(model, [name], mode=args.mode, detach=True), model, args)
             except MissingCallError:
                 pass
         return values, paths
@@ -282,8 +298,15 @@ def _message(error: BaseException, args: argparse.Namespace) -> str:
 
 
 def _sentences(lines: list[str]) -> str:
-    """Lines joined into one, with a full stop after a line that has no closing punctuation."""
-    return " ".join(line if line.endswith((".", "?", "!", ":", ";")) or i == len(lines) - 1 else f"{line}." for i, line in enumerate(lines))
+    """Lines joined into one, with a full stop after a line that has no closing punctuation, and
+    Python keywords said as the flags of the command line (``mode="hooks"`` -> ``--mode hooks``)."""
+    text = " ".join(line if line.endswith((".", "?", "!", ":", ";")) or i == len(lines) - 1 else f"{line}." for i, line in enumerate(lines))
+    return _as_flags(text)
+
+
+def _as_flags(text: str) -> str:
+    text = re.sub(r"""\bmode=["'](\w+)["']""", r"--mode \1", text)
+    return re.sub(r"\btrain=True\b", "--train", text)
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -299,6 +322,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--mode", choices=("auto", "fx", "hooks"), default="auto", help="how values are captured (default auto)")
     shape = argparse.ArgumentParser(add_help=False)
     shape.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), metavar="N,C,H,W", help="random input (default 1,3,224,224)")
+    shape.add_argument(
+        "--input-dtype", choices=("float32", "int64"), default="float32", help="float32 (randn) or int64 (token ids in [0, 100)); default float32"
+    )
     names = argparse.ArgumentParser(add_help=False)
     names.add_argument("names", nargs="+", metavar="NAME", help="tap names (list them with fxtap nodes MODEL)")
 
