@@ -79,31 +79,42 @@ def _tap(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from .. import _extract as library
     from . import extract as ex
+    from . import text
 
-    data = Path(args.data)
-    files = ex.find_images(data, limit=args.limit)
+    if (args.data is None) == (args.text is None):
+        raise FxtapError("give the examples with --data DIR (images) or --text FILE (one example per line), one of them")
+    if args.data is not None:
+        data = Path(args.data)
+        files = ex.find_images(data, limit=args.limit)
+    else:
+        lines = text.read_lines(Path(args.text), limit=args.limit)
     device = library._device(torch.nn.Module(), _device_of_rank(args.device))  # checked before the output folder exists
     loaded = _load(args)
     tapped = fxtap.tap(loaded.model, args.names, mode=args.mode, detach=True)
+    tokenizer = text.tokenizer_for(args.model, args.tokenizer) if args.text is not None else None
     preprocess = loaded.preprocess if args.image_size is None else loaded.preprocess.scaled(args.image_size)
     out = _writable_folder(Path(args.output))
     _note_random_weights(args, loaded)
-    config = {
-        "spec": args.model,
-        "weights_file": _digest(Path(args.weights)) if args.weights else None,
-        "preprocess": preprocess._asdict(),
-        "data": str(data.resolve()),
-    }
+    config = {"spec": args.model, "weights_file": _digest(Path(args.weights)) if args.weights else None}
     options = {"pool": args.pool, "dtype": args.dtype, "out_dtype": args.out_dtype, "shard_size": args.shard_size, "device": device}
+    bar = not args.quiet and sys.stderr.isatty()
     try:
-        summary = ex.extract_folder(
-            tapped, list(args.names), data, files, preprocess, out, config=config, batch_size=args.batch_size, workers=args.workers,
-            bar=not args.quiet and sys.stderr.isatty(), warn=_warn_line, log=_info_line, **options,
-        )  # fmt: skip
+        if args.text is not None:
+            loader = text.text_loader(lines, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+            config |= {"text": str(Path(args.text).resolve()), "tokenizer": args.tokenizer, "max_length": args.max_length}
+            summary = library.run(tapped, list(args.names), loader, out, ids=lambda batch: batch, keys=text.line_keys(lines), config=config,
+                                  bar=bar, warn=_warn_line, log=_info_line, **options)  # fmt: skip
+        else:
+            config |= {"preprocess": preprocess._asdict(), "data": str(data.resolve())}
+            summary = ex.extract_folder(
+                tapped, list(args.names), data, files, preprocess, out, config=config, batch_size=args.batch_size, workers=args.workers,
+                bar=bar, warn=_warn_line, log=_info_line, **options,
+            )  # fmt: skip
     except library.BatchFailedError as error:
-        raise FxtapError(f"{error}; does it take images of that size? Try another --image-size") from error
+        hint = "does it take these token ids? Check --tokenizer" if args.text is not None else "does it take images of that size? Try another --image-size"
+        raise FxtapError(f"{error}; {hint}") from error
     if summary.manifest is not None:
-        print(_summary_text(summary, out))
+        print(_summary_text(summary, out, "lines" if args.text is not None else "images"))
     return 0
 
 
@@ -239,15 +250,15 @@ def _digest(path: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _summary_text(summary: Any, out: Path) -> str:
+def _summary_text(summary: Any, out: Path, what: str = "images") -> str:
     manifest = summary.manifest
     rows = [[name, str((manifest["rows"], *f["shape"])), f["dtype"]] for name, f in manifest["features"].items()]
     skipped = manifest["skipped"]
     shards = f"{_count(len(manifest['shards']), 'shard')} ({summary.computed} computed, {summary.reused} kept from an earlier run)"
     lines = [
-        f"extracted {manifest['rows']} of {manifest['images']} images to {out}: {shards}",
+        f"extracted {manifest['rows']} of {manifest['images']} {what} to {out}: {shards}",
         table(["name", "shape", "dtype"], rows),
-        f"skipped {_count(len(skipped), 'unreadable image')}" + (":" if skipped else ""),
+        f"skipped {_count(len(skipped), 'unreadable ' + what.removesuffix('s'))}" + (":" if skipped else ""),
         *(f"  {item['file']}: {item['reason']}" for item in skipped),
         f"read them with fxtap.load_features({str(out)!r})",
     ]
@@ -350,7 +361,10 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     extract = commands.add_parser("extract", parents=[model, names, mode], help="features of every image in a folder, to disk")
-    extract.add_argument("--data", required=True, metavar="DIR", help="image folder, searched recursively (png, jpg, jpeg, webp, bmp)")
+    extract.add_argument("--data", metavar="DIR", help="image folder, searched recursively (png, jpg, jpeg, webp, bmp)")
+    extract.add_argument("--text", metavar="FILE", help="instead of --data: a UTF-8 text file, one example per non-empty line")
+    extract.add_argument("--tokenizer", metavar="DIR", help="with --text: a local Hugging Face tokenizer folder (default: an hf:PATH model's)")
+    extract.add_argument("--max-length", type=_positive, default=128, metavar="N", help="with --text: tokens per line at most (default 128)")
     extract.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="where the shards and manifest.json go")
     extract.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="images per forward (default 32)")
     extract.add_argument("--image-size", type=_positive, metavar="S", help="crop size (default: the model's own, e.g. 224)")

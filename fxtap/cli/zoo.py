@@ -85,6 +85,9 @@ def load_model(spec: str, *, weights: str | Path | None = None) -> Loaded:
     """
     if spec.startswith("timm:"):
         model, preprocess = _timm(spec.removeprefix("timm:"))
+    elif spec.startswith("hf:"):
+        model, preprocess = _huggingface(spec.removeprefix("hf:")), IMAGENET
+        return Loaded(model.eval(), preprocess, False) if weights is None else Loaded(_weighted(model, weights, spec), preprocess, False)
     elif ":" in spec:
         model, preprocess = _factory(spec), IMAGENET
     else:
@@ -119,6 +122,25 @@ def _torchvision_preprocess(name: str) -> Preprocess:
     if not crop or not resize:  # detection, segmentation, video: no classification crop
         return IMAGENET
     return Preprocess(resize[0], crop[0], tuple(transform.mean), tuple(transform.std), transform.interpolation.value)
+
+
+def _huggingface(path: str) -> nn.Module:
+    """A Hugging Face model saved in the local folder ``path`` (``save_pretrained``); never downloads."""
+    if not Path(path).is_dir():
+        raise FxtapError(f"hf:{path} names no folder: give hf:PATH, a local folder written by save_pretrained (fxtap downloads nothing)")
+    try:
+        from transformers import AutoModel
+    except ImportError as error:
+        raise FxtapError(f"hf:{path} needs transformers, which is not installed: pip install transformers") from error
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True)  # type: ignore[no-any-return]
+    except Exception as error:  # noqa: BLE001 - a folder transformers cannot read is bad input
+        raise FxtapError(f"cannot load hf:{path} with transformers.AutoModel ({type(error).__name__}: {one_line(error, 200)})") from error
+
+
+def _weighted(model: nn.Module, weights: str | Path, spec: str) -> nn.Module:
+    _load_weights(model, Path(weights), spec)
+    return model.eval()
 
 
 def _timm(name: str) -> tuple[nn.Module, Preprocess]:

@@ -140,3 +140,48 @@ def test_cli_changed_image_content_recomputes_its_shard(tmp_path: Path, capsys: 
     assert "3 shards (1 computed, 2 kept from an earlier run)" in capsys.readouterr().out
     features = fxtap.load_features(tmp_path / "out")
     assert torch.equal(features.tensors["conv"][1], features.tensors["conv"][features.files.index("shapes/circle.png")])
+
+
+@pytest.fixture
+def tiny_bert(tmp_path: Path) -> Path:
+    """A one-layer BERT and a word-level tokenizer, saved to a local folder (built here, nothing downloaded)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "a", "dog"]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "bert"
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    transformers.BertModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+def test_cli_extract_text_lines_with_a_local_tokenizer(tiny_bert: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_text("the cat sat\n\na dog sat on the mat\nthe mat\n")
+    out = tmp_path / "out"
+    args = ["extract", f"hf:{tiny_bert}", "embeddings", "--text", str(lines), "-o", str(out), "--pool", "mean_tokens", "--batch-size", "2", "--mode", "hooks"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "extracted 3 of 3 lines" in capsys.readouterr().out
+    features = fxtap.load_features(out)
+    assert features.files == [1, 3, 4]  # line numbers; the empty line 2 is no example
+    from transformers import AutoModel, AutoTokenizer
+
+    model, tokenizer = AutoModel.from_pretrained(tiny_bert).eval(), AutoTokenizer.from_pretrained(tiny_bert)
+    for row, text in enumerate(["the cat sat", "a dog sat on the mat", "the mat"]):
+        encoded = tokenizer([text], return_tensors="pt")
+        with torch.no_grad():
+            states = model.embeddings(input_ids=encoded["input_ids"], token_type_ids=encoded.get("token_type_ids"))
+        torch.testing.assert_close(features.tensors["embeddings"][row], states[0].mean(dim=0), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_extract_text_without_a_tokenizer_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "lines.txt").write_text("hello\n")
+    args = ["extract", "test_cli_errors:tokens", "embed", "--text", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "--text needs a tokenizer: give --tokenizer PATH" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
