@@ -31,8 +31,8 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's fxtap, not an installed one
-import fxtap  # noqa: E402
-from fxtap.cli.zoo import IMAGENET  # noqa: E402
+import fxtap
+from fxtap.cli.zoo import IMAGENET
 
 
 class Folder(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
@@ -123,7 +123,7 @@ def main() -> None:
             for name in order:
                 out = Path(scratch) / f"{name.split()[0]}-{round_}"
                 out.mkdir()
-                times[name].append(timed(lambda: contenders[name](model, loader, out)))
+                times[name].append(timed(lambda name=name, out=out: contenders[name](model, loader, out)))
                 print(f"  round {round_ + 1}: {name}: {args.images / times[name][-1]:.1f} images/s", flush=True)
         hand = statistics.median(times["hand loop (truncated model)"])
         print("\nend to end (median over rounds)")
@@ -152,7 +152,7 @@ def where_the_time_goes(model: nn.Module, loader: torch.utils.data.DataLoader, a
         for round_ in range(args.rounds):
             order = list(forwards)[round_ % 3 :] + list(forwards)[: round_ % 3]
             for name in order:
-                seconds[name].append(timed(lambda: [forwards[name](images) for images in batches]))
+                seconds[name].append(timed(lambda name=name: [forwards[name](images) for images in batches]))
     rows = torch.randn(args.images, 1024)
     write_fxtap = timed(lambda: fxtap._features.write_shard(scratch, 0, config={}, inputs=None, tensors={"layer3": rows},
                                                              ids=list(range(args.images)), skipped=[], features={}))  # fmt: skip

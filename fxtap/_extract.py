@@ -17,7 +17,6 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -25,7 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from . import _features
+from . import _features, _ranks
 from ._errors import FxtapError
 from ._pool import Pool, describe, pool_of
 from ._pool import pool as pool_value
@@ -155,17 +154,17 @@ def run(
         raise FxtapError(f"shard_size must be a positive number of items, not {shard_size}")
     job = _job(model, names, pool, dtype, device, out_dtype, Path(out), shard_size, ids, config, warn)
     items = _planned(batches)
-    with _process_group() as (rank, world):
+    with _ranks.process_group() as (rank, world):
         log = log if rank == 0 else None
         try:
             if items is not None:
-                count, computed, reused = _run_planned(job, batches, items, keys, rank, world, resume, bar and rank == 0, log)  # type: ignore[arg-type]
+                count, computed, reused = _run_planned(job, batches, items, keys, rank, world, resume, bar and rank == 0, log)
             else:
                 count, computed, reused = _run_stream(job, batches, rank, world, resume, bar and rank == 0, log)
         except KeyboardInterrupt as interrupt:
             total = None if items is None else len(plan(items, job.shard_size))
             raise Interrupted(job.out, job.kept + len(job.done), total) from interrupt
-        computed, reused = _sum_over_ranks(world, computed, reused)
+        computed, reused = _ranks.sum_over_ranks(world, computed, reused)
         if rank != 0:
             return Summary(job.out, None, computed, reused)
         manifest = _features.merge(job.out, count, job.config)
@@ -230,7 +229,7 @@ def _run_planned(job, loader, items, keys, rank, world, resume, bar, log) -> tup
     if rank == 0:
         (job.out / _features.MANIFEST).unlink(missing_ok=True)  # stale until this run's shards are merged
         _say_kept(log, job.out, kept.count(True), count)
-    _barrier(world)  # every rank has read the same state before any rank writes
+    _ranks.barrier(world)  # every rank has read the same state before any rank writes
     todo = [n for n in range(rank, count, world) if not kept[n]]
     order = [(n, list(range(start, min(start + loader.batch_size, spans[n][1])))) for n in todo for start in range(spans[n][0], spans[n][1], loader.batch_size)]
     if order:
@@ -246,23 +245,23 @@ def _run_planned(job, loader, items, keys, rank, world, resume, bar, log) -> tup
                 advance(shard.add(batch, indices[0]))
                 if indices[-1] == spans[number][1] - 1:
                     shard.write(number, inputs[number])
-    _barrier(world)
+    _ranks.barrier(world)
     return count, len(todo), kept.count(True) if rank == 0 else 0
 
 
 def _run_stream(job, batches, rank, world, resume, bar, log) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
     if rank == 0:
         (job.out / _features.MANIFEST).unlink(missing_ok=True)
-    _barrier(world)
+    _ranks.barrier(world)
     number, position, computed, reused = 0, 0, 0, 0
     shard = _Shard(job)
     header = _features.finished(job.out, 0, job.config, None) if resume and rank == 0 else None
     with _bar(bar, None) as advance:
         for batch in batches:
             if number % world != rank:
-                shard.count(batch, position, skip=True)
+                shard.count(batch, position)
             elif header is not None:
-                shard.count(batch, position, skip=True, keep_ids=True)
+                shard.count(batch, position, keep_ids=True)
             else:
                 shard.add(batch, position)
             position += shard.last
@@ -275,7 +274,7 @@ def _run_stream(job, batches, rank, world, resume, bar, log) -> tuple[int, int, 
             computed, reused = _close(job, shard, number, header, rank, world, computed, reused)
             number += 1
     _say_kept(log, job.out, reused, number)
-    _barrier(world)
+    _ranks.barrier(world)
     return number, computed, reused
 
 
@@ -312,8 +311,9 @@ class _Shard:
         self.items = 0
         self.last = 0
 
-    def count(self, batch: Any, position: int, *, skip: bool, keep_ids: bool = False) -> int:
-        inputs, ids, skipped = _split(self.job.split, batch, position)
+    def count(self, batch: Any, position: int, *, keep_ids: bool = False) -> int:
+        """Count a batch that is not computed here (another rank's, or a finished shard's)."""
+        _, ids, skipped = _split(self.job.split, batch, position)
         if keep_ids:
             self.ids += ids
             self.skipped += skipped
@@ -351,7 +351,7 @@ def _split(split: Split | None, batch: Any, position: int) -> tuple[Any, list[An
     inputs, ids = parts[0], parts[1]
     skipped = [tuple(item) for item in parts[2]] if len(parts) > 2 else []
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-    return inputs, ids, skipped  # type: ignore[return-value]
+    return inputs, ids, skipped
 
 
 def _length(batch: Any) -> int:
@@ -463,37 +463,3 @@ def _bar(show: bool, total: int | None) -> Iterator[Callable[[int], Any]]:
 
     with tqdm(total=total, disable=not show, unit="item", file=sys.stderr) as bar:
         yield bar.update
-
-
-# -- torchrun ------------------------------------------------------------------------------------
-@contextmanager
-def _process_group() -> Iterator[tuple[int, int]]:
-    """``(rank, world size)``; under torchrun, a gloo process group for the barriers."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        yield 0, 1
-        return
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", timeout=timedelta(days=1))  # ranks may finish hours apart
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        dist.destroy_process_group()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _sum_over_ranks(world: int, computed: int, reused: int) -> tuple[int, int]:
-    if world <= 1:
-        return computed, reused
-    import torch.distributed as dist
-
-    counts = torch.tensor([computed, reused])
-    dist.all_reduce(counts)
-    return int(counts[0]), int(counts[1])

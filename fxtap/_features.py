@@ -178,8 +178,7 @@ class Column:
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        load = lambda value: value.load() if isinstance(value, Column) else value  # noqa: E731
-        return func(*map(load, args), **{key: load(value) for key, value in (kwargs or {}).items()})
+        return func(*map(_loaded, args), **{key: _loaded(value) for key, value in (kwargs or {}).items()})
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         chunks = []
@@ -221,6 +220,10 @@ class Features(NamedTuple):
         for rows in rows_per_shard:
             yield self.files[start : start + rows], {name: value[start : start + rows] for name, value in self.tensors.items()}
             start += rows
+
+
+def _loaded(value: Any) -> Any:
+    return value.load() if isinstance(value, Column) else value
 
 
 def _numpy(value: torch.Tensor) -> np.ndarray:
@@ -297,7 +300,7 @@ def _checked(root: Path, entry: Mapping[str, Any]) -> Path:
         raise FxtapError(f"shard {str(path)!r} is truncated ({size} of {entry['bytes']} bytes): {rerun}")
     try:
         metadata, header = _metadata(path)
-    except Exception as error:  # noqa: BLE001 - any unreadable header is the same problem
+    except Exception as error:
         raise FxtapError(f"shard {str(path)!r} cannot be read ({type(error).__name__}: {error}): {rerun}") from error
     if header.get("file") != path.name:
         raise FxtapError(f"shard {str(path)!r} does not belong here: it is {header.get('file')!r} under another name; {rerun}")

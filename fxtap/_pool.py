@@ -10,7 +10,7 @@ map gives C numbers per example, not H.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, NamedTuple, Union
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -19,7 +19,7 @@ from ._errors import FxtapError
 
 __all__ = ["POOLS", "Pool", "Pooled", "layout", "pool", "pool_of"]
 
-Pool = Union[Literal["avg", "max", "cls", "mean_tokens", "none"], Callable[[torch.Tensor], torch.Tensor]]
+Pool = Literal["avg", "max", "cls", "mean_tokens", "none"] | Callable[[torch.Tensor], torch.Tensor]
 
 POOLS = ("avg", "max", "cls", "mean_tokens", "none")
 

@@ -42,7 +42,7 @@ def tokenizer_for(spec: str, tokenizer: str | None) -> Any:
     """The tokenizer in the folder ``tokenizer`` (default: the folder of an ``hf:PATH`` model)."""
     folder = tokenizer or (spec.removeprefix("hf:") if spec.startswith("hf:") else None)
     if folder is None:
-        raise FxtapError(f"--text needs a tokenizer: give --tokenizer PATH, a local folder with its files (fxtap downloads nothing), or an hf:PATH model")
+        raise FxtapError("--text needs a tokenizer: give --tokenizer PATH, a local folder with its files (fxtap downloads nothing), or an hf:PATH model")
     if not Path(folder).is_dir():
         raise FxtapError(f"tokenizer folder {folder!r} does not exist (fxtap downloads nothing)")
     try:
@@ -51,11 +51,11 @@ def tokenizer_for(spec: str, tokenizer: str | None) -> Any:
         raise FxtapError("--text needs transformers, which is not installed: pip install transformers") from error
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as error:  # noqa: BLE001 - a folder transformers cannot read is bad input
+    except Exception as error:
         raise FxtapError(f"cannot load a tokenizer from {folder!r} ({type(error).__name__}: {one_line(error, 200)})") from error
 
 
-def text_loader(lines: list[tuple[int, str]], tokenizer: Any, *, batch_size: int, max_length: int) -> torch.utils.data.DataLoader:
+def text_loader(lines: list[tuple[int, str]], tokenizer: Any, *, batch_size: int, max_length: int) -> torch.utils.data.DataLoader[Any]:
     """Batches of ``(tokenizer output as a dict, line numbers)``, padded per batch."""
 
     def collate(items: list[tuple[int, str]]) -> tuple[dict[str, torch.Tensor], list[int]]:

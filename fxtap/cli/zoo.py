@@ -134,7 +134,7 @@ def _huggingface(path: str) -> nn.Module:
         raise FxtapError(f"hf:{path} needs transformers, which is not installed: pip install transformers") from error
     try:
         return AutoModel.from_pretrained(path, local_files_only=True)  # type: ignore[no-any-return]
-    except Exception as error:  # noqa: BLE001 - a folder transformers cannot read is bad input
+    except Exception as error:
         raise FxtapError(f"cannot load hf:{path} with transformers.AutoModel ({type(error).__name__}: {one_line(error, 200)})") from error
 
 
@@ -178,7 +178,7 @@ def _factory(spec: str) -> nn.Module:
             )
         try:
             model = factory()
-        except Exception as error:  # noqa: BLE001 - the user's factory: any failure is bad input, said in one line
+        except Exception as error:
             raise FxtapError(f"{spec!r} raised {type(error).__name__}: {one_line(error, 200)}") from error
     else:
         model = factory
@@ -200,7 +200,7 @@ def _import(module_name: str, spec: str) -> Any:
         raise FxtapError(
             f"cannot import {module_name!r} for model {spec!r} ({one_line(error, 200)}): run fxtap from the folder that holds it, or add that folder to PYTHONPATH"
         ) from error
-    except Exception as error:  # noqa: BLE001 - the user's module failed while importing
+    except Exception as error:
         raise FxtapError(f"importing {module_name!r} for model {spec!r} raised {type(error).__name__}: {one_line(error, 200)}") from error
 
 

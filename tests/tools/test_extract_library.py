@@ -67,7 +67,7 @@ def test_extract_library_dataloader_of_text_dicts_with_ids(tmp_path: Path) -> No
         return {key: torch.stack([item[key] for item in items]) for key in ("input_ids", "attention_mask")} | {"name": [item["name"] for item in items]}
 
     loader = torch.utils.data.DataLoader(examples, batch_size=3, collate_fn=collate)  # type: ignore[arg-type]
-    split = lambda batch: ({k: v for k, v in batch.items() if k != "name"}, batch["name"])  # noqa: E731
+    split = lambda batch: ({k: v for k, v in batch.items() if k != "name"}, batch["name"])
     pools = {"mix": "mean_tokens", "embed": "cls"}
     fxtap.extract(model, ["embed", "mix"], loader, tmp_path, pool=pools, ids=split, shard_size=2, progress=False)
     features = fxtap.load_features(tmp_path)
