@@ -25,6 +25,7 @@ from .._values import copy_value, detach_value
 from . import names as _names
 from .model import attribute_paths, preserved, stand_in
 from .prune import from_torch_nn, plan
+from .state import random_calls_recorded, rebinding_checked
 
 __all__ = ["TapPoint", "Traced", "build", "gc_paused", "trace"]
 
@@ -79,6 +80,11 @@ def is_standard_leaf(module: nn.Module) -> bool:
 
 
 class _TapTracer(fx.Tracer):
+    # Buffers are model state, read when the graph runs: without this, math on buffers alone
+    # (``w * (rv + eps).rsqrt()``) runs once while tracing and is stored as a constant, stale
+    # after ``load_state_dict``, and in-place writes to a buffer change the real one while tracing.
+    proxy_buffer_attributes = True
+
     def __init__(self, root: nn.Module, leaves: frozenset[nn.Module]) -> None:
         super().__init__(autowrap_modules=(math,))
         self._leaves = leaves
@@ -177,8 +183,10 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
     root = stand_in(model)
     tracer = _TapTracer(root, leaves)
     try:
-        with preserved(model), gc_paused():
+        with preserved(model), gc_paused(), rebinding_checked(model), random_calls_recorded(tracer):
             graph = tracer.trace(root, concrete_args=concrete_args)
+    except TraceFailedError:
+        raise
     except Exception as error:
         path, kind = tracer.failure or ("", type(model).__name__)
         reason = summary(error)

@@ -13,6 +13,7 @@ from . import hooks as _hooks
 from . import placement as _plan
 from . import regions as _regions
 from .call_spec import graph_args as _graph_args
+from .prune import may_change_state
 
 __all__ = ["Runner"]
 
@@ -42,7 +43,9 @@ class Runner:
         targets = self.assignment.hooks
         if self.graph is not None and not targets:
             return dict(self.graph(*_graph_args(model, args, kwargs)))  # the graph returns keys in order
-        stop_early = self.graph is None and not self._keep_output
+        # Cutting the forward short skips what its rest would do to state (buffers, the RNG):
+        # only when nothing in the model may change state (prune.may_change_state).
+        stop_early = self.graph is None and not self._keep_output and not may_change_state(model)
         in_regions = 0 if self.graph is not None else len(self.assignment.fx)
         from_graph: dict[str, Any] = {}
         with _hooks.capture(model, targets, stop_when_done=stop_early, extra=in_regions) as captured:
