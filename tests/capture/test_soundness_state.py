@@ -424,3 +424,38 @@ def test_a_returned_buffer_read_is_not_changed_by_the_next_call() -> None:
     tapped(torch.randn(1, W))
     assert_same(first, kept)
     assert not torch.equal(kept["index_copy_"], model.cache)
+
+
+class InitOnce(nn.Module):
+    """Branches on a buffer's value (data-dependent init): no graph can hold that branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(W, W)
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("scale", torch.ones(W))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if not self.initialized:
+            self.scale.copy_(1.0 / (h.detach().std(0) + 1e-6))
+            self.initialized.fill_(True)
+        return h * self.scale
+
+
+def test_a_branch_on_a_buffer_value_runs_eagerly() -> None:
+    # before buffers were graph nodes, the branch was decided once while tracing (and the
+    # initialisation ran on the real buffers then)
+    seed_rng(0)
+    model, twin = Net(InitOnce()), None
+    twin = copy.deepcopy(model)
+    before = _buffers(model)
+    with pytest.warns(fxtap.FallbackWarning, match="'rest'"):
+        tapped = fxtap.tap(model, ["first", "rest"], keep_output=True)
+    assert_same(_buffers(model), before)
+    for _ in range(CALLS):
+        x = torch.randn(B, W)
+        out = tapped(x)
+        truth = hook_truth(twin, x)
+        assert_same(out["rest"], truth["rest"])
+        assert_same(_buffers(model), _buffers(twin))
