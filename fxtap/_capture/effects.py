@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx
 
+from . import names as _names
+
 __all__ = ["aliased", "draws_random", "may_draw", "opaque_function", "written"]
 
 # Results that may be (a view of) an argument although no schema says so: Python-level code,
@@ -45,10 +47,7 @@ _VIEW_LIKE = frozenset(
     dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout identity squeeze_ unsqueeze_
     """.split()
 )
-_INPLACE_OPERATORS = frozenset(
-    getattr(operator, name)
-    for name in "iadd iand ifloordiv ilshift imod imul imatmul ior ipow irshift isub itruediv ixor setitem".split()
-)
+_INPLACE_OPERATORS = frozenset(getattr(operator, f"i{name}") for name in _names.INPLACE_OPERATORS) | {operator.setitem}
 # Python functions of torch that draw from the RNG but have no seeded aten op of their name.
 _PYTHON_RANDOM = frozenset(
     """

@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from . import effects as _effects
+from . import names as _names
 
 __all__ = ["Plan", "from_torch_nn", "may_change_state", "plan"]
 
@@ -76,7 +77,7 @@ def _scope(node: fx.Node) -> str:
 
 
 def _runs_in(scope: str, kept_scopes: set[str]) -> bool:
-    return any(s == scope or s.startswith(scope + ".") or not scope for s in kept_scopes)
+    return any(_names.inside(s, scope) for s in kept_scopes)
 
 
 class _Ops:
