@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import torch
 from torch import fx, nn
 from torch.fx.node import Argument
 
@@ -80,14 +81,12 @@ def is_standard_leaf(module: nn.Module) -> bool:
 
 
 class _TapTracer(fx.Tracer):
-    # Buffers are model state, read when the graph runs: without this, math on buffers alone
-    # (``w * (rv + eps).rsqrt()``) runs once while tracing and is stored as a constant, stale
-    # after ``load_state_dict``, and in-place writes to a buffer change the real one while tracing.
-    proxy_buffer_attributes = True
-
     def __init__(self, root: nn.Module, leaves: frozenset[nn.Module]) -> None:
         super().__init__(autowrap_modules=(math,))
         self._leaves = leaves
+        # the path of every parameter and buffer by identity (torch.fx searches them one by one
+        # on every attribute read: quadratic in the number of buffers read in traced code)
+        self._state_paths = {id(t): n for n, t in [*root.named_buffers(), *root.named_parameters()]}
         self.namer = _names.Namer(*attribute_paths(root))
         self.points: dict[str, TapPoint] = {}
         self.failure: tuple[str, str] | None = None  # innermost (path, type) whose forward raised
@@ -98,6 +97,18 @@ class _TapTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return m in self._leaves or is_standard_leaf(m)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # Buffers are model state, read when the graph runs, as parameters are: otherwise math on
+        # buffers alone (``w * (rv + eps).rsqrt()``) runs once while tracing and is stored as a
+        # constant, stale after ``load_state_dict``, and an in-place write into a buffer changes
+        # the real one while tracing. Every read of one tensor is one get_attr node.
+        path = self._state_paths.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
+        if path is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if path not in parameter_proxy_cache:
+            parameter_proxy_cache[path] = self.create_proxy("get_attr", path, (), {})
+        return parameter_proxy_cache[path]
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)

@@ -88,6 +88,7 @@ class _Ops:
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.root = root
         self._parent: dict[fx.Node, fx.Node] = {}
+        self._modules: dict[fx.Node, nn.Module] = {}
         self.writes: dict[fx.Node, list[fx.Node]] = {}
         self.effects: set[fx.Node] = set()  # nodes that change state outliving the call
         attributes: dict[str, fx.Node] = {}
@@ -116,7 +117,10 @@ class _Ops:
             self._parent[ra] = rb
 
     def _module(self, node: fx.Node) -> nn.Module:
-        return self.root.get_submodule(str(node.target))
+        module = self._modules.get(node)
+        if module is None:  # get_submodule walks and checks the path: once per node
+            module = self._modules[node] = self.root.get_submodule(str(node.target))
+        return module
 
     def _alias_sources(self, node: fx.Node) -> list[fx.Node]:
         if node.op == "call_module":
