@@ -56,11 +56,18 @@ def _written_back(model: nn.Module, module: nn.Module, name: str) -> bool:
     value = getattr(module, "_buffers", {}).get(name, getattr(module, "_parameters", {}).get(name))
     if not isinstance(value, fx.Proxy) or value.node.op not in ("call_function", "call_method"):
         return False
-    for node in _effects.written(value.node):
+    return _is_buffer(model, value.node, module, name)
+
+
+def _is_buffer(model: nn.Module, node: fx.Node, module: nn.Module, name: str) -> bool:
+    """Whether ``node`` is the read of ``module.<name>``, or an in-place write into it (the second
+    ``self.calls += 1`` in one forward writes into the first one's result)."""
+    if node.op == "get_attr":
         prefix, _, attribute = str(node.target).rpartition(".")
-        if node.op == "get_attr" and attribute == name and model.get_submodule(prefix) is module:
-            return True
-    return False
+        return attribute == name and model.get_submodule(prefix) is module
+    if node.op not in ("call_function", "call_method"):
+        return False
+    return any(_is_buffer(model, written, module, name) for written in _effects.written(node))
 
 
 class _RandomCalls(TorchFunctionMode):

@@ -459,3 +459,30 @@ def test_a_branch_on_a_buffer_value_runs_eagerly() -> None:
         truth = hook_truth(twin, x)
         assert_same(out["rest"], truth["rest"])
         assert_same(_buffers(model), _buffers(twin))
+
+
+class CountTwice(nn.Module):
+    """One counter module called twice per forward: the second ``+=`` writes into the first's result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counter = Counter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.counter(self.counter(x))
+
+
+def test_a_counter_called_twice_per_forward_is_traced_and_counts_twice() -> None:
+    # found by the thorough property run: the second call's ``self.calls += 1`` looked like a
+    # rebinding (it writes into the first call's result, not into the buffer read)
+    seed_rng(0)
+    model = CountTwice()
+    twin = copy.deepcopy(model)
+    tapped = fxtap.tap(model, ["counter.add", "counter.add_1", "counter_1"], mode="fx")
+    for _ in range(CALLS):
+        x = torch.randn(B, W)
+        out = tapped(x)
+        truth = hook_truth(twin, x)
+        assert_same(out["counter_1"], truth["counter_1"])
+        assert_same(_buffers(model), _buffers(twin))
+    assert int(out["counter.add"]) == 2 * CALLS - 1 and int(out["counter.add_1"]) == 2 * CALLS
