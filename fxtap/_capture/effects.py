@@ -158,15 +158,16 @@ def _facts_of(op: str, target: Any) -> _Facts:
                 aliases.add((position, argument.name))
             default = argument.default_value if argument.has_default_value() else _MISSING
             parameters.setdefault(argument.name, (argument.name, position, default))
-    python = hasattr(target, "__code__")  # a torch Python function: its own parameters bind arguments
-    return _Facts(tuple(sorted(writes)) if not python else (), tuple(sorted(aliases)) if not python else (), seeded, () if python else tuple(parameters.values()))
+    if hasattr(target, "__code__"):  # a torch Python function: its own parameters bind arguments
+        return _Facts((), (), seeded, ())
+    return _Facts(tuple(sorted(writes)), tuple(sorted(aliases)), seeded, tuple(parameters.values()))
 
 
 def _overloads(op: str, target: Any) -> list[Any] | None:
     if isinstance(target, torch._ops.OpOverload):
         return [target]
     if isinstance(target, torch._ops.OpOverloadPacket):
-        return [getattr(target, name) for name in target.overloads()]
+        return _overloads_of(target)
     if op == "call_method" and isinstance(target, str):
         name = target
     elif op == "call_function" and _of_torch(target):
@@ -176,7 +177,11 @@ def _overloads(op: str, target: Any) -> list[Any] | None:
     packet = getattr(torch.ops.aten, name, None) if name and not name.startswith("__") else None
     if not isinstance(packet, torch._ops.OpOverloadPacket):
         return None
-    return [getattr(packet, overload) for overload in packet.overloads()]
+    return _overloads_of(packet)
+
+
+def _overloads_of(packet: Any) -> list[Any]:
+    return [getattr(packet, name) for name in packet.overloads()]
 
 
 def _of_torch(target: Any) -> bool:
@@ -206,7 +211,7 @@ def _bound(node: fx.Node, name: str) -> Any:
             index = names.index(name)
             if index < len(node.args):
                 return node.args[index]
-            defaults = node.target.__defaults__ or ()
+            defaults = getattr(node.target, "__defaults__", None) or ()
             offset = index - (len(names) - len(defaults))
             return defaults[offset] if offset >= 0 else _MISSING
         return (getattr(node.target, "__kwdefaults__", None) or {}).get(name, _MISSING)
