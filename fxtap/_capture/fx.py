@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import torch
 from torch import fx, nn
 from torch.fx.node import Argument
 
@@ -25,6 +26,7 @@ from .._values import copy_value, detach_value
 from . import names as _names
 from .model import attribute_paths, preserved, stand_in
 from .prune import from_torch_nn, plan
+from .state import random_calls_recorded, rebinding_checked
 
 __all__ = ["TapPoint", "Traced", "build", "gc_paused", "trace"]
 
@@ -92,6 +94,9 @@ class _TapTracer(fx.Tracer):
     def __init__(self, root: nn.Module, leaves: frozenset[nn.Module]) -> None:
         super().__init__(autowrap_modules=(math,))
         self._leaves = leaves
+        # the path of every parameter and buffer by identity (torch.fx searches them one by one
+        # on every attribute read: quadratic in the number of buffers read in traced code)
+        self._state_paths = {id(t): n for n, t in [*root.named_buffers(), *root.named_parameters()]}
         self.namer = _names.Namer(*attribute_paths(root))
         self.points: dict[str, TapPoint] = {}
         self.failure: tuple[str, str] | None = None  # innermost (path, type) whose forward raised
@@ -102,6 +107,18 @@ class _TapTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return m in self._leaves or is_standard_leaf(m)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # Buffers are model state, read when the graph runs, as parameters are: otherwise math on
+        # buffers alone (``w * (rv + eps).rsqrt()``) runs once while tracing and is stored as a
+        # constant, stale after ``load_state_dict``, and an in-place write into a buffer changes
+        # the real one while tracing. Every read of one tensor is one get_attr node.
+        path = self._state_paths.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
+        if path is None:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if path not in parameter_proxy_cache:
+            parameter_proxy_cache[path] = self.create_proxy("get_attr", path, (), {})
+        return parameter_proxy_cache[path]
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -187,8 +204,10 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
     root = stand_in(model)
     tracer = _TapTracer(root, leaves)
     try:
-        with preserved(model), gc_paused():
+        with preserved(model), gc_paused(), rebinding_checked(model), random_calls_recorded(tracer):
             graph = tracer.trace(root, concrete_args=concrete_args)
+    except TraceFailedError:
+        raise
     except Exception as error:
         path, kind = tracer.failure or ("", type(model).__name__)
         reason = summary(error)
