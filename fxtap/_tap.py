@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -13,6 +13,7 @@ from ._capture import analysis as _analysis
 from ._capture import call_spec as _call
 from ._capture import describe
 from ._capture import fx as _fx
+from ._capture import guard as _guard
 from ._capture import names as _names
 from ._capture import placement as _plan
 from ._capture import regions as _regions
@@ -134,7 +135,7 @@ class Tapped(nn.Module):
         self._detach = detach
         self._keep_output = keep_output
         self._warned: set[str] = set()
-        self._runners: dict[Hashable, _Runner] = {}
+        self._runners: _guard.GraphCache[_Runner] = _guard.GraphCache()  # guarded: see _capture/guard.py
         self._default_spec = _call.default_spec(model)
         params = _call.parameters(model)
         # how many tensors a call passes positionally when it leaves every default alone (-1: unknown)
@@ -220,21 +221,21 @@ class Tapped(nn.Module):
     # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Tapped:
         result = super()._apply(fn, *args, **kwargs)
-        self._runners = {}  # buffers read by the graph may be new tensor objects now
+        self._runners = _guard.GraphCache()  # buffers read by the graph may be new tensor objects now
         return result
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_runners"] = {}
+        state["_runners"] = _guard.GraphCache()
         return state
 
     def _runner(self, spec: tuple[tuple[str, Any], ...], *, stacklevel: int) -> _Runner:
-        key = (self.model.training, spec)
-        runner = self._runners.get(key)
+        key = (self.model.training, _guard.freeze(spec))
+        runner = self._runners.lookup(key)  # None when never built, evicted, or the model changed since
         if runner is None:
             with _fx.gc_paused():  # building allocates a few objects per node: see gc_paused
                 runner = self._build(dict(spec), stacklevel=stacklevel + 1)
-            self._runners[key] = runner
+            self._runners.put(key, runner, _guard.of_runner(self.model, runner))
         return runner
 
     def _checked_spec(self, *, stacklevel: int) -> tuple[tuple[str, Any], ...]:

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._values import copy_value
 from . import names as _names
+from .hazards import mark_fxtap_hook
 from .model import attribute_paths
 
 __all__ = ["HookTarget", "capture", "hook_targets", "module_paths", "nearest_module"]
@@ -119,7 +120,7 @@ class _Capture:
             if name is not None:
                 self.add(name, copy_value(output) if self._copy else output)
 
-        return record
+        return mark_fxtap_hook(record)
 
 
 @contextmanager
