@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from torch import fx, nn
+from torch.nn.utils import parametrize
 from torch.fx.node import Argument
 
 from .._errors import TraceFailedError, summary
@@ -78,8 +79,17 @@ for _op in "iadd iand ifloordiv ilshift imod imul imatmul ior ipow irshift isub 
 
 
 def is_standard_leaf(module: nn.Module) -> bool:
-    """torch.fx's own leaf rule: modules from ``torch.nn`` itself, except the containers."""
-    return from_torch_nn(module) and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+    """torch.fx's own leaf rule: modules from ``torch.nn`` itself, except the containers.
+
+    A parametrized module's class is made in ``torch.nn.utils.parametrize``: judge the class
+    it was made from (a parametrized user block is still the user's code, traced through)."""
+    if parametrize.is_parametrized(module):
+        made_from = type(module).__bases__[0]
+        return made_from.__module__.startswith(("torch.nn", "torch.ao.nn")) and not issubclass(made_from, _CONTAINERS)
+    return from_torch_nn(module) and not isinstance(module, _CONTAINERS)
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class _TapTracer(fx.Tracer):
