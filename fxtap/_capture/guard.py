@@ -8,8 +8,9 @@ next call without a rebuild. What a trace *bakes in* is checked before every cal
 
 - the identity of every child of every module whose code was traced through (a swapped
   submodule), and the class of each of those modules (a parametrization changes it);
-- the ``training`` flag of every module the graph traced through or calls (``.eval()`` on one
-  submodule);
+- the ``training`` flag of every module the graph traced through or calls whose code mentions
+  ``training`` (with every module below a traced-through one that does): ``.eval()`` on one
+  submodule;
 - the plain Python attributes of the traced-through modules (``self.alpha``, a schedule): by
   identity, and for a list, dict or set by its items;
 - user hooks: any hook registered anywhere since the last check (``RemovableHandle.next_id``
@@ -102,7 +103,11 @@ def watch(source: nn.Module, inlined: Iterable[str], called: Iterable[str], read
     the root included implicitly) and calls the leaf modules at ``called``."""
     through = _unique([source, *(source.get_submodule(p) for p in inlined if p)])
     leaves = _unique([m for p in called if (m := _find(source, p)) is not None])
-    slots: list[tuple[dict[str, Any], str]] = [(m.__dict__, "training") for m in _unique(through + leaves)]
+    known: dict[type, bool] = {}
+    # a module whose code mentions ``training`` may read a descendant's flag (``self.drop.training``)
+    moded = _unique([d for m in through if _reads_training(type(m), known) for d in m.modules()])
+    moded = _unique(moded + [m for m in leaves if _reads_training(type(m), known)])
+    slots: list[tuple[dict[str, Any], str]] = [(m.__dict__, "training") for m in moded]
     slots += [(m._modules, name) for m in through for name in m._modules]
     plain = [
         (m.__dict__, key, value)
@@ -132,6 +137,28 @@ def watch_paths(root: nn.Module, paths: Iterable[str]) -> Guard:
             slots.append((module._modules, part))
             module = module._modules[part]  # type: ignore[assignment]
     return Guard(slots, [], [], [], False)
+
+
+def _reads_training(cls: type, known: dict[type, bool]) -> bool:
+    """Whether code of ``cls`` (any method, nested functions included; ``nn.Module``'s own
+    excepted) mentions ``training``: only then can its ``training`` flag change what it does.
+    Checking fewer flags keeps the guard cheap on deep models of simple blocks."""
+    if cls not in known:
+        codes = [
+            value.__code__
+            for klass in cls.__mro__
+            if klass not in (nn.Module, object)
+            for value in vars(klass).values()
+            if hasattr(value, "__code__")
+        ]
+        known[cls] = any(_mentions(code, "training") for code in codes) or not codes
+    return known[cls]
+
+
+def _mentions(code: Any, word: str) -> bool:
+    if word in code.co_names or word in code.co_consts:
+        return True
+    return any(_mentions(const, word) for const in code.co_consts if hasattr(const, "co_names"))
 
 
 def _find(root: nn.Module, path: str) -> nn.Module | None:
