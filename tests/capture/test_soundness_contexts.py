@@ -381,3 +381,24 @@ def test_compare_flags_nothing_and_uses_eager_truth_inside_opaque_blocks() -> No
     result = fxtap.compare(model, ["blocks.1", "blocks.1.fc", "head", "blocks.2.add"], torch.randn(2, 4))
     assert result.ok, str(result)
     assert result["blocks.1.fc"].fx is False  # captured by a hook inside the opaque block
+
+
+_CALLS = [0]  # Python state outside the model, which no detection can see
+
+
+class GlobalCounter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _CALLS[0] += 1
+        return torch.relu(self.fc(x)) * _CALLS[0]
+
+
+def test_compare_does_not_take_a_graph_that_differs_from_eager_as_the_truth() -> None:
+    model = GlobalCounter()
+    result = fxtap.compare(model, ["fc", "relu", "mul"], torch.randn(2, 4))
+    assert result["fc"].ok  # a module call: its truth is a hook in the eager model
+    assert not result["mul"].ok and result["mul"].vs_truth == float("inf")  # the graph baked the counter
+    assert not result.ok
