@@ -303,7 +303,8 @@ def _build(
     _guard.bind_live(module, traced.root)
     if traced.source is not None:
         called = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
-        module.meta["fxtap_guard"] = _guard.watch(traced.source, traced.inlined, called, traced.reads_grad_mode)
+        read = {str(n.target) for n in traced.graph.nodes if n.op == "get_attr" and "." not in str(n.target)}
+        module.meta["fxtap_guard"] = _guard.watch(traced.source, traced.inlined, called, traced.reads_grad_mode, read)
     return module
 
 

@@ -1,9 +1,9 @@
 """Keeping a built graph current: the model after ``tap()`` is the model that runs.
 
-A graph built by fxtap reads parameters, buffers and leaf modules *live*, through the user's
-own module tree (``bind_live``): ``model.half()``, a reassigned buffer or parameter,
-``load_state_dict(assign=True)``, a parametrization or a swapped leaf module are seen by the
-next call without a rebuild. What a trace *bakes in* is checked before every call by a
+A graph built by fxtap reads submodules, and the parameters and buffers inside them, *live*,
+through the user's own module tree (``bind_live``): ``model.half()``, a reassigned buffer or
+parameter, ``load_state_dict(assign=True)`` or a parametrization are seen by the next call
+without a rebuild (a top-level parameter or buffer is watched by the guard instead). What a trace *bakes in* is checked before every call by a
 ``Guard``, and a graph whose guard fails is rebuilt:
 
 - the identity of every child of every module whose code was traced through (a swapped
@@ -46,14 +46,18 @@ _MISSING: Any = object()
 
 
 def bind_live(graph: fx.GraphModule, root: nn.Module) -> None:
-    """Make ``graph`` read submodules, parameters and buffers through ``root``'s own registries.
+    """Make ``graph`` reach every submodule through the user's own modules.
 
-    ``fx.GraphModule`` copies references to what its nodes use at build time, so a reassigned
-    buffer or a swapped module would go unseen. ``root`` is fxtap's stand-in of the user's model,
-    which shares the user's ``_modules``, ``_parameters`` and ``_buffers`` dicts.
+    ``fx.GraphModule`` builds its own containers down to each module and attribute its nodes
+    use, holding references taken at build time, so a swapped module or a reassigned buffer
+    would go unseen. Putting the user's top-level modules in place of those containers makes
+    every lookup below them live. (Only the used ones: an exported graph holds no more than it
+    uses.) Top-level parameters and buffers stay references: ``watch`` guards their slots.
     """
-    for registry in ("_modules", "_parameters", "_buffers"):
-        graph.__dict__[registry] = root.__dict__[registry]
+    own = root.__dict__["_modules"]  # fxtap's stand-in shares the user's registries
+    for name in list(graph._modules):
+        if name in own:
+            graph._modules[name] = own[name]
 
 
 class Guard:
@@ -98,9 +102,12 @@ class Guard:
         return HOLDS
 
 
-def watch(source: nn.Module, inlined: Iterable[str], called: Iterable[str], reads_grad_mode: bool) -> Guard:
+def watch(
+    source: nn.Module, inlined: Iterable[str], called: Iterable[str], reads_grad_mode: bool, attributes: Iterable[str] = ()
+) -> Guard:
     """The guard of a trace of ``source`` that traced through the modules at ``inlined`` (paths,
-    the root included implicitly) and calls the leaf modules at ``called``."""
+    the root included implicitly), calls the leaf modules at ``called`` and reads the top-level
+    parameters or buffers ``attributes``."""
     through = _unique([source, *(source.get_submodule(p) for p in inlined if p)])
     leaves = _unique([m for p in called if (m := _find(source, p)) is not None])
     known: dict[type, bool] = {}
@@ -115,6 +122,8 @@ def watch(source: nn.Module, inlined: Iterable[str], called: Iterable[str], read
         for key, value in m.__dict__.items()
         if key not in _MODULE_KEYS and not isinstance(value, nn.Module)
     ]
+    for registry in (source._parameters, source._buffers):  # tensors: compared by identity, with the plain values
+        plain += [(registry, name, registry[name]) for name in attributes if name in registry]
     return Guard(slots, through, plain, through, reads_grad_mode)
 
 
