@@ -132,8 +132,9 @@ def of_runner(model: nn.Module, runner: Any) -> Guard | None:
     submodules it traced on their own (their graphs have their own guards)."""
     if runner.graph is not None:
         return runner.graph.meta.get("fxtap_guard")  # type: ignore[no-any-return]
-    if runner.regions:
-        return watch_paths(model, [region.path for region in runner.regions])
+    regions = runner.placement.regions
+    if regions:
+        return watch_paths(model, [region.path for region in regions])
     return None
 
 
