@@ -114,6 +114,12 @@ class _TapTracer(fx.Tracer):
         self.naming: list[tuple[str, str, str]] = []  # what _names.Replay needs to name later calls
         self._scopes: list[tuple[str, str]] = [("", type(root).__name__)]
         self.reads_grad_mode = False  # set by _hazards.watching
+        self.hazard: tuple[str, str, _hazards.Hazard] | None = None  # the first hazard met: (path, type, error)
+
+    def found(self, hazard: _hazards.Hazard) -> None:
+        """Called by _hazards where traced code does what a graph cannot hold."""
+        if self.hazard is None:
+            self.hazard = (*self._scopes[-1], hazard)
 
     def create_arg(self, a: Any) -> Argument:
         with _hazards.tracer_internals():  # torch.fx stores tensor constants on the root: not the model's write
@@ -260,6 +266,10 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
         raise TraceFailedError(
             f"torch.fx cannot trace {where}: {reason}", module=path, module_type=kind, reason=reason
         ) from error
+    if tracer.hazard is not None:  # raised inside the model's code, and swallowed by its own ``except``
+        path, kind, hazard = tracer.hazard
+        where = f"submodule {path!r} ({kind})" if path else f"the forward of {kind} itself"
+        raise TraceFailedError(f"torch.fx cannot trace {where}: {hazard}", module=path, module_type=kind, reason=str(hazard))
     source = getattr(type(model), "_fxtap_source", model)
     return Traced(graph, root, tracer.points, tracer.inlined, tracer.naming, source, tracer.reads_grad_mode)
 

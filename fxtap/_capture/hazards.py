@@ -89,8 +89,11 @@ def tracer_internals() -> Iterator[None]:
 
 def _guarded(original: Callable[..., Any], describe: Callable[..., str]) -> Callable[..., Any]:
     def patched(*args: Any, **kwargs: Any) -> Any:
-        if _STATE.tracer is not None and not _STATE.internal:
-            raise Hazard(describe(*args, **kwargs))
+        tracer = _STATE.tracer
+        if tracer is not None and not _STATE.internal:
+            hazard = Hazard(describe(*args, **kwargs))
+            tracer.found(hazard)  # kept even if the model's own ``except Exception`` swallows it
+            raise hazard
         return original(*args, **kwargs)
 
     patched.__wrapped__ = original  # type: ignore[attr-defined]

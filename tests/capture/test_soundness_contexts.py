@@ -402,3 +402,22 @@ def test_compare_does_not_take_a_graph_that_differs_from_eager_as_the_truth() ->
     assert result["fc"].ok  # a module call: its truth is a hook in the eager model
     assert not result["mul"].ok and result["mul"].vs_truth == float("inf")  # the graph baked the counter
     assert not result.ok
+
+
+class Swallows(_Plain):
+    """Catches every exception around a grad-mode change (fxtap's detection must still hold)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            with torch.no_grad():
+                y = self.fc(x)
+        except Exception:
+            y = self.fc(x)
+        return x + y
+
+
+def test_hazard_swallowed_by_the_models_own_except_is_still_found() -> None:
+    with pytest.raises(fxtap.TraceFailedError) as info:
+        fxtap.tap(_Stack(Swallows()), ["stem"], mode="fx")
+    assert info.value.module == "blocks.1"
+    assert "changes the grad mode" in info.value.reason
