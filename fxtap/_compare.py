@@ -217,7 +217,18 @@ def _graph_truth(model: nn.Module, names: list[str], args: tuple[Any, ...], kwar
         return {}
     interpreter = _Snapshots(analysis.traced, names)
     output = interpreter.run(*[bound.arguments[p.name] for p in params])
-    return {**interpreter.values, _OUTPUT: detach_value(copy_value(output))}
+    return {**interpreter.values, _OUTPUT: detach_value(copy_value(_plain(output)))}
+
+
+def _plain(value: Any) -> Any:
+    """A graph's output with torch.fx's immutable containers made plain (as the eager model's)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 # -- every run from the same state ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ from . import analysis as _plan
 from . import fx as _fx
 from . import guard as _guard
 from . import hooks as _hooks
+from .hazards import is_fxtap_hook
 from . import names as _names
 from .model import ModelPaths, stand_in
 
@@ -297,6 +298,10 @@ def _resolve_in(
             continue
         points = {n: p for n, p in analysis.traced.points.items() if p.kind != "input"}
         wanted = _place(path, analysis.traced.naming, points, inside, paths, result)
+        if child.__dict__.get("_forward_hooks") and any(not is_fxtap_hook(h) for h in child._forward_hooks.values()):
+            # the user's forward hooks run after the graph and may change its output: a hook of
+            # fxtap's, registered after them, captures the child's own output instead
+            wanted = {name: local for name, local in wanted.items() if local}
         leftover += [n for n in inside if n not in wanted]
         if wanted:
             keep = frozenset(analysis.hookable_under()) - {""}
