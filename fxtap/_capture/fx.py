@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from torch import fx, nn
-from torch.nn.utils import parametrize
 from torch.fx.node import Argument
+from torch.nn.utils import parametrize
 
 from .._errors import TraceFailedError, summary
 from .._values import copy_value, detach_value

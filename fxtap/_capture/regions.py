@@ -31,8 +31,8 @@ from . import analysis as _plan
 from . import fx as _fx
 from . import guard as _guard
 from . import hooks as _hooks
-from .hazards import is_fxtap_hook
 from . import names as _names
+from .hazards import is_fxtap_hook
 from .model import ModelPaths, stand_in
 
 __all__ = ["Region", "Resolution", "resolve", "serve", "trace_alone"]
