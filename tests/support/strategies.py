@@ -19,8 +19,10 @@ branches; one module instance called two or three times; in-place ops (ReLU(inpl
 view) after a tapped value; dropout and batch norm; a branch on ``self.training``; tuple and
 dict valued submodules; a submodule called with a keyword input; when asked for (``stateful``),
 buffers written in place and read later (``Stateful``: an EMA, a counter, a queue); and, when asked for, code that
-torch.fx cannot trace (a branch on a tensor, a data-dependent loop, ``int(x.shape[0])``),
-nested at random depth, possibly in the root's own ``forward``.
+torch.fx cannot trace (a branch on a tensor, a data-dependent loop, ``int(x.shape[0])``) or
+whose semantics a graph cannot hold (a grad-mode or autocast context in forward, a user hook
+that changes a block's input or output), nested at random depth, possibly in the root's own
+``forward``.
 
 In-place ops only ever write into a tensor that a ``Linear`` (or a ``Sequential`` ending in one)
 has just returned, possibly through an alias (``Identity``, ``Dropout``) or a view: such a
@@ -364,6 +366,62 @@ class IntShape(Untraceable):
         return self.f(x).reshape(n, W)
 
 
+class Ctx(Untraceable):
+    """A context manager in forward (grad mode, autocast): a graph cannot record it, so fxtap
+    runs this block eagerly, exactly as untraceable code."""
+
+    def __init__(self, f: nn.Module, how: str) -> None:
+        super().__init__()
+        self.f = f
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "no_grad":
+            with torch.no_grad():
+                y = self.f(x)
+        elif self.how == "set_grad_enabled":
+            with torch.set_grad_enabled(False):
+                y = self.f(x)
+        elif self.how == "enable_grad":
+            with torch.enable_grad():
+                y = self.f(x)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = self.f(x)
+        return x + y.float()
+
+
+class Hooked(nn.Module):
+    """A block with a user hook that changes its input or output (activation steering). fxtap
+    cannot trace through user hooks: in a graph this block is one opaque step; traced on its
+    own (under eager code) its own ``__call__`` runs the hook around its graph."""
+
+    def __init__(self, f: nn.Module, how: str) -> None:
+        super().__init__()
+        self.f = f
+        if how == "forward":
+            self.register_forward_hook(_steer_output)
+        elif how == "pre":
+            self.register_forward_pre_hook(_steer_input)
+        else:
+            self.register_forward_hook(_steer_kwargs, with_kwargs=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _op(self, "add", x + self.f(x))
+
+
+def _steer_output(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return output * 0.5 + 0.25
+
+
+def _steer_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (inputs[0] - 0.5,)
+
+
+def _steer_kwargs(module: nn.Module, args: Any, kwargs: Any, output: torch.Tensor) -> torch.Tensor:
+    return -output
+
+
 # -- the root: several inputs, keyword inputs, tensor / tuple / dict outputs ---------------------------
 class _Root(nn.Module):
     def __init__(self, body: nn.Module, out: str, untraceable: bool) -> None:
@@ -411,7 +469,7 @@ class RootKw(_Root):
 # -- specs ------------------------------------------------------------------------------------------------
 LEAVES = ("linear", "tanh", "relu", "gelu", "layernorm", "batchnorm", "dropout", "identity")
 COMPOSITES = ("seq", "stack", "router", "residual", "concat", "arith", "view", "repeat", "inplace", "train", "pair", "mix")
-UNTRACEABLE = ("gate", "loop", "intshape")
+UNTRACEABLE = ("gate", "loop", "intshape", "ctx", "hooked")  # the last two: semantics a graph cannot hold
 
 
 @dataclass(frozen=True)
@@ -466,6 +524,8 @@ def build_block(spec: Spec) -> nn.Module:
         "gate": lambda: Gate(kids[0], kids[1]),
         "loop": lambda: DataLoop(kids[0]),
         "intshape": lambda: IntShape(kids[0]),
+        "ctx": lambda: Ctx(kids[0], how),
+        "hooked": lambda: Hooked(kids[0], how),
     }
     return simple[kind]()
 
@@ -478,8 +538,13 @@ _HOW = {
     "repeat": ("chain2", "chain3", "sum2", "sum3"),
     "pair": ("tuple", "dict"),
     "state": ("ema", "counter", "last", "queue"),
+    "ctx": ("no_grad", "set_grad_enabled", "enable_grad", "autocast"),
+    "hooked": ("forward", "pre", "kwargs"),
 }
-_ARITY = {"state": 1, "router": 2, "residual": 1, "concat": 2, "arith": 2, "repeat": 1, "train": 2, "pair": 2, "mix": 2, "gate": 2, "loop": 1, "intshape": 1}
+_ARITY = {
+    "state": 1, "router": 2, "residual": 1, "concat": 2, "arith": 2, "repeat": 1, "train": 2, "pair": 2,
+    "mix": 2, "gate": 2, "loop": 1, "intshape": 1, "ctx": 1, "hooked": 1,
+}  # fmt: skip
 _INPLACE_HOW = ("act", "+=", "add_", "F.relu", "relu_", "mul_")
 _INPLACE_VIA = ("none", "identity", "dropout", "view")
 
@@ -566,7 +631,7 @@ def _annotate(model: nn.Module) -> None:
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             code[path], call = parent, "fx"  # never called: its children are called by its owner
         elif parent == "traced":
-            code[path], call = ("opaque" if isinstance(module, Untraceable) else "traced"), "fx"
+            code[path], call = ("opaque" if isinstance(module, (Untraceable, Hooked)) else "traced"), "fx"
         elif parent == "opaque":
             code[path], call = "opaque", "hook"
         elif isinstance(module, Untraceable):
