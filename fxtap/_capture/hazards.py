@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from . import state as _state
+
 __all__ = ["Hazard", "global_hooks", "is_fxtap_hook", "mark_fxtap_hook", "user_hooks", "watching"]
 
 
@@ -87,11 +89,14 @@ def tracer_internals() -> Iterator[None]:
         _STATE.internal -= 1
 
 
-def _guarded(original: Callable[..., Any], describe: Callable[..., str]) -> Callable[..., Any]:
+def _guarded(original: Callable[..., Any], describe: Callable[..., str | None]) -> Callable[..., Any]:
     def patched(*args: Any, **kwargs: Any) -> Any:
         tracer = _STATE.tracer
-        if tracer is not None and not _STATE.internal:
-            hazard = Hazard(describe(*args, **kwargs))
+        reason = describe(*args, **kwargs) if tracer is not None and not _STATE.internal else ""
+        if reason is None:  # nothing to do while tracing: the graph holds it already
+            return None
+        if reason:
+            hazard = Hazard(reason)
             tracer.found(hazard)  # kept even if the model's own ``except Exception`` swallows it
             raise hazard
         return original(*args, **kwargs)
@@ -119,7 +124,9 @@ def _saved_reason(*args: Any, **kwargs: Any) -> str:
     )
 
 
-def _setattr_reason(module: nn.Module, name: str, value: Any) -> str:
+def _setattr_reason(module: nn.Module, name: str, value: Any) -> str | None:
+    if _state.writes_back(_STATE.tracer.root, module, name, value):
+        return None  # ``self.calls += 1`` on a buffer: the in-place write is in the graph; eager assigns back the same tensor
     return f"writes the attribute {name!r} of a {type(module).__name__} (Python-side state that a graph cannot record)"
 
 
