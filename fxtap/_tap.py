@@ -232,9 +232,12 @@ class Tapped(nn.Module):
         key = (self.model.training, spec)
         runner = self._runners.get(key)
         if runner is None:
-            with _fx.gc_paused():  # building allocates a few objects per node: see gc_paused
-                runner = self._build(dict(spec), stacklevel=stacklevel + 1)
-            self._runners[key] = runner
+            with _fx.exclusive():  # concurrent first calls build once (and trace one at a time)
+                runner = self._runners.get(key)
+                if runner is None:
+                    with _fx.gc_paused():  # building allocates a few objects per node: see gc_paused
+                        runner = self._build(dict(spec), stacklevel=stacklevel + 1)
+                    self._runners[key] = runner
         return runner
 
     def _checked_spec(self, *, stacklevel: int) -> tuple[tuple[str, Any], ...]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import math
 import operator
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +27,31 @@ from . import names as _names
 from .model import attribute_paths, preserved, stand_in
 from .prune import from_torch_nn, plan
 
-__all__ = ["TapPoint", "Traced", "build", "gc_paused", "trace"]
+__all__ = ["TapPoint", "Traced", "build", "exclusive", "gc_paused", "trace"]
+
+# torch.fx patches ``nn.Module.__call__``/``__getattr__`` on the class while it traces and puts
+# back what it found when it is done: two traces overlapping in time would put back each other's
+# patches. So fxtap traces (and builds what it caches) one at a time; the tracer itself sends
+# other threads' module calls and attribute reads to the original code (see ``_TapTracer``).
+_EXCLUSIVE = threading.RLock()
+
+
+def exclusive() -> threading.RLock:
+    """The lock held while fxtap traces: hold it to build something once, across threads."""
+    return _EXCLUSIVE
+
+
+class _OwnThreadIds(set[int]):
+    """The ids of the functions torch.fx wraps automatically (``math.sqrt``), as seen by the
+    tracing thread only: another thread whose module call passes the patched ``__call__`` meanwhile
+    must not have the functions of its module wrapped (a wrapper torch.fx might never remove)."""
+
+    def __init__(self, ids: set[int], thread: int) -> None:
+        super().__init__(ids)
+        self.thread = thread
+
+    def __contains__(self, item: object) -> bool:
+        return threading.get_ident() == self.thread and super().__contains__(item)
 
 
 class TapPoint(NamedTuple):
@@ -79,8 +104,20 @@ def is_standard_leaf(module: nn.Module) -> bool:
 
 
 class _TapTracer(fx.Tracer):
+    """Names every node and records module outputs; never sees another thread's calls.
+
+    While it traces, torch.fx's patched ``nn.Module.__call__`` and ``__getattr__`` call this
+    tracer's ``call_module`` and ``getattr`` for *every* thread. Calls from a thread other than
+    the tracing one go straight to the module's own ``__call__`` (hooks and all) and attribute
+    reads return the attribute: that thread runs exactly as if nothing were traced.
+    """
+
     def __init__(self, root: nn.Module, leaves: frozenset[nn.Module]) -> None:
         super().__init__(autowrap_modules=(math,))
+        self.thread = threading.get_ident()
+        ids = getattr(self, "_autowrap_function_ids", None)
+        if isinstance(ids, set):
+            self._autowrap_function_ids = _OwnThreadIds(ids, self.thread)
         self._leaves = leaves
         self.namer = _names.Namer(*attribute_paths(root))
         self.points: dict[str, TapPoint] = {}
@@ -96,7 +133,14 @@ class _TapTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
     def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)  # torch.fx's ``forward`` here is the module's own __call__
         path = self.path_of_module(m)
         index = self._calls.get(path, 0)
         self._calls[path] = index + 1
@@ -177,7 +221,7 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
     root = stand_in(model)
     tracer = _TapTracer(root, leaves)
     try:
-        with preserved(model), gc_paused():
+        with _EXCLUSIVE, preserved(model), gc_paused():
             graph = tracer.trace(root, concrete_args=concrete_args)
     except Exception as error:
         path, kind = tracer.failure or ("", type(model).__name__)

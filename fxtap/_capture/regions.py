@@ -171,7 +171,9 @@ class Region:
         template, tensors = _call_template(args, kwargs)
         key = (self.module.training, template.key())
         if key not in self._graphs:
-            self._graphs[key] = self._build(template)
+            with _fx.exclusive():  # concurrent first calls build once
+                if key not in self._graphs:
+                    self._graphs[key] = self._build(template)
         built = self._graphs[key]
         if built is None:
             return None
@@ -319,6 +321,8 @@ class _Router:
     Each thread's tapped call registers its own handler; any other call (another thread, or no
     tapped call at all) goes to the module's own forward. The last one out removes the router.
     """
+
+    fxtap_installed = True  # _model.preserved leaves it in place: it belongs to running calls
 
     def __init__(self, module: nn.Module, previous: Any) -> None:
         self.module = module
