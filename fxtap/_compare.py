@@ -31,6 +31,7 @@ from torch import fx, nn
 from ._capture import analysis as _plan
 from ._capture import hooks as _hooks
 from ._capture import names as _names
+from ._capture.fx import realize
 from ._capture.model import unwrap
 from ._errors import FallbackWarning, MissingCallError
 from ._tap import Tapped, tap
@@ -193,7 +194,7 @@ class _Snapshots(fx.Interpreter):
         result = super().run_node(n)
         self.env[n] = result
         for point in self.points.get(n, []):
-            value = fx.node.map_arg(point.value, lambda node: self.env[node])
+            value = realize(fx.node.map_arg(point.value, lambda node: self.env[node]))
             self.values[point.name] = detach_value(copy_value(value))
         return result
 

@@ -16,6 +16,7 @@ from ._capture import fx as _fx
 from ._capture import names as _names
 from ._capture import placement as _plan
 from ._capture import regions as _regions
+from ._capture.hooks import alias_hints
 from ._capture.model import unwrap
 from ._capture.runner import Runner as _Runner
 from ._errors import (
@@ -141,6 +142,7 @@ class Tapped(nn.Module):
         self._required = sum(1 for p in params if p.default is p.empty and p.kind != p.KEYWORD_ONLY) if _call.plain(params) else -1
         self._spec = self._checked_spec(stacklevel=6)  # checks the names now, not at first call
         self._last_spec = self._spec  # what mode, paths and report() describe
+        _call.adopt_signature(self, model)  # torch.export reads the model's argument names
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -172,9 +174,6 @@ class Tapped(nn.Module):
         return table(["name", "key", "path", "module type", "reason"], rows)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        # Under torch.compile/torch.export, keep Python-side dispatch trivial: default arguments.
-        if torch.compiler.is_compiling():
-            return self._runner(self._spec, stacklevel=6).run(self.model, args, kwargs)
         if self._plain_call(args, kwargs):
             spec = self._spec  # the common call, tensors for the required arguments: no signature binding
         else:
@@ -224,9 +223,13 @@ class Tapped(nn.Module):
         return result
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+        state = _call.drop_signature(self.__dict__.copy())
         state["_runners"] = {}
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        _call.adopt_signature(self, self.model)
 
     def _runner(self, spec: tuple[tuple[str, Any], ...], *, stacklevel: int) -> _Runner:
         key = (self.model.training, spec)
@@ -294,7 +297,7 @@ class Tapped(nn.Module):
         found = _regions.resolve(self.model, list(self._request), analysis.fallbacks[""])
         if found.unknown:
             available = found.available + [p for p, _ in self.model.named_modules() if p and p not in found.available]
-            message = _names.unknown_name_message(found.unknown, type(self.model).__name__, available)
+            message = "\n".join([_names.unknown_name_message(found.unknown, type(self.model).__name__, available)] + alias_hints(self.model, found.unknown))
             raise TapNameError(f"{message}{self._other_mode_hint(found.unknown)}")
         reasons = {name: "" for name in found.fx}
         types = dict(found.fx)

@@ -39,9 +39,17 @@ class Analysis:
         known = set(fx_names)
         leaves = set(self.hookable_under())
         hookable = [
-            path for path, _ in self.model.named_modules() if path and path not in known and _under_any(path, leaves)
+            path
+            for path, module in self.model.named_modules()
+            if path and path not in known and _under_any(path, leaves) and _callable(module)
         ]
         return fx_names + hookable
+
+
+def _callable(module: nn.Module) -> bool:
+    """Whether calling ``module`` can return anything: a container without a forward of its own
+    (``ModuleList``, ``ModuleDict``) is iterated, never called, so it has no output to tap."""
+    return type(module).forward is not nn.Module.forward
 
 
 def _under_any(path: str, leaves: set[str]) -> bool:

@@ -20,7 +20,7 @@ from .._values import copy_value
 from . import names as _names
 from .model import attribute_paths
 
-__all__ = ["HookTarget", "capture", "hook_targets", "module_paths", "nearest_module"]
+__all__ = ["HookTarget", "alias_hints", "aliases", "capture", "hook_targets", "module_paths", "nearest_module"]
 
 _SUFFIX = re.compile(r"^(.+)_([0-9]+)$")
 
@@ -48,7 +48,7 @@ def hook_targets(
     if paths is None:
         modules, others = attribute_paths(root)
         paths = (frozenset(modules), frozenset(others))
-    module_set = paths[0]
+    module_set = paths[0] - aliases(root).keys()  # a second name of a module is not a name of its calls
     reserved = paths[0] | paths[1]
     targets: dict[str, HookTarget] = {}
     rest: list[str] = []
@@ -72,6 +72,37 @@ def _as_module_call(name: str, modules: frozenset[str], reserved: frozenset[str]
         if _names.module_call_name(path, index, reserved) == name:
             return HookTarget(name, path, index)
     return None
+
+
+def aliases(root: nn.Module) -> dict[str, str]:
+    """Second names of modules (``self.b = self.a``): each such path -> the module's first path.
+
+    A module object has one path for FX (``path_of_module``) and for ``named_modules()``: the
+    first. Its calls are named by that path (``a``, ``a_1``), whichever attribute the code used:
+    a hook on the module cannot tell ``self.a(x)`` from ``self.b(x)``.
+    """
+    first = {id(module): path for path, module in root.named_modules() if path}
+    return {
+        path: first.get(id(module), "")
+        for path, module in root.named_modules(remove_duplicate=False)
+        if path and first.get(id(module), "") != path
+    }
+
+
+def alias_hints(root: nn.Module, names: list[str]) -> list[str]:
+    """For each of ``names`` that is (a later call of) a module's second name, what to tap instead."""
+    second = aliases(root)
+    hints = []
+    for name in names:
+        match = _SUFFIX.match(name)
+        path = name if name in second or match is None else match.group(1)
+        if path in second:
+            first = second[path] or "the model itself"
+            hints.append(
+                f"  {name!r}: {path!r} is the module registered first as {first!r} (one module object under two names). "
+                f"fxtap names its calls by that first path, in call order: {first!r}, {first + '_1'!r}, ... (docs/names.md)."
+            )
+    return hints
 
 
 def nearest_module(root: nn.Module, name: str) -> str:
@@ -152,7 +183,17 @@ def missing_calls_message(targets: dict[str, HookTarget], state: _Capture, owner
     missing = [t for name, t in targets.items() if name not in state.values]
     parts = [f"{t.name!r} (call {t.call_index + 1} of {t.path!r}, which ran {state.calls.get(t.path, 0)} time(s))" for t in missing]
     parts += more or []
+    never = [t.path for t in missing if state.calls.get(t.path, 0) == 0]
+    why = ""
+    if never:
+        outer = sorted({path.rpartition(".")[0] for path in never if "." in path})
+        why = (
+            f"\n  {', '.join(map(repr, dict.fromkeys(never)))} never ran as a module in this call: the code around it may use "
+            "its parameters without calling it (nn.MultiheadAttention's out_proj), or skip it (a dropout under fused attention, "
+            "a branch not taken)."
+            + (f" Tap the module around it instead ({', '.join(map(repr, outer))})." if outer else "")
+        )
     return (
-        f"{owner}: these names were not produced by this call: {', '.join(parts)}.\n"
+        f"{owner}: these names were not produced by this call: {', '.join(parts)}.{why}\n"
         "  A module's later calls are named path_1, path_2, ...; see docs/names.md."
     )

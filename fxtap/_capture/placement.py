@@ -69,4 +69,4 @@ def _unknown_message(analysis: Analysis, unknown: list[str], mode: str, note: st
                     f"  {name!r} is a module that forward never calls (a ModuleList or ModuleDict is iterated, "
                     "not called), so it has no output of its own: tap its children."
                 )
-    return "\n".join([message, *hints])
+    return "\n".join([message, *hints, *_hooks.alias_hints(analysis.model, unknown)])
