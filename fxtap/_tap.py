@@ -145,6 +145,19 @@ class Tapped(nn.Module):
         _call.adopt_signature(self, model)  # torch.export reads the model's argument names
 
     # -- public ------------------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        """The wrapped model's train/eval flag (``model.eval()`` makes it ``False`` here too);
+        setting it sets the model's, as ``nn.Module.train`` does."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        return True if model is None else bool(model.training)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_modules", {}).get("model")
+        if model is not None:  # nn.Module.__init__ sets it before the model is there
+            model.training = mode
+
     @property
     def mode(self) -> str:
         """How the names are captured in the current train/eval mode, for the non-tensor arguments

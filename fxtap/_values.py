@@ -69,6 +69,9 @@ def thawed(value: Any) -> Any:
     return value.value if isinstance(value, Frozen) else value
 
 
+# ``torch.jit.ignore``: ``torch.jit.script(tapped.graph_module())`` calls these back in Python
+# instead of compiling their bodies (``fxtap.export`` writes a copy as ``clone()`` for files).
+@torch.jit.ignore  # type: ignore[misc]
 def copy_value(value: Any) -> Any:
     """A snapshot of ``value``: tensors cloned (autograd still flows), containers rebuilt."""
     if isinstance(value, torch.Tensor):
@@ -76,6 +79,7 @@ def copy_value(value: Any) -> Any:
     return map_tensors(value, torch.Tensor.clone)
 
 
+@torch.jit.ignore  # type: ignore[misc]
 def detach_value(value: Any) -> Any:
     """``value`` with every tensor detached."""
     if isinstance(value, torch.Tensor):
@@ -100,6 +104,10 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value) if f.init})
     return value
+
+
+for _helper in (copy_value, detach_value):
+    _helper.__annotations__ = {"value": Any, "return": Any}  # objects, not strings: TorchScript reads them
 
 
 def holds_tensor(value: Any) -> bool:
