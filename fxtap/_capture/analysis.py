@@ -13,6 +13,7 @@ from torch import nn
 
 from .._errors import TraceFailedError
 from . import fx as _fx
+from . import names as _names
 
 __all__ = ["Analysis", "analyse"]
 
@@ -41,7 +42,7 @@ class Analysis:
         hookable = [
             path
             for path, module in self.model.named_modules()
-            if path and path not in known and _under_any(path, leaves) and _callable(module)
+            if path and path not in known and _names.enclosing(path, leaves, strict=True) is not None and _callable(module)
         ]
         return fx_names + hookable
 
@@ -50,18 +51,6 @@ def _callable(module: nn.Module) -> bool:
     """Whether calling ``module`` can return anything: a container without a forward of its own
     (``ModuleList``, ``ModuleDict``) is iterated, never called, so it has no output to tap."""
     return type(module).forward is not nn.Module.forward
-
-
-def _under_any(path: str, leaves: set[str]) -> bool:
-    """Whether ``path`` lies strictly inside one of ``leaves`` ("" holds everything)."""
-    if "" in leaves:
-        return True
-    parts = path.split(".")
-    return any(".".join(parts[:cut]) in leaves for cut in range(1, len(parts)))
-
-
-def _inside(path: str, leaf: str) -> bool:
-    return leaf == "" or path.startswith(leaf + ".")
 
 
 def analyse(

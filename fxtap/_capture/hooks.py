@@ -7,7 +7,6 @@ cloned, containers rebuilt): a hook cannot know whether a later in-place op will
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,11 +17,9 @@ from torch.utils.hooks import RemovableHandle
 
 from .._values import copy_value
 from . import names as _names
-from .model import attribute_paths
+from .model import ModelPaths
 
-__all__ = ["HookTarget", "alias_hints", "aliases", "capture", "hook_targets", "module_paths", "nearest_module"]
-
-_SUFFIX = re.compile(r"^(.+)_([0-9]+)$")
+__all__ = ["CallLog", "HookTarget", "alias_hints", "aliases", "capture", "hook_targets", "module_paths", "nearest_module"]
 
 
 class HookTarget(NamedTuple):
@@ -39,17 +36,16 @@ def module_paths(root: nn.Module) -> dict[nn.Module, str]:
 
 
 def hook_targets(
-    root: nn.Module, names: list[str], paths: tuple[frozenset[str], frozenset[str]] | None = None
+    root: nn.Module, names: list[str], paths: ModelPaths | None = None
 ) -> tuple[dict[str, HookTarget], list[str]]:
     """Split ``names`` into module calls (hookable) and the rest.
 
     ``paths``: ``root``'s module paths and other attribute paths, when the caller has them.
     """
     if paths is None:
-        modules, others = attribute_paths(root)
-        paths = (frozenset(modules), frozenset(others))
-    module_set = paths[0] - aliases(root).keys()  # a second name of a module is not a name of its calls
-    reserved = paths[0] | paths[1]
+        paths = ModelPaths.of(root)
+    module_set = paths.modules - aliases(root).keys()  # a second name of a module is not a name of its calls
+    reserved = paths.reserved
     targets: dict[str, HookTarget] = {}
     rest: list[str] = []
     for name in names:
@@ -64,10 +60,10 @@ def hook_targets(
 def _as_module_call(name: str, modules: frozenset[str], reserved: frozenset[str]) -> HookTarget | None:
     if name in modules:
         return HookTarget(name, name, 0)
-    match = _SUFFIX.match(name)
-    if match is None or match.group(1) not in modules:
+    split = _names.split_suffix(name)
+    if split is None or split[0] not in modules:
         return None
-    path, number = match.group(1), int(match.group(2))
+    path, number = split
     for index in range(1, number + 1):  # the suffix skips reserved names, so index <= number
         if _names.module_call_name(path, index, reserved) == name:
             return HookTarget(name, path, index)
@@ -94,8 +90,8 @@ def alias_hints(root: nn.Module, names: list[str]) -> list[str]:
     second = aliases(root)
     hints = []
     for name in names:
-        match = _SUFFIX.match(name)
-        path = name if name in second or match is None else match.group(1)
+        split = _names.split_suffix(name)
+        path = name if name in second or split is None else split[0]
         if path in second:
             first = second[path] or "the model itself"
             hints.append(
@@ -107,13 +103,7 @@ def alias_hints(root: nn.Module, names: list[str]) -> list[str]:
 
 def nearest_module(root: nn.Module, name: str) -> str:
     """The longest module path that is a '.'-prefix of ``name`` ("" when none is)."""
-    paths = {n for n, _ in root.named_modules() if n}
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        candidate = ".".join(parts[:cut])
-        if candidate in paths:
-            return candidate
-    return ""
+    return _names.enclosing(name, (n for n, _ in root.named_modules() if n), strict=True) or ""
 
 
 class _StopForward(BaseException):
@@ -123,7 +113,16 @@ class _StopForward(BaseException):
     """
 
 
-class _Capture:
+class CallLog:
+    """What one tapped call captured: the protocol between hooks, regions and the runner.
+
+    Attributes:
+        values: captured values by tap name (hooks and region graphs both ``add`` here).
+        calls: module path -> how many times it ran so far in this call (numbers later calls).
+        served: module path -> calls served by its own graph (regions), for error messages.
+        thread: the thread of the tapped call; hooks ignore other threads' calls of the model.
+    """
+
     def __init__(self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int) -> None:
         self.values: dict[str, Any] = {}
         self.calls: dict[str, int] = {}
@@ -156,7 +155,7 @@ class _Capture:
 @contextmanager
 def capture(
     root: nn.Module, targets: dict[str, HookTarget], *, copy: bool = True, stop_when_done: bool = False, extra: int = 0
-) -> Iterator[_Capture]:
+) -> Iterator[CallLog]:
     """Hook the modules of ``targets`` for the duration of the ``with`` block.
 
     The handles are removed in ``finally``, whatever happens. With ``stop_when_done`` the forward
@@ -164,7 +163,7 @@ def capture(
     and ``extra`` more values arrived through ``add``.
     """
     paths = {t.path for t in targets.values()}
-    state = _Capture(targets, copy, stop_when_done, extra)
+    state = CallLog(targets, copy, stop_when_done, extra)
     handles: list[RemovableHandle] = []
     try:
         for path in sorted(paths):
@@ -178,7 +177,7 @@ def capture(
             handle.remove()
 
 
-def missing_calls_message(targets: dict[str, HookTarget], state: _Capture, owner: str, more: list[str] | None = None) -> str:
+def missing_calls_message(targets: dict[str, HookTarget], state: CallLog, owner: str, more: list[str] | None = None) -> str:
     """What ``targets`` (and the described ``more``) were not produced, and how often their modules ran."""
     missing = [t for name, t in targets.items() if name not in state.values]
     parts = [f"{t.name!r} (call {t.call_index + 1} of {t.path!r}, which ran {state.calls.get(t.path, 0)} time(s))" for t in missing]

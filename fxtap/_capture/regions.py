@@ -14,14 +14,13 @@ lies in untraceable code itself is left to hooks.
 from __future__ import annotations
 
 import inspect
-import re
 import threading
 import types
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -32,37 +31,57 @@ from . import analysis as _plan
 from . import fx as _fx
 from . import hooks as _hooks
 from . import names as _names
-from .model import attribute_paths, stand_in
+from .model import ModelPaths, stand_in
 
 __all__ = ["Region", "Resolution", "resolve", "serve", "trace_alone"]
 
-_Slot = tuple[Any, ...]
-# ("T", index): a graph input (a tensor, or an object such as a cache);
-# ("C", value): a fixed value; ("L", type, slots) / ("D", type, ((key, slot), ...)): a plain
-# list, tuple or dict rebuilt around its items, so traced code can loop over it.
+class _Input(NamedTuple):
+    """A graph input: a tensor, or an object such as a cache."""
+
+    index: int
+
+
+class _Fixed(NamedTuple):
+    """A simple value (None, a flag, an int) fixed in the graph."""
+
+    value: Any
+
+
+class _Sequence(NamedTuple):
+    """A plain list or tuple rebuilt around its items, so traced code can loop over it."""
+
+    kind: type
+    items: tuple[_Slot, ...]
+
+
+class _Mapping(NamedTuple):
+    """A plain dict with string keys rebuilt around its items."""
+
+    kind: type
+    items: tuple[tuple[str, _Slot], ...]
+
+
+_Slot = _Input | _Fixed | _Sequence | _Mapping
 
 
 def _freeze(slot: _Slot) -> Hashable:
-    kind = slot[0]
-    if kind == "T":
-        return slot
-    if kind == "C":
-        return ("C", type(slot[1]).__name__, repr(slot[1]))
-    if kind == "L":
-        return ("L", slot[1].__name__, tuple(_freeze(s) for s in slot[2]))
-    return ("D", slot[1].__name__, tuple((k, _freeze(s)) for k, s in slot[2]))
+    if isinstance(slot, _Input):
+        return ("T", slot.index)
+    if isinstance(slot, _Fixed):
+        return ("C", type(slot.value).__name__, repr(slot.value))
+    if isinstance(slot, _Sequence):
+        return ("L", slot.kind.__name__, tuple(_freeze(s) for s in slot.items))
+    return ("D", slot.kind.__name__, tuple((k, _freeze(s)) for k, s in slot.items))
 
 
 def _rebuild(slot: _Slot, inputs: tuple[Any, ...]) -> Any:
-    kind = slot[0]
-    if kind == "T":
-        return inputs[slot[1]]
-    if kind == "C":
-        return slot[1]
-    container: Any = slot[1]
-    if kind == "L":
-        return container(_rebuild(s, inputs) for s in slot[2])
-    return container((k, _rebuild(s, inputs)) for k, s in slot[2])
+    if isinstance(slot, _Input):
+        return inputs[slot.index]
+    if isinstance(slot, _Fixed):
+        return slot.value
+    if isinstance(slot, _Sequence):
+        return slot.kind(_rebuild(s, inputs) for s in slot.items)
+    return slot.kind((k, _rebuild(s, inputs)) for k, s in slot.items)
 
 
 @dataclass(frozen=True)
@@ -91,13 +110,13 @@ def _call_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Temp
 
     def slot(value: Any) -> _Slot:
         if type(value) in (list, tuple):
-            return ("L", type(value), tuple(slot(v) for v in value))
+            return _Sequence(type(value), tuple(slot(v) for v in value))
         if type(value) in (dict, OrderedDict) and all(isinstance(k, str) for k in value):
-            return ("D", type(value), tuple((k, slot(v)) for k, v in value.items()))
+            return _Mapping(type(value), tuple((k, slot(v)) for k, v in value.items()))
         if isinstance(value, _SIMPLE):
-            return ("C", value)
+            return _Fixed(value)
         inputs.append(value)
-        return ("T", len(inputs) - 1)
+        return _Input(len(inputs) - 1)
 
     positional = tuple(slot(a) for a in args)
     keywords = tuple((k, slot(v)) for k, v in kwargs.items())
@@ -111,7 +130,7 @@ def _default_template(module: nn.Module) -> _Template:
     count = 0
     for p in inspect.signature(module.forward).parameters.values():
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
-            positional.append(("T", count))
+            positional.append(_Input(count))
             count += 1
     return _Template(tuple(positional), (), count)
 
@@ -154,7 +173,7 @@ class Region:
     path: str
     module: nn.Module
     wanted: dict[str, str]
-    paths: tuple[frozenset[str], frozenset[str]]  # module and other attribute paths of ``root``
+    paths: ModelPaths  # module and other attribute paths of ``root``
     keep: frozenset[str] = frozenset()  # local leaf paths that hooks need to run
     root: nn.Module | None = None  # the whole model, for hooks when no graph fits a call
     opaque: dict[str, tuple[str, str]] = field(default_factory=dict)  # local leaves chosen at tap() time
@@ -163,7 +182,7 @@ class Region:
     _graphs: dict[Hashable, _Graph | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.reserved = self.paths[0] | self.paths[1]  # names a later module call's suffix skips
+        self.reserved = self.paths.reserved  # names a later module call's suffix skips
 
     def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], _Graph] | None:
         """The module's output, the graph's values by local name, and the graph; ``None`` when
@@ -226,8 +245,7 @@ class Resolution:
 def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False) -> Resolution:
     """Place ``names`` of a model whose own forward runs eagerly (``everything``: trace all children)."""
     result = Resolution(fallbacks={"": root_reason}, root=model)
-    modules, others = attribute_paths(model)
-    paths = (frozenset(modules), frozenset(others))
+    paths = ModelPaths.of(model)
     leftover = _resolve_in(model, "", names, result, everything, paths)
     targets, unknown = _hooks.hook_targets(model, leftover, paths)
     result.hooks.update(targets)
@@ -236,7 +254,6 @@ def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *,
 
 
 _MAX_CALLS = 4096  # a later-call name is looked for among this many calls of a module at most
-_NUMBER = re.compile(r"_([0-9]+)(?=\.|$)")
 
 
 def _resolve_in(
@@ -245,7 +262,7 @@ def _resolve_in(
     names: list[str],
     result: Resolution,
     everything: bool,
-    paths: tuple[frozenset[str], frozenset[str]],
+    paths: ModelPaths,
 ) -> list[str]:
     """Resolve names inside the children of an eagerly running ``module``; return the unplaced ones."""
     leftover = list(names)
@@ -254,7 +271,7 @@ def _resolve_in(
         path = _names.join(prefix, child_name)
         later = [n for n in leftover if n.startswith(path + "_")]  # path_1: a later call of the child
         calls = _hooks.hook_targets(root, later, paths)[0] if later else {}
-        inside = [n for n in leftover if n.startswith(path + ".") or n == path or (n in calls and calls[n].path == path)]
+        inside = [n for n in leftover if _names.inside(n, path) or (n in calls and calls[n].path == path)]
         if (not inside and not everything) or _fx.is_standard_leaf(child):
             continue
         leftover = [n for n in leftover if n not in inside]
@@ -291,7 +308,7 @@ def _place(
     naming: list[tuple[str, str, str]],
     points: dict[str, Any],
     inside: list[str],
-    paths: tuple[frozenset[str], frozenset[str]],
+    paths: ModelPaths,
     result: Resolution,
 ) -> dict[str, str]:
     """Global name -> local name for the names of ``inside`` that some call of the module at
@@ -301,7 +318,7 @@ def _place(
     result.available += [first[n] for n in points]
     wanted = {first[n]: n for n in ["", *points] if first[n] in inside}
     later = {n for n in inside if n not in wanted}
-    numbers = [int(k) for n in later for k in _NUMBER.findall(n)]
+    numbers = [int(k) for n in later for k in _names.CALL_NUMBER.findall(n)]
     for _ in range(min(max(numbers, default=0), _MAX_CALLS)):  # the k-th later call has suffixes >= k
         if not later:
             break
@@ -340,7 +357,7 @@ class _Router:
 
 
 @contextmanager
-def serve(regions: list[Region], state: Any, *, detach: bool) -> Iterator[None]:
+def serve(regions: list[Region], state: _hooks.CallLog, *, detach: bool) -> Iterator[None]:
     """Route each region's calls in this thread to its graph during the block (every call, named by _names.Replay)."""
     thread = threading.get_ident()
     routers: list[_Router] = []
@@ -369,7 +386,7 @@ def serve(regions: list[Region], state: Any, *, detach: bool) -> Iterator[None]:
                         router.module.__dict__["forward"] = router.previous
 
 
-def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach: bool) -> Callable[..., Any]:
+def _dispatcher(region: Region, original: Callable[..., Any], state: _hooks.CallLog, detach: bool) -> Callable[..., Any]:
     replay: _names.Replay | None = _names.Replay(region.path, *region.paths)  # None once a call had no graph
     count = 0  # calls of the module so far in this forward
 
@@ -405,7 +422,7 @@ def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach
 def _eager(
     region: Region,
     original: Callable[..., Any],
-    state: Any,
+    state: _hooks.CallLog,
     own: str,
     keep: Callable[[str, Any], None],
     args: tuple[Any, ...],

@@ -161,5 +161,5 @@ def test_threads_first_calls_of_an_eager_root_build_once() -> None:
     errors = _run_threads(lambda i: [tapped(x) for _ in range(5)], 8)
     assert errors == []
     (runner,) = tapped._runners.values()
-    (region,) = runner.regions
+    (region,) = runner.placement.regions
     assert len(region._graphs) == 1
