@@ -23,6 +23,7 @@ __all__ = [
     "depends_on_arguments",
     "drop_signature",
     "graph_args",
+    "graph_kwargs",
 ]
 
 Spec = tuple[tuple[str, Any], ...]  # (argument name, value) of every non-tensor argument, in signature order
@@ -112,6 +113,14 @@ def graph_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
         return args
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     return tuple(bound.arguments.get(p.name, p.default) for p in params)
+
+
+def graph_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's keywords that the graph takes as keywords: all of them for a forward with
+    ``**kwargs`` (FX keeps that parameter), none otherwise (``graph_args`` passes them)."""
+    if not kwargs or plain(parameters(model)):
+        return {}
+    return kwargs
 
 
 def _tensor_defaults(model: nn.Module) -> bool:

@@ -126,3 +126,44 @@ def test_compiled_tapped_with_non_default_arguments() -> None:
     x = torch.randn(3, 2)
     for args, kwargs in [((), {}), ((2.0,), {}), ((), {"scale": 3.0})]:
         torch.testing.assert_close(compiled(x, *args, **kwargs)["output"], model(x, *args, **kwargs).detach())
+
+
+class Keywords(nn.Module):
+    """``**kwargs``: FX keeps it as one placeholder, so the call's keywords must reach the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.fc(x) * kwargs.get("scale", 1.0) + kwargs.get("shift", 0.0)
+
+
+class KeywordsPassedOn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = TensorDefault()
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.inner(x, **kwargs) * 2
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "kwargs"),
+    [
+        pytest.param(Keywords, {}, id="none"),
+        pytest.param(Keywords, {"scale": 3.0}, id="float"),
+        pytest.param(Keywords, {"scale": torch.tensor(2.0), "shift": torch.ones(2)}, id="tensors"),
+        pytest.param(KeywordsPassedOn, {}, id="passed-on-none"),
+        pytest.param(KeywordsPassedOn, {"bias": torch.zeros(2)}, id="passed-on-tensor"),
+    ],
+)
+def test_var_keyword_arguments_reach_the_model(model_cls: type[nn.Module], kwargs: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    model = model_cls()
+    x = torch.randn(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        tapped = fxtap.tap(model, [next(n for n in fxtap.names(model) if n.endswith("fc"))], keep_output=True)
+    for _ in range(2):
+        assert_same(tapped(x, **kwargs)["output"], model(x, **kwargs).detach())
