@@ -6,13 +6,14 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import fx, nn
 
 from ._capture import (
+    Hints,
     Placement,
     Runner,
     analyse,
@@ -60,6 +61,8 @@ def tap(
     mode: Mode = "auto",
     detach: bool = False,
     keep_output: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] | None = None,
+    autowrap_functions: Sequence[Callable[..., Any]] | None = None,
 ) -> Tapped:
     """Wrap ``model`` so that calling it returns the requested intermediate values.
 
@@ -72,6 +75,11 @@ def tap(
             forward hooks only; ``"auto"`` traces and hands only untraceable code to hooks.
         detach: return detached tensors (by default gradients flow through them).
         keep_output: also return the model's own output, under the key ``"output"``.
+        leaf_modules: module classes FX keeps as one step (their insides are hooked), as in
+            torchvision's ``tracer_kwargs``: for code FX cannot trace that you know of.
+        autowrap_functions: plain Python functions FX records as one call instead of tracing
+            through them (``torch.fx.wrap``), as in torchvision's ``tracer_kwargs``: for a
+            function that calls ``int()`` or branches on its arguments.
 
     Returns:
         A ``Tapped`` module; calling it with the model's inputs returns ``dict[str, Tensor]``
@@ -81,6 +89,7 @@ def tap(
         TapNameError: a name does not exist; the message lists the closest ones.
         TraceFailedError: ``mode="fx"`` and the model cannot be traced.
         ValueError: ``names`` is empty or repeats a name or key, or ``mode`` is unknown.
+        TypeError: ``leaf_modules`` or ``autowrap_functions`` lists something else.
 
     Example:
         >>> import torch, torchvision, fxtap
@@ -90,11 +99,19 @@ def tap(
         >>> {key: tuple(value.shape) for key, value in out.items()}
         {'c3': (1, 128, 8, 8), 'c5': (1, 512, 2, 2)}
     """
-    return _tapped(model, names, mode=mode, detach=detach, keep_output=keep_output)
+    hints = Hints.checked(leaf_modules, autowrap_functions)
+    return _tapped(model, names, mode=mode, detach=detach, keep_output=keep_output, hints=hints)
 
 
 def _tapped(
-    model: nn.Module, names: Mapping[str, str] | Sequence[str], *, mode: Mode, detach: bool = False, keep_output: bool = False, warn: bool = True
+    model: nn.Module,
+    names: Mapping[str, str] | Sequence[str],
+    *,
+    mode: Mode,
+    detach: bool = False,
+    keep_output: bool = False,
+    warn: bool = True,
+    hints: Hints = Hints(),
 ) -> Tapped:
     """``tap()`` for fxtap's own callers: ``warn=False`` when the caller reports fallbacks itself
     (``compare``'s paths column, ``export``'s error)."""
@@ -103,21 +120,30 @@ def _tapped(
     request = normalize_request(names)
     if keep_output and "output" in request.values():
         raise ValueError('the output key "output" is taken by keep_output=True; rename that tap')
-    return Tapped(unwrap(model), request, mode=mode, detach=detach, keep_output=keep_output, warn=warn)
+    return Tapped(unwrap(model), request, mode=mode, detach=detach, keep_output=keep_output, warn=warn, hints=hints)
 
 
-def names(model: nn.Module, *, train: bool = False, mode: Mode = "auto") -> list[str]:
+def names(
+    model: nn.Module,
+    *,
+    train: bool = False,
+    mode: Mode = "auto",
+    leaf_modules: Sequence[type[nn.Module]] | None = None,
+    autowrap_functions: Sequence[Callable[..., Any]] | None = None,
+) -> list[str]:
     """Every name ``tap()`` accepts for ``model`` in train or eval mode, in graph order.
 
     Names of modules that only hooks can reach (inside untraceable code) follow the FX names.
-    Later calls of such a module (``blk_1``) are known only once the model runs.
+    Later calls of such a module (``blk_1``) are known only once the model runs. Give
+    ``leaf_modules`` and ``autowrap_functions`` as to ``tap()``: they change the names.
 
     Example:
         >>> import torchvision, fxtap
         >>> fxtap.names(torchvision.models.resnet18())[:6]
         ['x', 'conv1', 'bn1', 'relu', 'maxpool', 'layer1.0.conv1']
     """
-    return [info.name for info in describe(model, train=train, mode=mode)]
+    hints = Hints.checked(leaf_modules, autowrap_functions)
+    return [info.name for info in describe(model, train=train, mode=mode, hints=hints)]
 
 
 
@@ -138,7 +164,15 @@ class Tapped(nn.Module):
     feature_info: list[FeatureInfo] | None = None
 
     def __init__(
-        self, model: nn.Module, request: dict[str, str], *, mode: Mode, detach: bool, keep_output: bool, warn: bool = True
+        self,
+        model: nn.Module,
+        request: dict[str, str],
+        *,
+        mode: Mode,
+        detach: bool,
+        keep_output: bool,
+        warn: bool = True,
+        hints: Hints = Hints(),
     ) -> None:
         super().__init__()
         self.model = model
@@ -146,6 +180,7 @@ class Tapped(nn.Module):
         self._mode_arg: Mode = mode
         self._detach = detach
         self._keep_output = keep_output
+        self._hints = hints
         self._warned: set[str] = set() if warn else _EVERYTHING
         self._runners: dict[Hashable, Runner] = {}
         self._build_lock = threading.Lock()
@@ -262,7 +297,7 @@ class Tapped(nn.Module):
         try:
             runner = build(
                 self.model, self._request, mode=self._mode_arg, concrete_args=concrete_args,
-                keep_output=self._keep_output, detach=self._detach, note=note,
+                keep_output=self._keep_output, detach=self._detach, note=note, hints=self._hints,
             )  # fmt: skip
         except TapNameError as error:
             unknown = getattr(error, "unknown", list(self._request))
@@ -296,7 +331,7 @@ class Tapped(nn.Module):
                 pass
             else:
                 return given
-            analysis = analyse(self.model, mode=self._mode_arg, concrete_args=dict(default))
+            analysis = analyse(self.model, mode=self._mode_arg, concrete_args=dict(default), hints=self._hints)
             if not depends_on_arguments(analysis):
                 raise
             self._warn_fallbacks(analysis.fallbacks, None)  # now, not at the call
@@ -305,7 +340,7 @@ class Tapped(nn.Module):
     def _other_mode_hint(self, unknown: list[str]) -> str:
         """A hint when the unknown names exist with the model in the other train/eval mode."""
         training = self.model.training
-        other = set(names(self.model, train=not training, mode=self._mode_arg))
+        other = {info.name for info in describe(self.model, train=not training, mode=self._mode_arg, hints=self._hints)}
         found = [name for name in unknown if name in other]
         if not found:
             return ""

@@ -59,7 +59,7 @@ def depends_on_arguments(analysis: _plan.Analysis) -> bool:
         return False
     leaves = frozenset(analysis.model.get_submodule(path) for path in analysis.fallbacks if path)
     try:
-        _fx.trace(analysis.model, leaves=leaves, concrete_args=None)
+        _fx.trace(analysis.model, leaves=leaves, concrete_args=None, hints=analysis.hints)
     except TraceFailedError:
         return True
     return False

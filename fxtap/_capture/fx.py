@@ -34,7 +34,7 @@ from . import names as _names
 from .model import attribute_paths, preserved, stand_in
 from .prune import from_torch_nn, plan
 
-__all__ = ["Made", "TapPoint", "Traced", "build", "exclusive", "gc_paused", "realize", "trace"]
+__all__ = ["Hints", "Made", "TapPoint", "Traced", "build", "exclusive", "gc_paused", "realize", "trace"]
 
 # torch.fx patches ``nn.Module.__call__``/``__getattr__`` on the class while it traces and puts
 # back what it found when it is done: two traces overlapping in time would put back each other's
@@ -59,6 +59,40 @@ class _OwnThreadIds(set[int]):
 
     def __contains__(self, item: object) -> bool:
         return threading.get_ident() == self.thread and super().__contains__(item)
+
+
+class Hints(NamedTuple):
+    """Tracer hints, as torchvision's ``tracer_kwargs`` gives them: module classes FX keeps as one
+    step (``leaf_modules``), and plain Python functions it records as one call instead of running
+    them on proxies (``autowrap_functions``, the same as ``torch.fx.wrap``)."""
+
+    leaf_modules: tuple[type[nn.Module], ...] = ()
+    autowrap_functions: tuple[Any, ...] = ()
+
+    @classmethod
+    def checked(cls, leaf_modules: Any, autowrap_functions: Any) -> Hints:
+        """The hints from the user's arguments (``None`` or sequences), checked.
+
+        Raises:
+            TypeError: a leaf is not an ``nn.Module`` class, or a function is not a plain
+                Python function.
+        """
+        leaves = tuple(leaf_modules or ())
+        functions = tuple(autowrap_functions or ())
+        for leaf in leaves:
+            if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+                raise TypeError(
+                    f"leaf_modules lists nn.Module classes (as torchvision's tracer_kwargs does), not {leaf!r} "
+                    f"({type(leaf).__name__}): to keep one module as one step, list its class, type(module)."
+                )
+        for function in functions:
+            if not inspect.isfunction(function):
+                raise TypeError(
+                    f"autowrap_functions lists plain Python functions defined at module level, not {function!r} "
+                    f"({type(function).__name__}): FX records a call of such a function where the forward's module "
+                    "refers to it by name (see docs/names.md)."
+                )
+        return cls(leaves, functions)
 
 
 class Made(NamedTuple):
@@ -178,8 +212,9 @@ class _TapTracer(fx.Tracer):
     reads return the attribute: that thread runs exactly as if nothing were traced.
     """
 
-    def __init__(self, root: nn.Module, leaves: frozenset[nn.Module]) -> None:
-        super().__init__(autowrap_modules=(math,))
+    def __init__(self, root: nn.Module, leaves: frozenset[nn.Module], hints: Hints = Hints()) -> None:
+        super().__init__(autowrap_modules=(math,), autowrap_functions=hints.autowrap_functions)
+        self._leaf_types = hints.leaf_modules
         self.thread = threading.get_ident()
         ids = getattr(self, "_autowrap_function_ids", None)
         if isinstance(ids, set):
@@ -194,7 +229,7 @@ class _TapTracer(fx.Tracer):
         self._scopes: list[tuple[str, str]] = [("", type(root).__name__)]
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return m in self._leaves or is_standard_leaf(m)
+        return m in self._leaves or isinstance(m, self._leaf_types) or is_standard_leaf(m)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
@@ -279,7 +314,13 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concrete_args: dict[str, Any] | None = None) -> Traced:
+def trace(
+    model: nn.Module,
+    *,
+    leaves: frozenset[nn.Module] = frozenset(),
+    concrete_args: dict[str, Any] | None = None,
+    hints: Hints = Hints(),
+) -> Traced:
     """Trace ``model`` and name every node.
 
     Raises:
@@ -288,7 +329,7 @@ def trace(model: nn.Module, *, leaves: frozenset[nn.Module] = frozenset(), concr
     """
     concrete_args, fixed = _split_fixed(concrete_args)
     root = stand_in(model, _with_fixed(model, fixed) if fixed else None)
-    tracer = _TapTracer(root, leaves)
+    tracer = _TapTracer(root, leaves, hints)
     try:
         with _EXCLUSIVE, preserved(model), gc_paused():
             graph = tracer.trace(root, concrete_args=concrete_args)

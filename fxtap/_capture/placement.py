@@ -103,7 +103,7 @@ def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, n
 def _place_under_eager_root(analysis: Analysis, request: dict[str, str]) -> Placement:
     """The root runs eagerly; traceable children holding requested names are traced on their own."""
     model = analysis.model
-    found = _regions.resolve(model, list(request), analysis.fallbacks[""])
+    found = _regions.resolve(model, list(request), analysis.fallbacks[""], hints=analysis.hints)
     if found.unknown:
         available = found.available + [p for p, _ in model.named_modules() if p and p not in found.available]
         message = _names.unknown_name_message(found.unknown, type(model).__name__, available)

@@ -150,15 +150,19 @@ def _shim(module: nn.Module, template: _Template, spec: list[Any]) -> nn.Module:
 
     names = [f"input_{i}" for i in range(template.count)]
     packed = f"({', '.join(names)}{',' if len(names) == 1 else ''})"
-    namespace: dict[str, Any] = {"_call": call}
-    exec(f"def forward(self, {', '.join(names)}):\n    return _call(self, {packed})\n", namespace)
-    cls: Any = type(type(module).__name__, (type(module),), {"forward": namespace["forward"], "__module__": type(module).__module__})
+    namespace: dict[str, Any] = {}
+    params = "".join(f", {n}" for n in names)
+    exec(f"def make(_call):\n    def forward(self{params}):\n        return _call(self, {packed})\n    return forward\n", namespace)
+    made = namespace["make"](call)
+    # the module's own globals: FX wraps the functions it finds there (``autowrap_functions``, math)
+    forward = types.FunctionType(made.__code__, getattr(original, "__globals__", namespace), "forward", None, made.__closure__)
+    cls: Any = type(type(module).__name__, (type(module),), {"forward": forward, "__module__": type(module).__module__})
     return stand_in(module, cls)
 
 
-def trace_alone(module: nn.Module) -> _fx.Traced | None:
+def trace_alone(module: nn.Module, hints: _fx.Hints = _fx.Hints()) -> _fx.Traced | None:
     """``module`` traced on its own for its default call (``None`` when its own code fails)."""
-    return _plan.analyse(_shim(module, _default_template(module), []), mode="auto", concrete_args=None).traced
+    return _plan.analyse(_shim(module, _default_template(module), []), mode="auto", concrete_args=None, hints=hints).traced
 
 
 @dataclass
@@ -179,6 +183,7 @@ class Region:
     opaque: dict[str, tuple[str, str]] = field(default_factory=dict)  # local leaves chosen at tap() time
     hookable: dict[str, _hooks.HookTarget] = field(default_factory=dict)  # wanted names that are calls of inner modules
     failed: str = ""  # why the last call could not use a graph
+    hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
     _graphs: dict[Hashable, _Graph | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -205,7 +210,7 @@ class Region:
         # placed on hooks inside them are still hooked (a list argument may make them traceable)
         spec: list[Any] = []
         shim = _shim(self.module, template, spec)
-        analysis = _plan.analyse(shim, mode="auto", concrete_args=None, fallbacks=self.opaque)
+        analysis = _plan.analyse(shim, mode="auto", concrete_args=None, fallbacks=self.opaque, hints=self.hints)
         if analysis.traced is None:
             self.failed = f"{self.path!r} cannot be traced for this call: {analysis.fallbacks[''][1]}"
             return None
@@ -240,11 +245,14 @@ class Resolution:
     fallbacks: dict[str, tuple[str, str]] = field(default_factory=dict)  # eager or opaque code: path -> (type, reason)
     available: list[str] = field(default_factory=list)  # every FX name found, for suggestions
     root: nn.Module | None = None
+    hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
 
 
-def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False) -> Resolution:
+def resolve(
+    model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False, hints: _fx.Hints = _fx.Hints()
+) -> Resolution:
     """Place ``names`` of a model whose own forward runs eagerly (``everything``: trace all children)."""
-    result = Resolution(fallbacks={"": root_reason}, root=model)
+    result = Resolution(fallbacks={"": root_reason}, root=model, hints=hints)
     paths = ModelPaths.of(model)
     leftover = _resolve_in(model, "", names, result, everything, paths)
     targets, unknown = _hooks.hook_targets(model, leftover, paths)
@@ -272,14 +280,14 @@ def _resolve_in(
         later = [n for n in leftover if n.startswith(path + "_")]  # path_1: a later call of the child
         calls = _hooks.hook_targets(root, later, paths)[0] if later else {}
         inside = [n for n in leftover if _names.inside(n, path) or (n in calls and calls[n].path == path)]
-        if (not inside and not everything) or _fx.is_standard_leaf(child):
+        if (not inside and not everything) or _fx.is_standard_leaf(child) or isinstance(child, result.hints.leaf_modules):
             continue
         leftover = [n for n in leftover if n not in inside]
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called: look at its items
             leftover += _resolve_in(child, path, inside, result, everything, paths)
             continue
         try:
-            analysis = _plan.analyse(_shim(child, _default_template(child), []), mode="auto", concrete_args=None)
+            analysis = _plan.analyse(_shim(child, _default_template(child), []), mode="auto", concrete_args=None, hints=result.hints)
         except (TypeError, ValueError) as error:  # no usable signature: leave the child to hooks
             result.fallbacks[path] = (type(child).__name__, f"{type(error).__name__}: {error}")
             leftover += inside
@@ -298,7 +306,7 @@ def _resolve_in(
                 n: t for n, t in _hooks.hook_targets(root, list(wanted), paths)[0].items() if t.path != path
             }  # the module's own calls come from the graph's output
             opaque = {sub: why for sub, why in analysis.fallbacks.items() if sub}
-            result.regions.append(Region(path, child, wanted, paths, keep, root=root, opaque=opaque, hookable=hookable))
+            result.regions.append(Region(path, child, wanted, paths, keep, root=root, opaque=opaque, hookable=hookable, hints=result.hints))
             result.fx.update({g: points[n].module_type if n else type(child).__name__ for g, n in wanted.items()})
     return leftover
 
