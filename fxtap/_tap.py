@@ -41,9 +41,10 @@ class FeatureInfo(NamedTuple):
         name: the tap name it was requested by.
         channels: the size of its channel dimension (dim 1 of ``(N, C, H, W)``, the last dim of
             ``(N, H, W, C)`` and of tokens ``(N, L, C)``).
-        reduction: input size / feature size along the spatial dims (timm's "reduction"); for
+        reduction: the product of the strides along its path (timm's "reduction"), measured
+            from how much it grows for a larger input (else input size / feature size); for
             tokens, the patch size whose grid (plus up to 8 extra tokens) gives their number;
-            ``None`` when the value has no spatial dims or they do not divide the input's.
+            ``None`` when neither gives one integer.
         shape: its shape for the example input.
     """
 
