@@ -231,6 +231,21 @@ class _TapTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return m in self._leaves or isinstance(m, self._leaf_types) or is_standard_leaf(m)
 
+    def create_arg(self, a: Any) -> Argument:
+        """Also an object FX cannot write as a literal (torchvision's ``LevelMapper``, which
+        ``MultiScaleRoIAlign`` caches on itself at its first call) when it is an attribute of one
+        of the model's modules: a ``get_attr`` of that path, as FX does for parameters."""
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            path = next(
+                (_names.join(prefix, key) for prefix, module in self.root.named_modules() for key, value in vars(module).items() if value is a and not key.startswith("_")),
+                None,
+            )
+            if path is None:
+                raise
+            return self.create_node("get_attr", path, (), {})
+
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)
 

@@ -199,3 +199,50 @@ def test_containers_under_an_eager_root_are_not_listed() -> None:
     assert "blocks" not in listed and {"blocks.0", "blocks.1"} <= set(listed)
     x = torch.randn(2, 2)
     assert set(_quiet(lambda: fxtap.tap(Eager(), listed))(x)) == set(listed)
+
+
+class Scaler:
+    """A plain object a module caches on itself at its first call (torchvision's LevelMapper)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def apply_scaler(x: torch.Tensor, scaler: Scaler | None) -> torch.Tensor:
+    return x if scaler is None else scaler(x)
+
+
+torch.fx.wrap("apply_scaler")
+
+
+class CachesOnFirstCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+        self.scaler: Scaler | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        out = apply_scaler(y, self.scaler)
+        if self.scaler is None:
+            self.scaler = Scaler(3.0)  # later calls scale
+        return out
+
+
+def test_names_do_not_change_because_the_model_ran_once() -> None:
+    torch.manual_seed(0)
+    model = CachesOnFirstCall()
+    before = fxtap.names(model)
+    x = torch.randn(2, 2)
+    first = model(x)
+    assert fxtap.names(model) == before  # the object it cached is a graph attribute, not a trace failure
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxtap.FallbackWarning)
+        tapped = fxtap.tap(model, ["lin", "apply_scaler"])
+    assert tapped.mode == "fx"
+    out = tapped(x)
+    assert_same(out["apply_scaler"], model(x).detach())
+    assert not torch.equal(out["apply_scaler"], first)
