@@ -13,6 +13,7 @@ import torch
 from torch import fx, nn
 
 from ._capture import (
+    NO_HINTS,
     Hints,
     Placement,
     Runner,
@@ -112,7 +113,7 @@ def _tapped(
     detach: bool = False,
     keep_output: bool = False,
     warn: bool = True,
-    hints: Hints = Hints(),
+    hints: Hints = NO_HINTS,
 ) -> Tapped:
     """``tap()`` for fxtap's own callers: ``warn=False`` when the caller reports fallbacks itself
     (``compare``'s paths column, ``export``'s error)."""
@@ -173,7 +174,7 @@ class Tapped(nn.Module):
         detach: bool,
         keep_output: bool,
         warn: bool = True,
-        hints: Hints = Hints(),
+        hints: Hints = NO_HINTS,
     ) -> None:
         super().__init__()
         self.model = model

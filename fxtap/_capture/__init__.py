@@ -20,7 +20,7 @@ from . import fx as _fx
 from . import regions as _regions
 from .analysis import Analysis, analyse
 from .call_spec import default_concrete_args, depends_on_arguments
-from .fx import Hints, Traced, exclusive, realize
+from .fx import NO_HINTS, Hints, Traced, exclusive, realize
 from .hooks import HookTarget, hook_targets
 from .model import training_mode, unwrap
 from .names import normalize_request
@@ -28,6 +28,7 @@ from .placement import Placement, place
 from .runner import Runner, make_runner
 
 __all__ = [
+    "NO_HINTS",
     "Analysis",
     "Hints",
     "HookTarget",
@@ -65,7 +66,7 @@ class Located(NamedTuple):
     module: nn.Module
 
 
-def describe(model: nn.Module, *, train: bool = False, mode: str = "auto", hints: Hints = Hints()) -> list[NameInfo]:
+def describe(model: nn.Module, *, train: bool = False, mode: str = "auto", hints: Hints = NO_HINTS) -> list[NameInfo]:
     """Every tap name of ``model`` in train or eval mode, in graph order (FX names first, then
     the names only hooks reach), with the non-tensor arguments at their defaults."""
     model = unwrap(model)
@@ -128,7 +129,7 @@ def build(
     keep_output: bool,
     detach: bool,
     note: str = "",
-    hints: Hints = Hints(),
+    hints: Hints = NO_HINTS,
 ) -> Runner:
     """Trace ``model`` for one call spec, place every requested name, and return the runner
     (its ``placement`` says where each name is captured and what fell back, and why).

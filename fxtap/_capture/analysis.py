@@ -60,7 +60,7 @@ def analyse(
     mode: str,
     concrete_args: dict[str, Any] | None,
     fallbacks: dict[str, tuple[str, str]] | None = None,
-    hints: _fx.Hints = _fx.Hints(),
+    hints: _fx.Hints = _fx.NO_HINTS,
 ) -> Analysis:
     """Trace ``model``; in ``mode="auto"`` make each untraceable submodule a leaf and retry.
 

@@ -9,32 +9,36 @@ returns a ``GraphModule`` whose output is a dict.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import gc
 import inspect
-import keyword
 import math
 import operator
 import threading
-import types
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.fx.node import Argument
 
 from .._errors import TraceFailedError, summary
-from .._values import copy_value, detach_value, holds_tensor, thawed
+from .._values import copy_value, detach_value, holds_tensor
 from . import names as _names
+from .codegen import (
+    CodeError,
+    Made,
+    as_argument,
+    check_code,
+    materialize,
+    realize,
+    split_fixed,
+    with_fixed,
+)
 from .model import attribute_paths, preserved, stand_in
 from .prune import from_torch_nn, plan
 
-__all__ = ["Hints", "Made", "TapPoint", "Traced", "build", "exclusive", "gc_paused", "realize", "trace"]
+__all__ = ["NO_HINTS", "Hints", "Made", "TapPoint", "Traced", "build", "exclusive", "gc_paused", "realize", "trace"]
 
 # torch.fx patches ``nn.Module.__call__``/``__getattr__`` on the class while it traces and puts
 # back what it found when it is done: two traces overlapping in time would put back each other's
@@ -95,63 +99,7 @@ class Hints(NamedTuple):
         return cls(leaves, functions)
 
 
-class Made(NamedTuple):
-    """A module output FX cannot write as a literal in generated code (a namedtuple, a dataclass,
-    a Hugging Face ``ModelOutput``): its class and its fields. ``build`` makes it a node calling
-    the class; ``realize`` makes it the object. A NamedTuple itself, so ``fx.node.map_arg``
-    reaches the nodes in ``fields``."""
-
-    cls: type
-    fields: dict[str, Any]
-
-
-def _argument(value: Any) -> Any:
-    """A module's output as a graph argument: proxies become nodes, and containers that are not
-    plain tuples, lists or dicts become ``Made`` records (``map_aggregate`` would drop a
-    dataclass's values and a dict subclass's type, and FX's code names a namedtuple's class
-    without importing it)."""
-    if isinstance(value, fx.Proxy):
-        return value.node
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return Made(type(value), {k: _argument(v) for k, v in zip(value._fields, value)})
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        if isinstance(value, dict):  # ModelOutput: only the fields that are set
-            return Made(type(value), {k: _argument(v) for k, v in value.items()})
-        return Made(type(value), {f.name: _argument(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init})
-    if type(value) in (tuple, list):
-        return type(value)(_argument(v) for v in value)
-    if isinstance(value, dict):
-        fields = {k: _argument(v) for k, v in value.items()}
-        return Made(OrderedDict, fields) if type(value) is OrderedDict else fields  # other subclasses: a dict
-    return value
-
-
-def realize(value: Any) -> Any:
-    """``value`` with every ``Made`` record turned into its object (for values read at run time)."""
-    if isinstance(value, Made):
-        if value.cls is OrderedDict:  # keys need not be identifiers
-            return OrderedDict((k, realize(v)) for k, v in value.fields.items())
-        return value.cls(**{k: realize(v) for k, v in value.fields.items()})
-    if isinstance(value, tuple):
-        return tuple(realize(v) for v in value)
-    if isinstance(value, list):  # fx.node.map_arg makes lists immutable_list
-        return [realize(v) for v in value]
-    if isinstance(value, dict):
-        return {k: realize(v) for k, v in value.items()}
-    return value
-
-
-def _materialize(graph: fx.Graph, value: Any) -> Any:
-    """``value`` with every ``Made`` record turned into a node that calls its class."""
-    if isinstance(value, Made):
-        if value.cls is OrderedDict:  # keys need not be identifiers: OrderedDict([(key, value), ...])
-            return graph.call_function(OrderedDict, ([(k, _materialize(graph, v)) for k, v in value.fields.items()],))
-        return graph.call_function(value.cls, (), {k: _materialize(graph, v) for k, v in value.fields.items()})
-    if isinstance(value, (tuple, list)):
-        return type(value)(_materialize(graph, v) for v in value)
-    if isinstance(value, dict):
-        return {k: _materialize(graph, v) for k, v in value.items()}
-    return value
+NO_HINTS = Hints()  # the default: FX's own leaves and wrapped functions only
 
 
 class TapPoint(NamedTuple):
@@ -194,7 +142,7 @@ def _inplace_dunder(op: Any) -> Any:
     return method
 
 
-for _op in "iadd iand ifloordiv ilshift imod imul imatmul ior ipow irshift isub itruediv ixor".split():
+for _op in ["iadd", "iand", "ifloordiv", "ilshift", "imod", "imul", "imatmul", "ior", "ipow", "irshift", "isub", "itruediv", "ixor"]:
     setattr(_Proxy, f"__{_op}__", _inplace_dunder(getattr(operator, _op)))
 
 
@@ -212,7 +160,7 @@ class _TapTracer(fx.Tracer):
     reads return the attribute: that thread runs exactly as if nothing were traced.
     """
 
-    def __init__(self, root: nn.Module, leaves: frozenset[nn.Module], hints: Hints = Hints()) -> None:
+    def __init__(self, root: nn.Module, leaves: frozenset[nn.Module], hints: Hints = NO_HINTS) -> None:
         super().__init__(autowrap_modules=(math,), autowrap_functions=hints.autowrap_functions)
         self._leaf_types = hints.leaf_modules
         self.thread = threading.get_ident()
@@ -304,7 +252,7 @@ class _TapTracer(fx.Tracer):
         return proxy
 
     def _record(self, name: str, kind: str, value: Any, module_type: str, scope: str, moment: fx.Node | None = None) -> None:
-        nodes = _argument(value)
+        nodes = as_argument(value)
         found: list[fx.Node] = []
         fx.node.map_arg(nodes, found.append)
         if found:  # a module returning no tensor-derived value has nothing to tap
@@ -334,7 +282,7 @@ def trace(
     *,
     leaves: frozenset[nn.Module] = frozenset(),
     concrete_args: dict[str, Any] | None = None,
-    hints: Hints = Hints(),
+    hints: Hints = NO_HINTS,
 ) -> Traced:
     """Trace ``model`` and name every node.
 
@@ -342,14 +290,14 @@ def trace(
         TraceFailedError: tracing failed; ``.module`` names the innermost submodule whose
             ``forward`` raised ("" when it is the root's own code).
     """
-    concrete_args, fixed = _split_fixed(concrete_args)
-    root = stand_in(model, _with_fixed(model, fixed) if fixed else None)
+    concrete_args, fixed = split_fixed(concrete_args)
+    root = stand_in(model, with_fixed(model, fixed) if fixed else None)
     tracer = _TapTracer(root, leaves, hints)
     try:
         with _EXCLUSIVE, preserved(model), gc_paused():
             graph = tracer.trace(root, concrete_args=concrete_args)
-            _check_code(graph, root)
-    except _CodeError as error:
+            check_code(graph, root)
+    except CodeError as error:
         raise TraceFailedError(str(error), module=error.path, module_type=error.kind, reason=error.reason) from error.__cause__
     except Exception as error:
         path, kind = tracer.failure or ("", type(model).__name__)
@@ -359,68 +307,6 @@ def trace(
             f"torch.fx cannot trace {where}: {reason}", module=path, module_type=kind, reason=reason
         ) from error
     return Traced(graph, root, tracer.points, tracer.inlined, tracer.naming)
-
-
-def _split_fixed(concrete_args: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """The arguments FX can specialise (``None``, numbers, strings: one value each), and those it
-    cannot: FX makes each item of a fixed tuple or list a placeholder of its own and then writes
-    code that does not compile (``x, size_1 = (4, 4), ... = ...``)."""
-    if not concrete_args:
-        return concrete_args, {}
-    values = {name: thawed(value) for name, value in concrete_args.items()}
-    fixed = {name: v for name, v in values.items() if pytree.tree_leaves(v) != [v]}
-    return {name: v for name, v in values.items() if name not in fixed}, fixed
-
-
-def _with_fixed(model: nn.Module, fixed: dict[str, Any]) -> type[nn.Module]:
-    """A subclass of ``model``'s class whose forward runs the original with the ``fixed``
-    arguments at those values. FX reads the signature through ``__wrapped__`` (the graph keeps
-    a placeholder for each, which the values of the call fill and nothing reads), and the
-    wrapper shares the original's globals (FX wraps ``math`` functions found there)."""
-    original = type(model).forward
-    signature = inspect.signature(original)
-
-    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(self, *args, **kwargs)
-        bound.arguments.update(fixed)
-        return original(*bound.args, **bound.kwargs)
-
-    shared = types.FunctionType(forward.__code__, original.__globals__, "forward", None, forward.__closure__)
-    functools.update_wrapper(shared, original)
-    return type(type(model).__name__, (type(model),), {"forward": shared, "__module__": type(model).__module__})
-
-
-class _CodeError(Exception):
-    def __init__(self, path: str, kind: str, reason: str) -> None:
-        where = f"submodule {path!r} ({kind})" if path else f"the forward of {kind} itself"
-        super().__init__(f"torch.fx cannot write the code of {where}: {reason}")
-        self.path, self.kind, self.reason = path, kind, reason
-
-
-def _writable(target: str) -> bool:
-    """Whether FX's code can name the attribute path ``target``: it writes ``self.a.b``, or
-    ``getattr(self.a, "b")`` for a part that is not an identifier, but never checks keywords."""
-    return all(
-        not keyword.iskeyword(part) and (part.isidentifier() or (part.isprintable() and '"' not in part and "\\" not in part))
-        for part in target.split(".")
-    )
-
-
-def _check_code(graph: fx.Graph, root: nn.Module) -> None:
-    """Fail like a trace does when FX cannot write the graph's code (a submodule named ``in``:
-    ``nn.ModuleDict({"in": ...})``), blaming the module whose code reads that path, so that it
-    falls back like any other untraceable code."""
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr") and not _writable(str(node.target)):
-            scope = node.meta.get("fxtap_scope", "")
-            bad = next(part for part in str(node.target).split(".") if not _writable(part))
-            what = "a Python keyword" if keyword.iskeyword(bad) else "not writable as an attribute name"
-            reason = f"SyntaxError: its code would name {str(node.target)!r}, and {bad!r} is {what}"
-            raise _CodeError(scope, type(root.get_submodule(scope)).__name__, reason)
-    try:
-        compile(graph.python_code(root_module="self").src, "<fxtap>", "exec")
-    except Exception as error:  # any other failure of FX's code generation
-        raise _CodeError("", type(root).__name__, summary(error)) from error
 
 
 def build(
@@ -458,7 +344,7 @@ def _build(
         with graph.inserting_after(anchor):
             snapshots[(node, moment)] = graph.call_function(copy_value, (node,))
     outputs: dict[str, Argument] = {
-        key: _materialize(graph, fx.node.map_arg(value, _snapshot_of(snapshots, moments[key]))) for key, value in values.items()
+        key: materialize(graph, fx.node.map_arg(value, _snapshot_of(snapshots, moments[key]))) for key, value in values.items()
     }
     if keep_output:
         outputs["output"] = old_output

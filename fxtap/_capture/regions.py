@@ -160,7 +160,7 @@ def _shim(module: nn.Module, template: _Template, spec: list[Any]) -> nn.Module:
     return stand_in(module, cls)
 
 
-def trace_alone(module: nn.Module, hints: _fx.Hints = _fx.Hints()) -> _fx.Traced | None:
+def trace_alone(module: nn.Module, hints: _fx.Hints = _fx.NO_HINTS) -> _fx.Traced | None:
     """``module`` traced on its own for its default call (``None`` when its own code fails)."""
     return _plan.analyse(_shim(module, _default_template(module), []), mode="auto", concrete_args=None, hints=hints).traced
 
@@ -249,7 +249,7 @@ class Resolution:
 
 
 def resolve(
-    model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False, hints: _fx.Hints = _fx.Hints()
+    model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False, hints: _fx.Hints = _fx.NO_HINTS
 ) -> Resolution:
     """Place ``names`` of a model whose own forward runs eagerly (``everything``: trace all children)."""
     result = Resolution(fallbacks={"": root_reason}, root=model, hints=hints)
