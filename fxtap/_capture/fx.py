@@ -152,12 +152,20 @@ def is_standard_leaf(module: nn.Module) -> bool:
 
 
 class _TapTracer(fx.Tracer):
-    """Names every node and records module outputs; never sees another thread's calls.
+    """The tracer: torch.fx's symbolic tracer, plus a name for every value it records.
 
-    While it traces, torch.fx's patched ``nn.Module.__call__`` and ``__getattr__`` call this
-    tracer's ``call_module`` and ``getattr`` for *every* thread. Calls from a thread other than
-    the tracing one go straight to the module's own ``__call__`` (hooks and all) and attribute
-    reads return the attribute: that thread runs exactly as if nothing were traced.
+    It overrides only the tracer's hooks. ``call_module`` traces through a module (or records
+    a leaf's call), names the module's return value by its path and call count, and records the
+    node after which that value is final (``TapPoint.moment``); ``create_proxy`` names each
+    functional op by the scope whose forward ran it. Untraceable code raises out of the trace
+    with ``failure`` set to the innermost module whose forward raised, so ``analyse`` can make
+    exactly that module a leaf.
+
+    It never sees another thread's calls. While it traces, torch.fx's patched
+    ``nn.Module.__call__`` and ``__getattr__`` call this tracer's ``call_module`` and ``getattr``
+    for *every* thread. Calls from a thread other than the tracing one go straight to the
+    module's own ``__call__`` (hooks and all) and attribute reads return the attribute: that
+    thread runs exactly as if nothing were traced.
     """
 
     def __init__(self, root: nn.Module, leaves: frozenset[nn.Module], hints: Hints = NO_HINTS) -> None:

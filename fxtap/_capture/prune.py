@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from . import names as _names
 
-__all__ = ["Plan", "from_torch_nn", "plan"]
+__all__ = ["Plan", "effects", "from_torch_nn", "plan"]
 
 _VIEW_LIKE = frozenset(
     """
@@ -81,6 +81,12 @@ def plan(
         kept = ops.liveness(kept | set(guards), wanted, end_reads)
     copies = {(v, m): ops.anchor(m, kept) for v, m in wanted if ops.written_after(v, m, kept)}
     return Plan(frozenset(kept), copies)
+
+
+def effects(graph: fx.Graph, root: nn.Module) -> _Ops:
+    """The storage facts of ``graph``: ``.find(node)`` is a node's alias class (nodes that may
+    share storage have the same class), ``.writes`` maps each in-place node to the nodes it writes."""
+    return _Ops(graph, root)
 
 
 def _scope(node: fx.Node) -> str:

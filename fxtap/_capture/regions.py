@@ -38,7 +38,7 @@ __all__ = ["Region", "Resolution", "resolve", "serve", "trace_alone"]
 class _Input(NamedTuple):
     """A graph input: a tensor, or an object such as a cache."""
 
-    index: int
+    position: int
 
 
 class _Fixed(NamedTuple):
@@ -66,7 +66,7 @@ _Slot = _Input | _Fixed | _Sequence | _Mapping
 
 def _freeze(slot: _Slot) -> Hashable:
     if isinstance(slot, _Input):
-        return ("T", slot.index)
+        return ("T", slot.position)
     if isinstance(slot, _Fixed):
         return ("C", type(slot.value).__name__, repr(slot.value))
     if isinstance(slot, _Sequence):
@@ -76,7 +76,7 @@ def _freeze(slot: _Slot) -> Hashable:
 
 def _rebuild(slot: _Slot, inputs: tuple[Any, ...]) -> Any:
     if isinstance(slot, _Input):
-        return inputs[slot.index]
+        return inputs[slot.position]
     if isinstance(slot, _Fixed):
         return slot.value
     if isinstance(slot, _Sequence):

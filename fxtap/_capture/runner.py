@@ -68,10 +68,10 @@ class GraphRunner(Runner):
 
     def __init__(self, graph: fx.GraphModule, placement: Placement, *, keep_output: bool, detach: bool) -> None:
         super().__init__(placement, keep_output=keep_output, detach=detach)
-        self.graph = graph
+        self.graph = self._graph = graph
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs)))  # the graph returns the keys in order
+        return dict(self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs)))  # the graph returns the keys in order
 
 
 class HookedGraphRunner(GraphRunner):
@@ -80,7 +80,7 @@ class HookedGraphRunner(GraphRunner):
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
         with _hooks.capture(model, hooks) as captured:
-            from_graph = self.graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
+            from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
         self._missing(model, captured, set(hooks))
         hooked = self._hooked(captured.values)
         out = {key: hooked[name] if name in hooks else from_graph[key] for name, key in self.placement.request.items()}

@@ -235,3 +235,33 @@ def test_random_op_before_an_opaque_leaf_that_draws_is_kept() -> None:
         tapped = fxtap.tap(model, ["gate.drop"])
     torch.manual_seed(0)
     assert_same(tapped(x)["gate.drop"], truth["gate.drop"])
+
+
+class _EagerRootInner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x
+
+
+class _EagerRoot(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _EagerRootInner()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # the root runs eagerly; 'a' is traced on its own
+            x = self.a(x)
+        return self.a(x)
+
+
+def test_unknown_name_under_an_eager_root_gets_no_other_mode_hint_for_existing_names() -> None:
+    # found while moving placement into the engine: names of children's graphs (a.add) are not
+    # in the root's own analysis, and must not be offered as "exists in train mode only"
+    with quiet_fallbacks(), pytest.raises(fxtap.TapNameError) as caught:
+        fxtap.tap(_EagerRoot().eval(), ["a.add", "a_1.fc", "nope"])
+    message = str(caught.value)
+    assert message.startswith("no tap named 'a_1.fc', 'nope' in _EagerRoot")
+    assert "train mode only" not in message
