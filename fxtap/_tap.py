@@ -6,7 +6,7 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, Literal, NamedTuple
 
@@ -27,6 +27,8 @@ from ._capture import (
     unwrap,
 )
 from ._capture import call_spec as _call
+from ._capture.guard import GraphCache, freeze
+from ._capture.guard import of_runner as guard_of
 from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
 
 __all__ = ["FeatureInfo", "Mode", "Tapped", "names", "tap"]
@@ -185,7 +187,7 @@ class Tapped(nn.Module):
         self._keep_output = keep_output
         self._hints = hints
         self._warned: set[str] = set() if warn else _EVERYTHING
-        self._runners: dict[Hashable, Runner] = {}
+        self._runners: GraphCache[Runner] = GraphCache()  # guarded, bounded: see _capture/guard.py
         self._build_lock = threading.Lock()
         self._calls = _call.CallSpecs(model)
         self._spec = self._checked_spec()  # checks the names now, not at first call
@@ -256,12 +258,12 @@ class Tapped(nn.Module):
     # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Tapped:
         result = super()._apply(fn, *args, **kwargs)
-        self._runners = {}  # buffers read by the graph may be new tensor objects now
+        self._runners = GraphCache()  # buffers read by the graph may be new tensor objects now
         return result
 
     def __getstate__(self) -> dict[str, Any]:
         state = _call.drop_signature(self.__dict__.copy())
-        state["_runners"] = {}
+        state["_runners"] = GraphCache()
         state["_build_lock"] = None
         return state
 
@@ -275,16 +277,17 @@ class Tapped(nn.Module):
         return self._runner(self._last_spec if spec is None else spec).placement
 
     def _runner(self, spec: tuple[tuple[str, Any], ...]) -> Runner:
-        key = (self.model.training, spec)
-        runner = self._runners.get(key)
+        key = (self.model.training, freeze(spec))
+        runner = self._runners.lookup(key)  # None when never built, evicted, or the model changed since
         if runner is None:
             with exclusive(), self._build_lock:  # concurrent first calls build once; fxtap traces one at a time
-                runner = self._runners.get(key)
+                runner = self._runners.lookup(key)
                 if runner is None:
                     runner = self._build(dict(spec))
-                    self._runners[key] = runner
+                    self._runners.put(key, runner, guard_of(self.model, runner))
         return runner
 
+    @torch.compiler.disable  # a first call under torch.compile builds eagerly: tracing is no graph code
     def _build(self, concrete_args: dict[str, Any]) -> Runner:
         note = "" if self._mode_arg != "hooks" else ' (mode="hooks")'
         try:

@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._values import copy_value
 from . import names as _names
+from .hazards import mark_fxtap_hook
 from .model import ModelPaths
 
 __all__ = ["CallLog", "HookTarget", "alias_hints", "aliases", "capture", "hook_targets", "module_paths", "nearest_module"]
@@ -149,7 +150,7 @@ class CallLog:
             if name is not None:
                 self.add(name, copy_value(output) if self._copy else output)
 
-        return record
+        return mark_fxtap_hook(record)
 
 
 @contextmanager

@@ -29,8 +29,10 @@ from torch import fx, nn
 from .._values import copy_value, detach_value
 from . import analysis as _plan
 from . import fx as _fx
+from . import guard as _guard
 from . import hooks as _hooks
 from . import names as _names
+from .hazards import is_fxtap_hook
 from .model import ModelPaths, stand_in
 
 __all__ = ["Region", "Resolution", "resolve", "serve", "trace_alone"]
@@ -156,7 +158,9 @@ def _shim(module: nn.Module, template: _Template, spec: list[Any]) -> nn.Module:
     made = namespace["make"](call)
     # the module's own globals: FX wraps the functions it finds there (``autowrap_functions``, math)
     forward = types.FunctionType(made.__code__, getattr(original, "__globals__", namespace), "forward", None, made.__closure__)
-    cls: Any = type(type(module).__name__, (type(module),), {"forward": forward, "__module__": type(module).__module__})
+    # _fxtap_called: the module's own __call__ runs its hooks around the graph; _fxtap_source: whose state a guard watches
+    body = {"forward": forward, "__module__": type(module).__module__, "_fxtap_called": True, "_fxtap_source": module}
+    cls: Any = type(type(module).__name__, (type(module),), body)
     return stand_in(module, cls)
 
 
@@ -184,7 +188,7 @@ class Region:
     hookable: dict[str, _hooks.HookTarget] = field(default_factory=dict)  # wanted names that are calls of inner modules
     failed: str = ""  # why the last call could not use a graph
     hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
-    _graphs: dict[Hashable, _Graph | None] = field(default_factory=dict)
+    _graphs: _guard.GraphCache[_Graph | _NoGraph] = field(default_factory=_guard.GraphCache)
 
     def __post_init__(self) -> None:
         self.reserved = self.paths.reserved  # names a later module call's suffix skips
@@ -194,12 +198,14 @@ class Region:
         no graph fits this call."""
         template, tensors = _call_template(args, kwargs)
         key = (self.module.training, template.key())
-        if key not in self._graphs:
-            with _fx.exclusive():  # concurrent first calls build once
-                if key not in self._graphs:
-                    self._graphs[key] = self._build(template)
-        built = self._graphs[key]
+        built = self._graphs.lookup(key)
         if built is None:
+            with _fx.exclusive():  # concurrent first calls build once
+                built = self._graphs.lookup(key)
+                if built is None:
+                    built = self._build(template) or _NoGraph()
+                    self._graphs.put(key, built, built.module.meta.get("fxtap_guard") if isinstance(built, _Graph) else None)
+        if isinstance(built, _NoGraph):
             return None
         values = built.module(*tensors)
         output = pytree.tree_unflatten(values["output"], built.structure)
@@ -223,6 +229,10 @@ class Region:
         graph = _fx.build(analysis.traced, keys, keep_output=True, detach=False, run_modules=self.keep)
         inlined = {_names.join(self.path, p): n for p, n in analysis.traced.inlined.items()}
         return _Graph(graph, keys, inlined, analysis.traced.naming, spec[0] if spec else None)
+
+
+class _NoGraph:
+    """No graph fits calls with this key (cached, so that such calls do not trace again)."""
 
 
 @dataclass
@@ -299,6 +309,10 @@ def _resolve_in(
             continue
         points = {n: p for n, p in analysis.traced.points.items() if p.kind != "input"}
         wanted = _place(path, analysis.traced.naming, points, inside, paths, result)
+        if child.__dict__.get("_forward_hooks") and any(not is_fxtap_hook(h) for h in child._forward_hooks.values()):
+            # the user's forward hooks run after the graph and may change its output: a hook of
+            # fxtap's, registered after them, captures the child's own output instead
+            wanted = {name: local for name, local in wanted.items() if local}
         leftover += [n for n in inside if n not in wanted]
         if wanted:
             keep = frozenset(analysis.hookable_under()) - {""}
