@@ -216,8 +216,13 @@ def _containers(module: nn.Module) -> dict[str, tuple[Any, list[Any]]]:
     return {
         key: (value, list(value.items()) if isinstance(value, dict) else list(value))
         for key, value in module.__dict__.items()
-        if type(value) in (list, dict, set)
+        if type(value) in (list, dict, set) and key not in _STATE_REGISTRIES
     }
+
+
+# buffers and parameters rebound during a trace are checked by state.rebinding_checked, which
+# lets an in-place write assigned back (``self.calls += 1``) trace
+_STATE_REGISTRIES = frozenset({"_buffers", "_parameters"})
 
 
 def _changed(container: Any, before: list[Any]) -> bool:
