@@ -287,7 +287,7 @@ class Tapped(nn.Module):
                     self._runners.put(key, runner, guard_of(self.model, runner))
         return runner
 
-    @torch.compiler.disable  # a first call under torch.compile builds eagerly: tracing is no graph code
+    @torch.compiler.disable  # built eagerly under torch.compile: tracing must see only the model's own calls
     def _build(self, concrete_args: dict[str, Any]) -> Runner:
         note = "" if self._mode_arg != "hooks" else ' (mode="hooks")'
         try:

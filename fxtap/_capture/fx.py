@@ -230,12 +230,12 @@ class _TapTracer(fx.Tracer):
             return self.create_node("get_attr", path, (), {})
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if threading.get_ident() != self.thread:
+            return attr_val  # another thread's attribute read while torch.fx's patch is installed
         # Buffers are model state, read when the graph runs, as parameters are: otherwise math on
         # buffers alone (``w * (rv + eps).rsqrt()``) runs once while tracing and is stored as a
         # constant, stale after ``load_state_dict``, and an in-place write into a buffer changes
         # the real one while tracing. Every read of one tensor is one get_attr node.
-        if threading.get_ident() != self.thread:
-            return attr_val  # another thread's read, through torch.fx's patched __getattr__
         path = self._state_paths.get(id(attr_val)) if isinstance(attr_val, torch.Tensor) else None
         if path is None:
             return super().getattr(attr, attr_val, parameter_proxy_cache)
@@ -318,8 +318,13 @@ def _containers(module: nn.Module) -> dict[str, tuple[Any, list[Any]]]:
     return {
         key: (value, list(value.items()) if isinstance(value, dict) else list(value))
         for key, value in module.__dict__.items()
-        if type(value) in (list, dict, set)
+        if type(value) in (list, dict, set) and key not in _STATE_REGISTRIES
     }
+
+
+# buffers and parameters rebound during a trace are checked by state.rebinding_checked, which
+# lets an in-place write assigned back (``self.calls += 1``) trace
+_STATE_REGISTRIES = frozenset({"_buffers", "_parameters"})
 
 
 def _changed(container: Any, before: list[Any]) -> bool:
@@ -383,7 +388,14 @@ def trace(
     root = stand_in(model, with_fixed(model, fixed) if fixed else None)
     tracer = _TapTracer(root, leaves, hints)
     try:
-        with _EXCLUSIVE, preserved(model), gc_paused(), rebinding_checked(model), random_calls_recorded(tracer), _hazards.watching(tracer):
+        with (
+            _EXCLUSIVE,
+            preserved(model),
+            gc_paused(),
+            rebinding_checked(model),
+            random_calls_recorded(tracer),
+            _hazards.watching(tracer),
+        ):
             graph = tracer.trace(root, concrete_args=concrete_args)
             check_code(graph, root)
     except TraceFailedError:
