@@ -23,8 +23,6 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from . import state as _state
-
 __all__ = ["Hazard", "global_hooks", "is_fxtap_hook", "mark_fxtap_hook", "user_hooks", "watching"]
 
 
@@ -89,13 +87,11 @@ def tracer_internals() -> Iterator[None]:
         _STATE.internal -= 1
 
 
-def _guarded(original: Callable[..., Any], describe: Callable[..., str | None]) -> Callable[..., Any]:
+def _guarded(original: Callable[..., Any], describe: Callable[..., str]) -> Callable[..., Any]:
     def patched(*args: Any, **kwargs: Any) -> Any:
         tracer = _STATE.tracer
         reason = describe(*args, **kwargs) if tracer is not None and not _STATE.internal else ""
-        if reason is None:  # nothing to do while tracing: the graph holds it already
-            return None
-        if reason:
+        if reason:  # "" : not a hazard after all
             hazard = Hazard(reason)
             tracer.found(hazard)  # kept even if the model's own ``except Exception`` swallows it
             raise hazard
@@ -124,9 +120,9 @@ def _saved_reason(*args: Any, **kwargs: Any) -> str:
     )
 
 
-def _setattr_reason(module: nn.Module, name: str, value: Any) -> str | None:
-    if _state.writes_back(_STATE.tracer.root, module, name, value):
-        return None  # ``self.calls += 1`` on a buffer: the in-place write is in the graph; eager assigns back the same tensor
+def _setattr_reason(module: nn.Module, name: str, value: Any) -> str:
+    if name in module.__dict__.get("_buffers", {}) or name in module.__dict__.get("_parameters", {}):
+        return ""  # rebinding a buffer or parameter: state.rebinding_checked decides (``self.calls += 1`` traces)
     return f"writes the attribute {name!r} of a {type(module).__name__} (Python-side state that a graph cannot record)"
 
 

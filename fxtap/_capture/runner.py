@@ -19,7 +19,7 @@ from .._errors import MissingCallError
 from .._values import detach_value
 from . import hooks as _hooks
 from . import regions as _regions
-from .call_spec import graph_args
+from .call_spec import graph_args, graph_kwargs
 from .placement import Placement
 from .prune import may_change_state
 
@@ -73,7 +73,7 @@ class GraphRunner(Runner):
         self.graph = self._graph = graph
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._graph(*graph_args(model, args, kwargs)))  # the graph returns the keys in order
+        return dict(self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs)))  # the graph returns the keys in order
 
 
 class HookedGraphRunner(GraphRunner):
@@ -82,7 +82,7 @@ class HookedGraphRunner(GraphRunner):
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
         with _hooks.capture(model, hooks) as captured:
-            from_graph = self._graph(*graph_args(model, args, kwargs))
+            from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
         self._missing(model, captured, set(hooks))
         hooked = self._hooked(captured.values)
         out = {key: hooked[name] if name in hooks else from_graph[key] for name, key in self.placement.request.items()}

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from .._errors import TraceFailedError
 from . import effects as _effects
 
-__all__ = ["random_calls_recorded", "rebinding_checked", "writes_back"]
+__all__ = ["random_calls_recorded", "rebinding_checked"]
 
 _REGISTRIES = ("_buffers", "_parameters")
 
@@ -48,16 +48,6 @@ def rebinding_checked(model: nn.Module) -> Iterator[None]:
             )
             where = f"submodule {path!r} ({type(module).__name__})" if path else f"the forward of {type(module).__name__} itself"
             raise TraceFailedError(f"torch.fx cannot trace {where}: {reason}", module=path, module_type=type(module).__name__, reason=reason)
-
-
-def writes_back(root: nn.Module, module: nn.Module, name: str, value: Any) -> bool:
-    """Whether assigning ``value`` to ``module.<name>`` while tracing is ``self.calls += 1`` on a
-    buffer or parameter: the proxy of an in-place write into that same tensor (eager mode assigns
-    back the tensor it already is)."""
-    registered = name in getattr(module, "_buffers", {}) or name in getattr(module, "_parameters", {})
-    if not registered or not isinstance(value, fx.Proxy) or value.node.op not in ("call_function", "call_method"):
-        return False
-    return _is_buffer(root, value.node, module, name)
 
 
 def _written_back(model: nn.Module, module: nn.Module, name: str) -> bool:

@@ -31,7 +31,9 @@ tensor is not saved for backward yet, so every generated model also runs ``backw
 
 from __future__ import annotations
 
+import collections
 import contextvars
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,7 +246,19 @@ class TrainBranch(nn.Module):
         return _op(self, "dropout", F.dropout(h, 0.25, self.training))
 
 
+PairTuple = collections.namedtuple("PairTuple", "u v")
+
+
+@dataclasses.dataclass
+class PairData:
+    u: torch.Tensor
+    v: torch.Tensor
+
+
 class Pair(nn.Module):
+    """Returns two values as a tuple, a dict, a namedtuple or a dataclass: FX must write each
+    container into generated code, hooks must copy it, and both must return it as it is."""
+
     def __init__(self, a: nn.Module, b: nn.Module, how: str) -> None:
         super().__init__()
         self.a = a
@@ -254,6 +268,10 @@ class Pair(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         if self.how == "tuple":
             return self.a(x), self.b(x)
+        if self.how == "namedtuple":
+            return PairTuple(self.a(x), self.b(x))
+        if self.how == "dataclass":
+            return PairData(self.a(x), self.b(x))
         return {"u": self.a(x), "v": self.b(x)}
 
 
@@ -266,6 +284,8 @@ class PairUse(nn.Module):
         p = self.pair(x)
         if isinstance(p, tuple):
             return _op(self, "mul", p[0] * p[1])
+        if isinstance(p, PairData):
+            return _op(self, "sub", p.u - p.v)
         return _op(self, "sub", p["u"] - p["v"])
 
 
@@ -536,7 +556,7 @@ _HOW = {
     "arith": ("*", "-"),
     "view": ("torch.flatten", ".flatten", ".reshape", "nn.Flatten"),
     "repeat": ("chain2", "chain3", "sum2", "sum3"),
-    "pair": ("tuple", "dict"),
+    "pair": ("tuple", "dict", "namedtuple", "dataclass"),
     "state": ("ema", "counter", "last", "queue"),
     "ctx": ("no_grad", "set_grad_enabled", "enable_grad", "autocast"),
     "hooked": ("forward", "pre", "kwargs"),
