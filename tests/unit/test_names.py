@@ -77,9 +77,10 @@ def test_public_api() -> None:
         + ["load_features"]
         + ["FeatureInfo", "backbone", "export"]
         + ["Comparison", "compare"]
+        + ["Cut", "CutError", "cut"]
     )
     for name in fxtap.__all__:
-        assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare")
+        assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare", "fxtap._surgery.cut")
 
 
 def test_import_does_not_import_tabulate() -> None:
