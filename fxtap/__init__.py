@@ -19,6 +19,7 @@ from ._errors import FxtapError as FxtapError
 from ._errors import MissingCallError as MissingCallError
 from ._errors import TapNameError as TapNameError
 from ._errors import TraceFailedError as TraceFailedError
+from ._extract import extract as extract
 from ._features import load_features as load_features
 from ._surgery.cut import Cut as Cut
 from ._surgery.cut import cut as cut
@@ -43,6 +44,7 @@ __all__ = [
     "compare",
     "cut",
     "export",
+    "extract",
     "load_features",
     "names",
     "tap",

@@ -28,7 +28,7 @@ from typing import Any
 from torch import fx
 
 from .._capture import fx as _fx
-from .._capture.prune import effects, plan
+from .._capture.prune import facts, plan
 from .._errors import CutError
 from .._values import copy_value
 from .shapes import Evidence
@@ -60,7 +60,7 @@ def split(traced: _fx.Traced, inputs: dict[str, str], outputs: dict[str, str], e
         if node.op == "output":
             graph.erase_node(node)
     order = {n: i for i, n in enumerate(graph.nodes)}
-    before = effects(graph, traced.root)  # alias classes of the model's own graph
+    before = facts(graph, traced.root)  # alias classes of the model's own graph
     names = _Names(traced, env, order)
     cut = _replace_inputs(graph, traced, inputs, env, order)
     wanted, end_reads, results = _outputs(traced, outputs, env, cut, old_output, order)
@@ -306,7 +306,7 @@ class _Walk:
 
     def seed_guards_and_state(self) -> None:
         """Guards and in-place writes to parameters or buffers that read only what the cut computes."""
-        ops = effects(self.graph, self.traced.root)
+        ops = facts(self.graph, self.traced.root)
         attributes = {ops.find(n) for n in self.graph.nodes if n.op == "get_attr"}
         derived, computable = self._derived()
         extra = []
@@ -320,7 +320,7 @@ class _Walk:
 
     def keep_writes(self, wanted: list[tuple[fx.Node, fx.Node]], end_reads: list[fx.Node]) -> None:
         """Run every in-place op after the cut whose write a needed node (or an output) reads later."""
-        ops = effects(self.graph, self.traced.root)
+        ops = facts(self.graph, self.traced.root)
         end = len(self.order) + 1
         while True:
             last_read: dict[fx.Node, int] = {}
@@ -371,7 +371,7 @@ class _Walk:
 
 def _check_aliases(graph: fx.Graph, traced: _fx.Traced, cut: list[_Input], before: Any, order: dict[fx.Node, int], needed: set[fx.Node], names: _Names) -> None:
     """Refuse a cut input whose storage an in-place op the cut cannot reproduce writes to, before the cut reads it."""
-    after = effects(graph, traced.root)
+    after = facts(graph, traced.root)
     for c in cut:
         mine = after.find(c.placeholder)
         reads = [n for n in graph.nodes if n.op != "placeholder" and any(after.find(s) is mine for s in n.all_input_nodes)]
