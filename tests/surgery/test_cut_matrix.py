@@ -38,6 +38,12 @@ def test_cut_at_random_points_equals_model(case: Case) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxtap.FallbackWarning)
         listed = [info.name for info in describe(model) if info.path == "fx"]  # not names inside torch.nn leaves
+    try:
+        fxtap.cut(model, [listed[0]])
+    except fxtap.TraceFailedError as error:  # an opaque submodule: not every name is FX, and cut says which module
+        pytest.skip(f"not every name of {case.name} is FX: {error.module!r}")
+    except fxtap.CutError:
+        pass
     rng = random.Random(case.name)
     candidates = rng.sample(listed[1:], min(len(listed) - 1, 16))
     tensors = cuts.tensor_names(model, args, kwargs, candidates)  # one forward for all of them
