@@ -30,7 +30,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from ._capture import HookTarget, analyse, hook_targets, normalize_request, unwrap
+from ._capture import HookTarget, analyse, hook_targets, normalize_request, realize, unwrap
 from ._errors import MissingCallError
 from ._tap import Tapped, _tapped, tap
 from ._values import copy_value, detach_value, holds_tensor
@@ -195,7 +195,7 @@ class _Snapshots(fx.Interpreter):
         result = super().run_node(n)
         self.env[n] = result
         for point in self.points.get(n, []):
-            value = fx.node.map_arg(point.value, lambda node: self.env[node])
+            value = realize(fx.node.map_arg(point.value, lambda node: self.env[node]))
             self.values[point.name] = detach_value(copy_value(value))
         return result
 

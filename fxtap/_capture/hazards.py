@@ -90,8 +90,9 @@ def tracer_internals() -> Iterator[None]:
 def _guarded(original: Callable[..., Any], describe: Callable[..., str]) -> Callable[..., Any]:
     def patched(*args: Any, **kwargs: Any) -> Any:
         tracer = _STATE.tracer
-        if tracer is not None and not _STATE.internal:
-            hazard = Hazard(describe(*args, **kwargs))
+        reason = describe(*args, **kwargs) if tracer is not None and not _STATE.internal else ""
+        if reason:  # "" : not a hazard after all
+            hazard = Hazard(reason)
             tracer.found(hazard)  # kept even if the model's own ``except Exception`` swallows it
             raise hazard
         return original(*args, **kwargs)
@@ -120,6 +121,8 @@ def _saved_reason(*args: Any, **kwargs: Any) -> str:
 
 
 def _setattr_reason(module: nn.Module, name: str, value: Any) -> str:
+    if name in module.__dict__.get("_buffers", {}) or name in module.__dict__.get("_parameters", {}):
+        return ""  # rebinding a buffer or parameter: state.rebinding_checked decides (``self.calls += 1`` traces)
     return f"writes the attribute {name!r} of a {type(module).__name__} (Python-side state that a graph cannot record)"
 
 

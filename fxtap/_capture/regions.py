@@ -152,17 +152,21 @@ def _shim(module: nn.Module, template: _Template, spec: list[Any]) -> nn.Module:
 
     names = [f"input_{i}" for i in range(template.count)]
     packed = f"({', '.join(names)}{',' if len(names) == 1 else ''})"
-    namespace: dict[str, Any] = {"_call": call}
-    exec(f"def forward(self, {', '.join(names)}):\n    return _call(self, {packed})\n", namespace)
+    namespace: dict[str, Any] = {}
+    params = "".join(f", {n}" for n in names)
+    exec(f"def make(_call):\n    def forward(self{params}):\n        return _call(self, {packed})\n    return forward\n", namespace)
+    made = namespace["make"](call)
+    # the module's own globals: FX wraps the functions it finds there (``autowrap_functions``, math)
+    forward = types.FunctionType(made.__code__, getattr(original, "__globals__", namespace), "forward", None, made.__closure__)
     # _fxtap_called: the module's own __call__ runs its hooks around the graph; _fxtap_source: whose state a guard watches
-    body = {"forward": namespace["forward"], "__module__": type(module).__module__, "_fxtap_called": True, "_fxtap_source": module}
+    body = {"forward": forward, "__module__": type(module).__module__, "_fxtap_called": True, "_fxtap_source": module}
     cls: Any = type(type(module).__name__, (type(module),), body)
     return stand_in(module, cls)
 
 
-def trace_alone(module: nn.Module) -> _fx.Traced | None:
+def trace_alone(module: nn.Module, hints: _fx.Hints = _fx.NO_HINTS) -> _fx.Traced | None:
     """``module`` traced on its own for its default call (``None`` when its own code fails)."""
-    return _plan.analyse(_shim(module, _default_template(module), []), mode="auto", concrete_args=None).traced
+    return _plan.analyse(_shim(module, _default_template(module), []), mode="auto", concrete_args=None, hints=hints).traced
 
 
 @dataclass
@@ -183,6 +187,7 @@ class Region:
     opaque: dict[str, tuple[str, str]] = field(default_factory=dict)  # local leaves chosen at tap() time
     hookable: dict[str, _hooks.HookTarget] = field(default_factory=dict)  # wanted names that are calls of inner modules
     failed: str = ""  # why the last call could not use a graph
+    hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
     _graphs: _guard.GraphCache[_Graph | _NoGraph] = field(default_factory=_guard.GraphCache)
 
     def __post_init__(self) -> None:
@@ -195,8 +200,11 @@ class Region:
         key = (self.module.training, template.key())
         built = self._graphs.lookup(key)
         if built is None:
-            built = self._build(template) or _NoGraph()
-            self._graphs.put(key, built, built.module.meta.get("fxtap_guard") if isinstance(built, _Graph) else None)
+            with _fx.exclusive():  # concurrent first calls build once
+                built = self._graphs.lookup(key)
+                if built is None:
+                    built = self._build(template) or _NoGraph()
+                    self._graphs.put(key, built, built.module.meta.get("fxtap_guard") if isinstance(built, _Graph) else None)
         if isinstance(built, _NoGraph):
             return None
         values = built.module(*tensors)
@@ -208,7 +216,7 @@ class Region:
         # placed on hooks inside them are still hooked (a list argument may make them traceable)
         spec: list[Any] = []
         shim = _shim(self.module, template, spec)
-        analysis = _plan.analyse(shim, mode="auto", concrete_args=None, fallbacks=self.opaque)
+        analysis = _plan.analyse(shim, mode="auto", concrete_args=None, fallbacks=self.opaque, hints=self.hints)
         if analysis.traced is None:
             self.failed = f"{self.path!r} cannot be traced for this call: {analysis.fallbacks[''][1]}"
             return None
@@ -247,11 +255,14 @@ class Resolution:
     fallbacks: dict[str, tuple[str, str]] = field(default_factory=dict)  # eager or opaque code: path -> (type, reason)
     available: list[str] = field(default_factory=list)  # every FX name found, for suggestions
     root: nn.Module | None = None
+    hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
 
 
-def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False) -> Resolution:
+def resolve(
+    model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False, hints: _fx.Hints = _fx.NO_HINTS
+) -> Resolution:
     """Place ``names`` of a model whose own forward runs eagerly (``everything``: trace all children)."""
-    result = Resolution(fallbacks={"": root_reason}, root=model)
+    result = Resolution(fallbacks={"": root_reason}, root=model, hints=hints)
     paths = ModelPaths.of(model)
     leftover = _resolve_in(model, "", names, result, everything, paths)
     targets, unknown = _hooks.hook_targets(model, leftover, paths)
@@ -279,14 +290,14 @@ def _resolve_in(
         later = [n for n in leftover if n.startswith(path + "_")]  # path_1: a later call of the child
         calls = _hooks.hook_targets(root, later, paths)[0] if later else {}
         inside = [n for n in leftover if _names.inside(n, path) or (n in calls and calls[n].path == path)]
-        if (not inside and not everything) or _fx.is_standard_leaf(child):
+        if (not inside and not everything) or _fx.is_standard_leaf(child) or isinstance(child, result.hints.leaf_modules):
             continue
         leftover = [n for n in leftover if n not in inside]
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called: look at its items
             leftover += _resolve_in(child, path, inside, result, everything, paths)
             continue
         try:
-            analysis = _plan.analyse(_shim(child, _default_template(child), []), mode="auto", concrete_args=None)
+            analysis = _plan.analyse(_shim(child, _default_template(child), []), mode="auto", concrete_args=None, hints=result.hints)
         except (TypeError, ValueError) as error:  # no usable signature: leave the child to hooks
             result.fallbacks[path] = (type(child).__name__, f"{type(error).__name__}: {error}")
             leftover += inside
@@ -309,7 +320,7 @@ def _resolve_in(
                 n: t for n, t in _hooks.hook_targets(root, list(wanted), paths)[0].items() if t.path != path
             }  # the module's own calls come from the graph's output
             opaque = {sub: why for sub, why in analysis.fallbacks.items() if sub}
-            result.regions.append(Region(path, child, wanted, paths, keep, root=root, opaque=opaque, hookable=hookable))
+            result.regions.append(Region(path, child, wanted, paths, keep, root=root, opaque=opaque, hookable=hookable, hints=result.hints))
             result.fx.update({g: points[n].module_type if n else type(child).__name__ for g, n in wanted.items()})
     return leftover
 
@@ -349,6 +360,8 @@ class _Router:
     Each thread's tapped call registers its own handler; any other call (another thread, or no
     tapped call at all) goes to the module's own forward. The last one out removes the router.
     """
+
+    fxtap_installed = True  # _model.preserved leaves it in place: it belongs to running calls
 
     def __init__(self, module: nn.Module, previous: Any) -> None:
         self.module = module
