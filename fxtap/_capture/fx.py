@@ -463,10 +463,9 @@ def _build(
         node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
     graph.lint()
     module = fx.GraphModule(traced.root, graph, class_name=f"Tapped{type(traced.root).__name__}")
-    _guard.bind_live(module, traced.root)
     if traced.source is not None:
         called = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
-        read = {str(n.target) for n in traced.graph.nodes if n.op == "get_attr" and "." not in str(n.target)}
+        read = {str(n.target) for n in traced.graph.nodes if n.op == "get_attr"}
         module.meta["fxtap_guard"] = _guard.watch(traced.source, traced.inlined, called, traced.reads_grad_mode, read)
     return module
 

@@ -1,13 +1,14 @@
 """Keeping a built graph current: the model after ``tap()`` is the model that runs.
 
-A graph built by fxtap reads submodules, and the parameters and buffers inside them, *live*,
-through the user's own module tree (``bind_live``): ``model.half()``, a reassigned buffer or
-parameter, ``load_state_dict(assign=True)`` or a parametrization are seen by the next call
-without a rebuild (a top-level parameter or buffer is watched by the guard instead). What a trace *bakes in* is checked before every call by a
-``Guard``, and a graph whose guard fails is rebuilt:
+A graph built by fxtap calls the leaf modules it holds (``nn.Linear``, opaque blocks), which read
+their own parameters and buffers at call time: ``model.half()`` on a leaf, an in-place
+``load_state_dict`` or a parametrized leaf are seen without a rebuild. What a trace *bakes in* is
+checked before every call by a ``Guard``, and a graph whose guard fails is rebuilt:
 
 - the identity of every child of every module whose code was traced through (a swapped
   submodule), and the class of each of those modules (a parametrization changes it);
+- the identity of every parameter and buffer the graph reads itself (``get_attr``): a reassigned
+  buffer, ``load_state_dict(assign=True)``, ``.half()`` replacing a buffer;
 - the ``training`` flag of every module the graph traced through or calls whose code mentions
   ``training`` (with every module below a traced-through one that does): ``.eval()`` on one
   submodule;
@@ -35,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .hazards import global_hooks, user_hooks
 
-__all__ = ["HOLDS", "LIMIT", "MODE", "STALE", "GraphCache", "Guard", "bind_live", "freeze", "of_runner", "watch", "watch_paths"]
+__all__ = ["HOLDS", "LIMIT", "MODE", "STALE", "GraphCache", "Guard", "freeze", "of_runner", "watch", "watch_paths"]
 
 HOLDS, MODE, STALE = 0, 1, 2  # Guard.check(): current; built for the other grad mode; outdated
 LIMIT = 8  # graphs kept per Tapped (and per submodule traced on its own), least recently used dropped first
@@ -43,21 +44,6 @@ LIMIT = 8  # graphs kept per Tapped (and per submodule traced on its own), least
 _MODULE_KEYS = frozenset(nn.Module().__dict__) | {"forward", "_fxtap_source"}
 _CONTAINERS = (list, dict, set)
 _MISSING: Any = object()
-
-
-def bind_live(graph: fx.GraphModule, root: nn.Module) -> None:
-    """Make ``graph`` reach every submodule through the user's own modules.
-
-    ``fx.GraphModule`` builds its own containers down to each module and attribute its nodes
-    use, holding references taken at build time, so a swapped module or a reassigned buffer
-    would go unseen. Putting the user's top-level modules in place of those containers makes
-    every lookup below them live. (Only the used ones: an exported graph holds no more than it
-    uses.) Top-level parameters and buffers stay references: ``watch`` guards their slots.
-    """
-    own = root.__dict__["_modules"]  # fxtap's stand-in shares the user's registries
-    for name in list(graph._modules):
-        if name in own:
-            graph._modules[name] = own[name]
 
 
 class Guard:
@@ -81,6 +67,9 @@ class Guard:
         self._next_hook = RemovableHandle.next_id
         self._reads_grad_mode = reads_grad_mode
         self._grad_mode = torch.is_grad_enabled()
+
+    def _slots(self) -> list[tuple[dict[str, Any], str]]:
+        return list(zip(self._dicts, self._keys))
 
     def check(self) -> int:
         """``HOLDS``, ``MODE`` (only the grad mode differs) or ``STALE``."""
@@ -116,14 +105,24 @@ def watch(
     moded = _unique(moded + [m for m in leaves if _reads_training(type(m), known)])
     slots: list[tuple[dict[str, Any], str]] = [(m.__dict__, "training") for m in moded]
     slots += [(m._modules, name) for m in through for name in m._modules]
+    inside = {id(m) for m in through}
+    for path in called:  # a leaf called from further up (``self.blocks[0].fc(x)``): guard the way to it
+        parent_path, _, name = path.rpartition(".")
+        parent = _find(source, parent_path)
+        if parent is not None and id(parent) not in inside:
+            slots += watch_paths(source, [path])._slots()
     plain = [
         (m.__dict__, key, value)
         for m in through
         for key, value in m.__dict__.items()
         if key not in _MODULE_KEYS and not isinstance(value, nn.Module)
     ]
-    for registry in (source._parameters, source._buffers):  # tensors: compared by identity, with the plain values
-        plain += [(registry, name, registry[name]) for name in attributes if name in registry]
+    for target in attributes:  # parameters and buffers the graph reads (get_attr): by identity, with the plain values
+        owner_path, _, name = target.rpartition(".")
+        owner = _find(source, owner_path)
+        for registry in (owner._parameters, owner._buffers) if owner is not None else ():
+            if name in registry:
+                plain.append((registry, name, registry[name]))
     return Guard(slots, through, plain, through, reads_grad_mode)
 
 
@@ -241,6 +240,8 @@ class GraphCache(Generic[T]):
         entries = self._entries.get(key)
         if not entries:
             return None
+        if torch.compiler.is_compiling():
+            return entries[-1][1]  # torch.compile guards the code it compiled itself
         found: T | None = None
         for i, (guard, value) in enumerate(entries):
             status = HOLDS if guard is None else guard.check()

@@ -158,11 +158,12 @@ def test_a_graph_kept_current_does_not_rebuild_per_call() -> None:
     for _ in range(3):
         tapped(x)
     assert tapped.graph_module() is graph
-    model.half()  # read live: no rebuild needed
-    tapped(x.half())
+    with torch.no_grad():
+        model.block.weight.add_(1.0)  # an in-place update is read by the graph: no rebuild
+    tapped(x)
     assert tapped.graph_module() is graph
     model.block.alpha = 0.25  # baked into the trace: rebuilt
-    tapped(x.half())
+    tapped(x)
     assert tapped.graph_module() is not graph
 
 
@@ -258,3 +259,23 @@ def test_tapping_changes_nothing_on_the_model() -> None:
     after = model_fingerprint(model)
     assert after["modules"] == before["modules"] and after["hooks"] == before["hooks"] and after["training"] == before["training"]
     assert model.block.alpha == 1.0 and type(model.block) is Scaled
+
+
+class Reaches(nn.Module):
+    """Calls a grandchild directly: its parent is never called, so never traced through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 4))])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[0][0](x) + 1
+
+
+def test_swapped_grandchild_called_from_above_is_seen() -> None:
+    model = Reaches()
+    tapped = _quiet_tap(model, ["blocks.0.0", "add"])
+    x = torch.randn(2, 4)
+    tapped(x)
+    model.blocks[0][0] = nn.Linear(4, 4)
+    assert_same(tapped(x)["add"], model(x))
