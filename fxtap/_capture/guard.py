@@ -31,7 +31,7 @@ from collections.abc import Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .hazards import global_hooks, user_hooks
