@@ -314,12 +314,7 @@ class _Shard:
     def count(self, batch: Any, position: int, *, keep_ids: bool = False) -> int:
         """Count a batch that is not computed here (another rank's, or a finished shard's)."""
         _, ids, skipped = _split(self.job.split, batch, position)
-        if keep_ids:
-            self.ids += ids
-            self.skipped += skipped
-        self.last = len(ids) + len(skipped)
-        self.items += self.last
-        return self.last
+        return self._tally(ids, skipped, keep_ids=keep_ids)
 
     def add(self, batch: Any, position: int) -> int:
         inputs, ids, skipped = _split(self.job.split, batch, position)
@@ -330,8 +325,12 @@ class _Shard:
             for name, (value, described) in _rows(self.job, inputs, len(ids)).items():
                 self.chunks.setdefault(name, []).append(value)
                 self.features.setdefault(name, described)
-        self.ids += ids
-        self.skipped += skipped
+        return self._tally(ids, skipped, keep_ids=True)
+
+    def _tally(self, ids: list[Any], skipped: list[Any], *, keep_ids: bool) -> int:
+        if keep_ids:
+            self.ids += ids
+            self.skipped += skipped
         self.last = len(ids) + len(skipped)
         self.items += self.last
         return self.last
