@@ -5,6 +5,8 @@ from ._compare import compare as compare
 from ._deploy.backbone import FeatureInfo as FeatureInfo
 from ._deploy.backbone import backbone as backbone
 from ._deploy.export import export as export
+from ._edit import Edited as Edited
+from ._edit import edit as edit
 from ._errors import FallbackWarning as FallbackWarning
 from ._errors import FxtapError as FxtapError
 from ._errors import MissingCallError as MissingCallError
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Comparison",
+    "Edited",
     "FallbackWarning",
     "FeatureInfo",
     "FxtapError",
@@ -28,6 +31,7 @@ __all__ = [
     "TraceFailedError",
     "backbone",
     "compare",
+    "edit",
     "export",
     "load_features",
     "names",

@@ -16,6 +16,9 @@ from ._capture import fx as _fx
 from ._capture import names as _names
 from ._capture import placement as _plan
 from ._capture import regions as _regions
+from ._capture.edit import as_modules as _edit_modules
+from ._capture.edit_placement import from_regions as _edits_in_regions
+from ._capture.edit_placement import place as _place_edits
 from ._capture.model import unwrap
 from ._capture.runner import Runner as _Runner
 from ._errors import (
@@ -59,6 +62,7 @@ def tap(
     mode: Mode = "auto",
     detach: bool = False,
     keep_output: bool = False,
+    edit: Mapping[str, Any] | None = None,
 ) -> Tapped:
     """Wrap ``model`` so that calling it returns the requested intermediate values.
 
@@ -71,6 +75,9 @@ def tap(
             forward hooks only; ``"auto"`` traces and hands only untraceable code to hooks.
         detach: return detached tensors (by default gradients flow through them).
         keep_output: also return the model's own output, under the key ``"output"``.
+        edit: values to replace while tapping, as for ``fxtap.edit`` (tap name -> function,
+            tensor or module). A tap of an edited name returns the value after the edit, and
+            taps downstream of an edit see the edited value.
 
     Returns:
         A ``Tapped`` module; calling it with the model's inputs returns ``dict[str, Tensor]``
@@ -94,7 +101,8 @@ def tap(
     request = _names.normalize_request(names)
     if keep_output and "output" in request.values():
         raise ValueError('the output key "output" is taken by keep_output=True; rename that tap')
-    return Tapped(unwrap(model), request, mode=mode, detach=detach, keep_output=keep_output)
+    edits = _edit_modules(edit) if edit else None
+    return Tapped(unwrap(model), request, mode=mode, detach=detach, keep_output=keep_output, edits=edits)
 
 
 def names(model: nn.Module, *, train: bool = False, mode: Mode = "auto") -> list[str]:
@@ -126,9 +134,21 @@ class Tapped(nn.Module):
 
     feature_info: list[FeatureInfo] | None = None
 
-    def __init__(self, model: nn.Module, request: dict[str, str], *, mode: Mode, detach: bool, keep_output: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        request: dict[str, str],
+        *,
+        mode: Mode,
+        detach: bool,
+        keep_output: bool,
+        edits: dict[str, nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
+        self._edits = dict(edits or {})
+        if self._edits:  # submodules: their parameters train with the Tapped (the model's stay shared)
+            self.edits = nn.ModuleDict({f"e{i}": module for i, module in enumerate(self._edits.values())})
         self._request = request
         self._mode_arg: Mode = mode
         self._detach = detach
@@ -208,8 +228,9 @@ class Tapped(nn.Module):
                 "so it runs eagerly (see Tapped.report()).\n  Tap a traceable submodule instead: "
                 "fxtap.tap(model.get_submodule(path), names), or make the forward traceable (docs/fallback.md)."
             )
-        if runner.assignment.hooks:
+        if runner.assignment.hooks or runner.edits.hooks:
             hooked = {name: runner.assignment.reasons[name] for name in runner.assignment.hooks}
+            hooked.update({name: runner.edits.reasons[name] for name in runner.edits.hooks})
             detail = "; ".join(f"{name!r}: {reason}" for name, reason in hooked.items())
             raise FxtapError(
                 f"no single graph computes these taps of {type(self.model).__name__}: some are captured by hooks ({detail}).\n"
@@ -277,18 +298,20 @@ class Tapped(nn.Module):
             given = ", ".join(f"{k}={v!r}" for k, v in concrete_args.items())
             where = f"\n  (checked with the arguments {given}; names that exist only for other values are not known here)" if given else ""
             raise TapNameError(f"{error}{where}{self._other_mode_hint(unknown)}") from None
+        edits = _place_edits(analysis, self._edits, mode=self._mode_arg)
         self._warn_fallbacks(analysis, assignment, stacklevel)
         graph = None
         if analysis.traced is not None and self._mode_arg != "hooks":
             leaves = frozenset(assignment.leaves.values())
             graph = _fx.build(
-                analysis.traced, assignment.fx, keep_output=self._keep_output, detach=self._detach, run_modules=leaves
+                analysis.traced, assignment.fx, keep_output=self._keep_output, detach=self._detach, run_modules=leaves, edits=edits.fx
             )
-        return _Runner(graph, assignment, self._request, keep_output=self._keep_output, detach=self._detach)
+        return _Runner(graph, assignment, self._request, keep_output=self._keep_output, detach=self._detach, edits=edits)
 
     def _build_eager(self, analysis: _analysis.Analysis, *, stacklevel: int) -> _Runner:
         """The root runs eagerly; traceable children holding requested names are traced on their own."""
-        found = _regions.resolve(self.model, list(self._request), analysis.fallbacks[""])
+        found = _regions.resolve(self.model, list(self._request) + [n for n in self._edits if n not in self._request], analysis.fallbacks[""])
+        edits = _edits_in_regions(found, self._edits, self._request)
         if found.unknown:
             available = found.available + [p for p, _ in self.model.named_modules() if p and p not in found.available]
             message = _names.unknown_name_message(found.unknown, type(self.model).__name__, available)
@@ -299,10 +322,12 @@ class Tapped(nn.Module):
             owner = max((p for p in found.fallbacks if not p or target.path.startswith(p + ".") or target.path == p), key=len)
             reasons[name] = found.fallbacks[owner][1]
             types[name] = type(self.model.get_submodule(target.path)).__name__
-        fx_keys = {name: self._request[name] for name in found.fx}
+        fx_keys = {name: self._request[name] for name in found.fx if name in self._request}
         assignment = _plan.Assignment(fx_keys, found.hooks, reasons, types, {})
         self._warn_fallbacks(_analysis.Analysis(self.model, None, found.fallbacks), assignment, stacklevel)
-        return _Runner(None, assignment, self._request, keep_output=self._keep_output, detach=self._detach, regions=found.regions)
+        return _Runner(
+            None, assignment, self._request, keep_output=self._keep_output, detach=self._detach, regions=found.regions, edits=edits
+        )
 
     def _warn_eager(self, fallbacks: dict[str, tuple[str, str]], assignment: _plan.Assignment, stacklevel: int) -> None:
         """One warning for a model whose own forward runs eagerly, listing what else could not be traced."""

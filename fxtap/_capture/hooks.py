@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._values import copy_value
 from . import names as _names
+from .edit import Patch
 from .model import attribute_paths
 
 __all__ = ["HookTarget", "capture", "hook_targets", "module_paths", "nearest_module"]
@@ -93,8 +94,11 @@ class _StopForward(BaseException):
 
 
 class _Capture:
-    def __init__(self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int) -> None:
+    def __init__(
+        self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int, edits: dict[str, tuple[HookTarget, Any]]
+    ) -> None:
         self.values: dict[str, Any] = {}
+        self._edits = {(t.path, t.call_index): fn for t, fn in edits.values()}
         self.calls: dict[str, int] = {}
         self.served: dict[str, int] = {}  # calls of modules served by their own graph (_regions)
         self._wanted = {(t.path, t.call_index): t.name for t in targets.values()}
@@ -109,31 +113,47 @@ class _Capture:
         if self._stop and len(self.values) == self._expected:
             raise _StopForward
 
-    def hook(self, path: str) -> Callable[[nn.Module, Any, Any], None]:
-        def record(module: nn.Module, args: Any, output: Any) -> None:
+    def hook(self, path: str) -> Callable[[nn.Module, Any, Any], Any]:
+        def record(module: nn.Module, args: Any, output: Any) -> Any:
             if threading.get_ident() != self.thread:
-                return  # another thread's call of the same model: not ours
+                return None  # another thread's call of the same model: not ours
             index = self.calls.get(path, 0)
             self.calls[path] = index + 1
+            edit = self._edits.get((path, index))
+            if edit is not None:
+                output = edit(output)  # the forward hook's return value replaces the module's output
+                if isinstance(edit, Patch):
+                    output = copy_value(output)  # never let eager code write into the user's tensor
             name = self._wanted.get((path, index))
             if name is not None:
                 self.add(name, copy_value(output) if self._copy else output)
+            return output if edit is not None else None
 
         return record
 
 
 @contextmanager
 def capture(
-    root: nn.Module, targets: dict[str, HookTarget], *, copy: bool = True, stop_when_done: bool = False, extra: int = 0
+    root: nn.Module,
+    targets: dict[str, HookTarget],
+    *,
+    copy: bool = True,
+    stop_when_done: bool = False,
+    extra: int = 0,
+    edits: dict[str, tuple[HookTarget, Any]] | None = None,
 ) -> Iterator[_Capture]:
     """Hook the modules of ``targets`` for the duration of the ``with`` block.
+
+    ``edits`` (name -> (target, module)): the hook returns ``module(output)`` for that call, so
+    the rest of the model sees the replacement; a captured name edited too gets the new value.
 
     The handles are removed in ``finally``, whatever happens. With ``stop_when_done`` the forward
     is cut short (a private exception, swallowed here) as soon as every target is captured,
     and ``extra`` more values arrived through ``add``.
     """
-    paths = {t.path for t in targets.values()}
-    state = _Capture(targets, copy, stop_when_done, extra)
+    edits = edits or {}
+    paths = {t.path for t in targets.values()} | {t.path for t, _ in edits.values()}
+    state = _Capture(targets, copy, stop_when_done, extra, edits)
     handles: list[RemovableHandle] = []
     try:
         for path in sorted(paths):

@@ -13,6 +13,7 @@ from . import hooks as _hooks
 from . import placement as _plan
 from . import regions as _regions
 from .call_spec import graph_args as _graph_args
+from .edit_placement import EditPlacement
 
 __all__ = ["Runner"]
 
@@ -30,8 +31,10 @@ class Runner:
         keep_output: bool,
         detach: bool,
         regions: list[_regions.Region] | None = None,
+        edits: EditPlacement | None = None,
     ) -> None:
         self.graph = graph
+        self.edits = edits or EditPlacement()
         self.assignment = assignment
         self.regions = regions or []
         self._request = request
@@ -40,12 +43,12 @@ class Runner:
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         targets = self.assignment.hooks
-        if self.graph is not None and not targets:
+        if self.graph is not None and not targets and not self.edits.hooks:
             return dict(self.graph(*_graph_args(model, args, kwargs)))  # the graph returns keys in order
         stop_early = self.graph is None and not self._keep_output
         in_regions = 0 if self.graph is not None else len(self.assignment.fx)
         from_graph: dict[str, Any] = {}
-        with _hooks.capture(model, targets, stop_when_done=stop_early, extra=in_regions) as captured:
+        with _hooks.capture(model, targets, stop_when_done=stop_early, extra=in_regions, edits=self.edits.hooks) as captured:
             with _regions.serve(self.regions, captured, detach=self._detach):
                 if self.graph is not None:
                     from_graph = self.graph(*_graph_args(model, args, kwargs))
