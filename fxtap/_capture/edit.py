@@ -57,7 +57,8 @@ class Patch(nn.Module):
                 f"{tuple(value.shape)}: the shapes must broadcast (as in torch.where).\n"
                 f"  Pass a tensor of shape {tuple(value.shape)} or one that broadcasts to it."
             ) from error
-        return tensor if tuple(shape) == tuple(tensor.shape) else tensor.expand(shape)
+        # broadcast into a dense tensor of its own: kernels then run as on any other value
+        return tensor if tuple(shape) == tuple(tensor.shape) else tensor.expand(shape).contiguous()
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, shape={tuple(self.tensor.shape)}"
@@ -215,7 +216,7 @@ def protect(graph: fx.Graph, patches: list[fx.Node], written_after: Callable[[fx
     """Copy a Patch's result (the user's tensor) where a later kept in-place op writes into it,
     and only there."""
     for node in patches:
-        if node.graph is not graph or not written_after(node):
+        if not written_after(node):
             continue
         with graph.inserting_after(node):
             copy = graph.call_function(copy_value, (node,))

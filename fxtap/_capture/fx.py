@@ -243,7 +243,7 @@ def _build(
         if node not in decided.kept:
             graph.erase_node(node)
     if inserted is not None:
-        _edit.protect(graph, inserted.patches, lambda node: written_after(graph, root, node, decided.kept))
+        _edit.protect(graph, [n for n in inserted.patches if n in decided.kept], lambda node: written_after(graph, root, node, decided.kept))
     snapshots: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
     for (node, moment), anchor in decided.copies.items():
         with graph.inserting_after(anchor):
