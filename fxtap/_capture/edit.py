@@ -212,12 +212,15 @@ def _has_node(value: Argument) -> bool:
     return bool(found)
 
 
-def protect(graph: fx.Graph, patches: list[fx.Node], written_after: Callable[[fx.Node], bool]) -> None:
-    """Copy a Patch's result (the user's tensor) where a later kept in-place op writes into it,
-    and only there."""
+def protect(graph: fx.Graph, patches: list[fx.Node], written_after: Callable[[fx.Node], bool]) -> dict[fx.Node, fx.Node]:
+    """Copy a Patch's result (the user's tensor) where a later in-place op writes into it, and
+    only there; every use of it reads the copy. Returns each copied node -> its copy."""
+    copies: dict[fx.Node, fx.Node] = {}
     for node in patches:
         if not written_after(node):
             continue
         with graph.inserting_after(node):
             copy = graph.call_function(copy_value, (node,))
         node.replace_all_uses_with(copy, delete_user_cb=lambda user: user is not copy)
+        copies[node] = copy
+    return copies

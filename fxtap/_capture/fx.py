@@ -236,14 +236,19 @@ def _build(
         old_output = inserted.end(old_output)
     values: dict[str, Argument] = {key: p.value for key, p in points.items()}
     moments = {key: p.moment for key, p in points.items()}
-    wanted = [(node, moments[key]) for key, value in values.items() for node in _nodes_of([value])]
-    wanted += [(n, n) for n in graph.nodes if n.op == "call_module" and n.target in run_modules]
-    decided = plan(graph, root, wanted, _nodes_of([old_output]) if keep_output else [])
+    ends = _nodes_of([old_output]) if keep_output else []
+    decided = _plan(graph, root, values, moments, ends, run_modules)
+    if inserted is not None:  # a tensor handed in as an edit: copied where a kept in-place op would write into it
+        kept_patches = [n for n in inserted.patches if n in decided.kept]
+        copies = _edit.protect(graph, kept_patches, lambda node: written_after(graph, root, node, decided.kept))
+        if copies:
+            values = {key: fx.node.map_arg(v, lambda n: copies.get(n, n)) for key, v in values.items()}
+            moments = {key: copies.get(m, m) for key, m in moments.items()}
+            old_output = fx.node.map_arg(old_output, lambda n: copies.get(n, n))
+            decided = _plan(graph, root, values, moments, _nodes_of([old_output]) if keep_output else [], run_modules)
     for node in reversed(list(graph.nodes)):
         if node not in decided.kept:
             graph.erase_node(node)
-    if inserted is not None:
-        _edit.protect(graph, [n for n in inserted.patches if n in decided.kept], lambda node: written_after(graph, root, node, decided.kept))
     snapshots: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
     for (node, moment), anchor in decided.copies.items():
         with graph.inserting_after(anchor):
@@ -260,6 +265,19 @@ def _build(
         node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
     graph.lint()
     return fx.GraphModule(root, graph, class_name=f"Tapped{type(traced.root).__name__}")
+
+
+def _plan(
+    graph: fx.Graph,
+    root: nn.Module,
+    values: dict[str, Argument],
+    moments: dict[str, fx.Node],
+    ends: list[fx.Node],
+    run_modules: frozenset[str],
+) -> Any:
+    wanted = [(node, moments[key]) for key, value in values.items() for node in _nodes_of([value])]
+    wanted += [(n, n) for n in graph.nodes if n.op == "call_module" and n.target in run_modules]
+    return plan(graph, root, wanted, ends)
 
 
 def _copied(point: TapPoint, env: dict[fx.Node, fx.Node]) -> TapPoint:
