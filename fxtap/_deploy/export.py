@@ -50,6 +50,7 @@ def export(
     dynamic_batch: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-5,
+    edit: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the taps of ``model`` as one deployable graph, and check the file against eager.
 
@@ -69,6 +70,8 @@ def export(
             within ``|a - e| <= atol + rtol * max|e|`` (the largest value of that output).
         rtol: relative tolerance (other runtimes' float32 kernels add in another order; the
             rounding error grows with the size of the values summed).
+        edit: values replaced in the written graph, as for ``fxtap.edit``; every edit must be
+            on the FX path (TorchScript cannot script a Python function edit: use pt2 or ONNX).
 
     Returns:
         ``path`` as a ``Path``, once the written file was loaded and matched eager.
@@ -93,7 +96,7 @@ def export(
             f"export needs {type(model).__name__} in eval mode (train-mode layers change state and differ per run): call model.eval() first"
         )
     args = _as_args(example_input)
-    graph = _fx_graph(model, names)
+    graph = _fx_graph(model, names, edit)
     with torch.no_grad():
         outputs = dict(graph(*args))
     writer = {"onnx": _write_onnx, "pt2": _write_pt2, "torchscript": _write_torchscript}[fmt]
@@ -144,12 +147,14 @@ def _remove_written(path: Path, before: list[tuple[int, int, int] | None]) -> No
             file.unlink()
 
 
-def _fx_graph(model: nn.Module, names: Mapping[str, str] | Sequence[str]) -> fx.GraphModule:
+def _fx_graph(model: nn.Module, names: Mapping[str, str] | Sequence[str], edit: Mapping[str, Any] | None = None) -> fx.GraphModule:
     """The pruned graph of the taps, or an ``FxtapError`` naming the code that keeps them out of one graph."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)  # export raises instead, naming the same code
-        tapped = tap(model, names, mode="auto")
+        tapped = tap(model, names, mode="auto", edit=edit)
     hooked = [name for name, path in tapped.paths.items() if path == "hook"]
+    if not hooked and edit:
+        return tapped.graph_module()  # raises, naming the edits that hooks apply
     try:
         if not hooked:
             return tapped.graph_module()

@@ -14,7 +14,7 @@ import warnings
 from typing import Any
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -23,6 +23,9 @@ from support.strategies import W, Case, case_truth, cases, edited_truth, seed_rn
 from support.truth import assert_same, assert_unchanged, model_fingerprint
 
 SEED = 0
+# each example runs the model five times and builds three graphs: the default suite draws 50 per
+# property; the "thorough" profile draws its own count (HYPOTHESIS_PROFILE=thorough)
+EXAMPLES = settings.default.max_examples if settings.default.max_examples > 200 else 50
 
 
 class Scale(nn.Module):
@@ -176,11 +179,13 @@ def _detached(value: Any) -> Any:
     return _map(value, torch.Tensor.detach) if not isinstance(value, torch.Tensor) else value.detach()
 
 
+@settings(max_examples=EXAMPLES)
 @given(cases(), st.data())
 def test_edit_fx_matches_hooks_and_truth(case: Case, data: st.DataObject) -> None:
     _check(case, data, hooks_too=True)
 
 
+@settings(max_examples=EXAMPLES)
 @given(cases(untraceable=True), st.data())
 def test_edit_untraceable_matches_truth(case: Case, data: st.DataObject) -> None:
     _check(case, data, hooks_too=False)
