@@ -21,7 +21,7 @@ from . import names as _names
 from .edit import Patch
 from .model import attribute_paths
 
-__all__ = ["HookTarget", "capture", "hook_targets", "module_paths", "nearest_module"]
+__all__ = ["HookTarget", "capture", "hook_targets", "module_paths", "nearest_module", "unapplied_edits_message"]
 
 _SUFFIX = re.compile(r"^(.+)_([0-9]+)$")
 
@@ -99,6 +99,9 @@ class _Capture:
     ) -> None:
         self.values: dict[str, Any] = {}
         self._edits = {(t.path, t.call_index): fn for t, fn in edits.values()}
+        self.edited: set[tuple[str, int]] = set()  # (path, call index) of the edits applied
+        self.edited_in_graphs: set[str] = set()  # names edited by the graphs of submodules (_regions)
+        self.stopped = False  # the forward was cut short once every value was captured
         self.calls: dict[str, int] = {}
         self.served: dict[str, int] = {}  # calls of modules served by their own graph (_regions)
         self._wanted = {(t.path, t.call_index): t.name for t in targets.values()}
@@ -121,6 +124,7 @@ class _Capture:
             self.calls[path] = index + 1
             edit = self._edits.get((path, index))
             if edit is not None:
+                self.edited.add((path, index))
                 output = edit(output)  # the forward hook's return value replaces the module's output
                 if isinstance(edit, Patch):
                     output = copy_value(output)  # never let eager code write into the user's tensor
@@ -161,7 +165,7 @@ def capture(
         try:
             yield state
         except _StopForward:
-            pass
+            state.stopped = True
     finally:
         for handle in handles:
             handle.remove()
@@ -175,4 +179,23 @@ def missing_calls_message(targets: dict[str, HookTarget], state: _Capture, owner
     return (
         f"{owner}: these names were not produced by this call: {', '.join(parts)}.\n"
         "  A module's later calls are named path_1, path_2, ...; see docs/names.md."
+    )
+
+
+def unapplied_edits_message(
+    edits: dict[str, tuple[HookTarget, Any]], state: _Capture, owner: str, in_graphs: list[str] | None = None
+) -> str:
+    """Which edits found no call to edit in a forward that ran to its end ("" when none): hook
+    edits, and ``in_graphs``, the edits of submodules' own graphs."""
+    if state.stopped:
+        return ""  # the forward stopped once the taps were captured: later edits had nothing to change
+    missing = [t for t, _ in edits.values() if (t.path, t.call_index) not in state.edited]
+    parts = [f"{t.name!r} (call {t.call_index + 1} of {t.path!r}, which ran {state.calls.get(t.path, 0)} time(s))" for t in missing]
+    parts += [repr(name) for name in in_graphs or [] if name not in state.edited_in_graphs]
+    if not parts:
+        return ""
+    return (
+        f"{owner}: these edits found no call to edit in this forward: {', '.join(parts)}.\n"
+        "  A forward hook edits a module's output only when the module is called as a module (not its "
+        "weights used by another module's code); a module's later calls are named path_1, path_2, ...; see docs/names.md."
     )

@@ -400,6 +400,7 @@ def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach
             return _eager(region, original, state, own, keep, args, kwargs)
         output, values, graph, names = result
         output = _edit_output(region, names[""], output)
+        state.edited_in_graphs.update(name for name in names.values() if name in region.edits)
         for path, calls in graph.inlined.items():  # keep hook call numbering right for later calls
             state.calls[path] = state.calls.get(path, 0) + calls
         shared = _storages((output, args, kwargs))
@@ -434,7 +435,10 @@ def _eager(
             state.calls[path] = max(state.calls.get(path, 0), calls)
         for name, value in inner.values.items():
             keep(name, value)
+        state.edited_in_graphs.update(n for n, (t, _) in edits.items() if (t.path, t.call_index) in inner.edited)
     output = _edit_output(region, own, output)
+    if own in region.edits:
+        state.edited_in_graphs.add(own)
     keep(own, copy_value(output))
     return output
 

@@ -54,6 +54,10 @@ class Runner:
                     from_graph = self.graph(*_graph_args(model, args, kwargs))
                 else:
                     from_graph = {"output": model(*args, **kwargs)}
+        in_regions_edits = list(self.edits.fx) if self.graph is None else []
+        unapplied = _hooks.unapplied_edits_message(self.edits.hooks, captured, type(model).__name__, in_regions_edits)
+        if unapplied:
+            raise MissingCallError(unapplied)
         expected = set(targets) if self.graph is not None else set(targets) | set(self.assignment.fx)
         if not expected <= set(captured.values):
             raise MissingCallError(self._missing_message(model, captured))
