@@ -1,4 +1,12 @@
-"""fxtap: the intermediate activations of any PyTorch model, correct, fast and exportable."""
+"""fxtap: the intermediate activations of any PyTorch model, correct, fast and exportable.
+
+This module holds the public names only. For maintainers, the layers (imports point down only):
+``fxtap.cli`` -> this package -> ``_compare``, ``_deploy`` (backbone, export, verify),
+``_features`` (the on-disk format) -> ``_tap`` (tap, names, Tapped: the only place that warns)
+-> ``_capture`` (the engine: trace, place each name on a graph or a hook, run) -> ``_errors``,
+``_values``, ``_text``. docs/architecture.md is the map: the engine's contract, how a call flows,
+and where to add a capture strategy.
+"""
 
 from ._compare import Comparison as Comparison
 from ._compare import compare as compare

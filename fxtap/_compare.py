@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 import math
 import random
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,12 +27,9 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from ._capture import analysis as _plan
-from ._capture import hooks as _hooks
-from ._capture import names as _names
-from ._capture.model import unwrap
-from ._errors import FallbackWarning, MissingCallError
-from ._tap import Tapped, tap
+from ._capture import HookTarget, analyse, hook_targets, normalize_request, unwrap
+from ._errors import MissingCallError
+from ._tap import Tapped, _tapped, tap
 from ._values import copy_value, detach_value, holds_tensor
 
 __all__ = ["Comparison", "ComparisonRow", "compare"]
@@ -119,9 +115,9 @@ def compare(
         (True, True, True, 0.0)
     """
     model = unwrap(model)
-    request = list(_names.normalize_request(names))
+    request = list(normalize_request(names))
     default = _quiet_tap(model, request)  # raises TapNameError for names no path has
-    calls, _ = _hooks.hook_targets(model, request)
+    calls, _ = hook_targets(model, request)
     run = _Isolated(model, args, kwargs)
     by_default = _produced(run, request, lambda some: default if some == request else _quiet_tap(model, some))
     by_hooks = _produced(run, list(calls), lambda some: tap(model, some, mode="hooks", detach=True)) if calls else {}
@@ -138,9 +134,7 @@ def compare(
 
 
 def _quiet_tap(model: nn.Module, names: list[str]) -> Tapped:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)  # the paths column says what falls back
-        return tap(model, names, detach=True)
+    return _tapped(model, names, mode="auto", detach=True, warn=False)  # the paths column says what falls back
 
 
 def _produced(run: _Isolated, names: list[str], make: Callable[[list[str]], Tapped]) -> dict[str, Any]:
@@ -154,7 +148,7 @@ def _produced(run: _Isolated, names: list[str], make: Callable[[list[str]], Tapp
 
 
 # -- the truth -----------------------------------------------------------------------------------------
-def _hook_truth(model: nn.Module, calls: dict[str, _hooks.HookTarget], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def _hook_truth(model: nn.Module, calls: dict[str, HookTarget], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Module calls: clones taken by plain forward hooks during an ordinary forward."""
     wanted = {(t.path, t.call_index): name for name, t in calls.items()}
     counts: dict[str, int] = {}
@@ -210,9 +204,7 @@ def _graph_truth(model: nn.Module, names: list[str], args: tuple[Any, ...], kwar
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     concrete = {key: value for key, value in bound.arguments.items() if not holds_tensor(value)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)
-        analysis = _plan.analyse(model, mode="auto", concrete_args=concrete)
+    analysis = analyse(model, mode="auto", concrete_args=concrete)
     if analysis.traced is None:
         return {}
     interpreter = _Snapshots(analysis.traced, names)

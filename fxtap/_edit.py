@@ -78,22 +78,22 @@ class Edited(Tapped):
     def mode(self) -> str:
         """How the edits are applied in the current train/eval mode: ``"fx"`` (one graph holds the
         model and every edit), ``"hooks"`` (forward hooks on an eagerly running model) or ``"mixed"``."""
-        runner = self._runner(self._last_spec, stacklevel=4)
-        if runner.graph is not None and not runner.edits.hooks:
+        placement = self._placement()
+        if not placement.eager_root and not placement.edits.hooks:
             return "fx"
-        return "mixed" if runner.edits.fx or runner.graph is not None else "hooks"
+        return "mixed" if placement.edits.fx or not placement.eager_root else "hooks"
 
     @property
     def paths(self) -> dict[str, str]:
         """Each edited name mapped to ``"fx"`` (in a graph) or ``"hook"`` (a forward hook)."""
-        placed = self._runner(self._last_spec, stacklevel=4).edits
+        placed = self._placement().edits
         return {name: placed.path(name) for name in self._edits}
 
     def report(self) -> str:
         """A table: one row per edit with its kind, path, module type and fallback reason."""
         from ._text import table
 
-        placed = self._runner(self._last_spec, stacklevel=4).edits
+        placed = self._placement().edits
         rows = [
             [name, _kind(module), placed.path(name), placed.module_types.get(name, ""), placed.reasons.get(name, "")]
             for name, module in self._edits.items()

@@ -11,20 +11,40 @@ It imports nothing above it (``fxtap._tap``, ``_compare``, ``_deploy`` and the C
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 from torch import nn
 
-from .._errors import FallbackWarning
+from .._errors import TapNameError
+from . import fx as _fx
 from . import regions as _regions
 from .analysis import Analysis, analyse
-from .call_spec import default_concrete_args
+from .call_spec import default_concrete_args, depends_on_arguments
+from .edit import as_modules as edit_modules
 from .fx import Traced
 from .hooks import HookTarget, hook_targets
 from .model import training_mode, unwrap
+from .names import normalize_request
+from .placement import Placement, place
+from .runner import Runner, make_runner
 
-__all__ = ["Analysis", "HookTarget", "Located", "NameInfo", "analyse", "describe", "locate"]
+__all__ = [
+    "Analysis",
+    "HookTarget",
+    "Located",
+    "NameInfo",
+    "Placement",
+    "Runner",
+    "analyse",
+    "build",
+    "depends_on_arguments",
+    "describe",
+    "edit_modules",
+    "hook_targets",
+    "locate",
+    "normalize_request",
+    "unwrap",
+]
 
 
 class NameInfo(NamedTuple):
@@ -48,8 +68,7 @@ def describe(model: nn.Module, *, train: bool = False, mode: str = "auto") -> li
     """Every tap name of ``model`` in train or eval mode, in graph order (FX names first, then
     the names only hooks reach), with the non-tensor arguments at their defaults."""
     model = unwrap(model)
-    with training_mode(model, train), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)  # the caller decides what to say
+    with training_mode(model, train):  # the engine never warns: its callers decide what to say
         analysis = analyse(model, mode=mode, concrete_args=default_concrete_args(model))
         if analysis.traced is not None or mode != "auto":
             graph_names: dict[str, tuple[str, str]] = (
@@ -87,15 +106,53 @@ def locate(model: nn.Module, name: str, *, concrete_args: dict[str, Any] | None 
     traced on its own under an eagerly running root); ``None`` when no graph holds it."""
     model = unwrap(model)
     args = default_concrete_args(model) if concrete_args is None else concrete_args
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)
-        analysis = analyse(model, mode="auto", concrete_args=args)
-        if analysis.traced is not None:
-            return Located(analysis.traced, "", model) if name in analysis.traced.points else None
-        found = _regions.resolve(model, [name], analysis.fallbacks[""])
-        for region in found.regions:
-            if name in region.wanted:
-                local = _regions.trace_alone(region.module)
-                if local is not None:
-                    return Located(local, region.path, region.module)
+    analysis = analyse(model, mode="auto", concrete_args=args)
+    if analysis.traced is not None:
+        return Located(analysis.traced, "", model) if name in analysis.traced.points else None
+    found = _regions.resolve(model, [name], analysis.fallbacks[""])
+    for region in found.regions:
+        if name in region.wanted:
+            local = _regions.trace_alone(region.module)
+            if local is not None:
+                return Located(local, region.path, region.module)
     return None
+
+
+def build(
+    model: nn.Module,
+    request: dict[str, str],
+    *,
+    mode: str,
+    concrete_args: dict[str, Any] | None,
+    keep_output: bool,
+    detach: bool,
+    note: str = "",
+    edits: dict[str, nn.Module] | None = None,
+) -> Runner:
+    """Trace ``model`` for one call spec, place every requested name, and return the runner
+    (its ``placement`` says where each name is captured and what fell back, and why).
+
+    Raises:
+        TapNameError: a name does not exist (``error.unknown``: the names the model has not;
+            ``error.eager_root``: whether the model's own forward runs eagerly).
+        TraceFailedError: ``mode="fx"`` and some code cannot be traced.
+
+    ``edits`` (name -> module, see ``edit.as_modules``) replace values: in the graph where it
+    holds them, else by forward hooks on module outputs; ``placement.edits`` says which.
+    """
+    with _fx.gc_paused():  # building allocates a few objects per node: see gc_paused
+        analysis = analyse(model, mode=mode, concrete_args=concrete_args)
+        try:
+            placement = place(analysis, request, mode=mode, note=note, edits=edits or {})
+        except TapNameError as error:
+            known = set(analysis.names())
+            error.unknown = [name for name in request if name not in known]  # type: ignore[attr-defined]
+            error.eager_root = analysis.traced is None and mode == "auto"  # type: ignore[attr-defined]
+            raise
+        graph = None
+        if analysis.traced is not None and mode != "hooks":
+            leaves = frozenset(placement.leaves.values())
+            graph = _fx.build(
+                analysis.traced, placement.fx, keep_output=keep_output, detach=detach, run_modules=leaves, edits=placement.edits.fx
+            )
+    return make_runner(placement, graph, keep_output=keep_output, detach=detach)

@@ -13,6 +13,7 @@ from torch import nn
 
 from .._errors import TraceFailedError
 from . import fx as _fx
+from . import names as _names
 
 __all__ = ["Analysis", "analyse"]
 
@@ -39,21 +40,11 @@ class Analysis:
         known = set(fx_names)
         leaves = set(self.hookable_under())
         hookable = [
-            path for path, _ in self.model.named_modules() if path and path not in known and _under_any(path, leaves)
+            path
+            for path, _ in self.model.named_modules()
+            if path and path not in known and _names.enclosing(path, leaves, strict=True) is not None
         ]
         return fx_names + hookable
-
-
-def _under_any(path: str, leaves: set[str]) -> bool:
-    """Whether ``path`` lies strictly inside one of ``leaves`` ("" holds everything)."""
-    if "" in leaves:
-        return True
-    parts = path.split(".")
-    return any(".".join(parts[:cut]) in leaves for cut in range(1, len(parts)))
-
-
-def _inside(path: str, leaf: str) -> bool:
-    return leaf == "" or path.startswith(leaf + ".")
 
 
 def analyse(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from .._errors import TraceFailedError
@@ -12,7 +13,32 @@ from .._values import holds_tensor
 from . import analysis as _plan
 from . import fx as _fx
 
-__all__ = ["call_spec", "default_concrete_args", "default_spec", "depends_on_arguments", "graph_args", "parameters", "plain"]
+__all__ = ["CallSpecs", "Spec", "call_spec", "default_concrete_args", "default_spec", "depends_on_arguments", "graph_args"]
+
+Spec = tuple[tuple[str, Any], ...]  # (argument name, value) of every non-tensor argument, in signature order
+
+
+class CallSpecs:
+    """The specs of the calls of one model: its signature is read once, at ``tap()``.
+
+    Attributes:
+        default: the spec of a call that leaves every default alone.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+        params = parameters(model)
+        self._plain = plain(params)
+        self.default: Spec = _defaults(params) if self._plain else ()
+        # how many tensors a call passes positionally when it leaves every default alone (-1: unknown)
+        self._required = sum(1 for p in params if p.default is p.empty and p.kind != p.KEYWORD_ONLY) if self._plain else -1
+
+    def spec(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, checked: Spec) -> Spec:
+        """The spec of this call; ``checked`` (the spec the names were checked with) for the common
+        call, tensors for the required arguments, with no signature binding."""
+        if not kwargs and checked == self.default and len(args) == self._required and all(isinstance(a, torch.Tensor) for a in args):
+            return checked
+        return call_spec(self._model, args, kwargs)
 
 
 def depends_on_arguments(analysis: _plan.Analysis) -> bool:
@@ -47,18 +73,20 @@ def _frozen(value: Any) -> Any:
         return repr(value)
 
 
-def default_spec(model: nn.Module) -> tuple[tuple[str, Any], ...]:
-    params = parameters(model)
-    if not plain(params):
-        return ()
+def _defaults(params: list[inspect.Parameter]) -> Spec:
     return tuple((p.name, p.default) for p in params if p.default is not p.empty and not holds_tensor(p.default))
+
+
+def default_spec(model: nn.Module) -> Spec:
+    params = parameters(model)
+    return _defaults(params) if plain(params) else ()
 
 
 def default_concrete_args(model: nn.Module) -> dict[str, Any]:
     return dict(default_spec(model))
 
 
-def call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+def call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Spec:
     params = parameters(model)
     if not plain(params):
         return ()

@@ -11,7 +11,7 @@ from torch import nn
 from .._errors import TapNameError
 from . import hooks as _hooks
 from . import names as _names
-from .analysis import Analysis, _inside
+from .analysis import Analysis
 
 if TYPE_CHECKING:
     from .regions import Resolution
@@ -45,11 +45,10 @@ def place(analysis: Analysis, edits: dict[str, nn.Module], *, mode: str) -> Edit
     targets, unknown = _hooks.hook_targets(analysis.model, rest)
     leaves = analysis.hookable_under()
     for name, target in targets.items():
-        inside = [leaf for leaf in leaves if _inside(target.path, leaf)]
-        if not inside or mode == "fx":
+        leaf = _names.enclosing(target.path, leaves, strict=True)
+        if leaf is None or mode == "fx":
             unknown.append(name)
             continue
-        leaf = max(inside, key=len)
         module_type, reason = analysis.fallbacks.get(leaf, (type(analysis.model.get_submodule(leaf)).__name__, ""))
         placed.hooks[name] = (target, edits[name])
         placed.reasons[name] = reason or f"inside {leaf!r} ({module_type}), a torch.nn module that FX keeps as one step"
@@ -86,10 +85,8 @@ def _eager_reason(analysis: Analysis, path: str) -> str | None:
     """Why the code of module ``path`` runs eagerly, or ``None`` when a graph holds it."""
     if analysis.traced is None:
         return analysis.fallbacks.get("", ("", "it is not traced"))[1]
-    for leaf, (_, reason) in sorted(analysis.fallbacks.items(), key=lambda item: -len(item[0])):
-        if path == leaf or _inside(path, leaf):
-            return reason
-    return None
+    leaf = _names.enclosing(path, analysis.fallbacks)
+    return None if leaf is None else analysis.fallbacks[leaf][1]
 
 
 def from_regions(found: Resolution, edits: dict[str, nn.Module], request: dict[str, str]) -> EditPlacement:
@@ -101,12 +98,12 @@ def from_regions(found: Resolution, edits: dict[str, nn.Module], request: dict[s
         lines = []
         for name in refused:
             near = _hooks.nearest_module(found.root, name)
-            owner = max((p for p in found.fallbacks if not p or near == p or near.startswith(p + ".")), key=len)
+            owner = _names.enclosing(near, found.fallbacks) or ""
             lines.append(refusal(name, near, found.fallbacks[owner][1]))
         raise TapNameError("\n".join(lines))
     for name, target in list(found.hooks.items()):
         if name in edits:
-            owner = max((p for p in found.fallbacks if not p or target.path.startswith(p + ".") or target.path == p), key=len)
+            owner = _names.enclosing(target.path, found.fallbacks) or ""
             placed.hooks[name] = (target, edits[name])
             placed.reasons[name] = found.fallbacks[owner][1]
             placed.module_types[name] = type(found.root.get_submodule(target.path)).__name__ if found.root is not None else ""

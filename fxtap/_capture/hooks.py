@@ -7,7 +7,6 @@ cloned, containers rebuilt): a hook cannot know whether a later in-place op will
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,9 +21,6 @@ from .edit import Patch
 from .model import attribute_paths
 
 __all__ = ["HookTarget", "capture", "hook_targets", "module_paths", "nearest_module", "unapplied_edits_message"]
-
-_SUFFIX = re.compile(r"^(.+)_([0-9]+)$")
-
 
 class HookTarget(NamedTuple):
     """A requested name as a module call: the module's path and the 0-based call index."""
@@ -65,10 +61,10 @@ def hook_targets(
 def _as_module_call(name: str, modules: frozenset[str], reserved: frozenset[str]) -> HookTarget | None:
     if name in modules:
         return HookTarget(name, name, 0)
-    match = _SUFFIX.match(name)
-    if match is None or match.group(1) not in modules:
+    split = _names.split_suffix(name)
+    if split is None or split[0] not in modules:
         return None
-    path, number = match.group(1), int(match.group(2))
+    path, number = split
     for index in range(1, number + 1):  # the suffix skips reserved names, so index <= number
         if _names.module_call_name(path, index, reserved) == name:
             return HookTarget(name, path, index)
@@ -77,13 +73,7 @@ def _as_module_call(name: str, modules: frozenset[str], reserved: frozenset[str]
 
 def nearest_module(root: nn.Module, name: str) -> str:
     """The longest module path that is a '.'-prefix of ``name`` ("" when none is)."""
-    paths = {n for n, _ in root.named_modules() if n}
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        candidate = ".".join(parts[:cut])
-        if candidate in paths:
-            return candidate
-    return ""
+    return _names.enclosing(name, (n for n, _ in root.named_modules() if n), strict=True) or ""
 
 
 class _StopForward(BaseException):

@@ -20,7 +20,20 @@ import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["Namer", "Replay", "module_call_name", "normalize_request", "suggest", "unknown_name_message"]
+__all__ = [
+    "CALL_NUMBER",
+    "INPLACE_OPERATORS",
+    "Namer",
+    "Replay",
+    "enclosing",
+    "inside",
+    "join",
+    "module_call_name",
+    "normalize_request",
+    "split_suffix",
+    "suggest",
+    "unknown_name_message",
+]
 
 _CAMEL = re.compile(r"(?<!^)(?=[A-Z])")
 
@@ -30,14 +43,39 @@ def op_base_name(raw: str) -> str:
     raw = raw.strip("<>")
     if raw.startswith("__") and raw.endswith("__"):
         raw = raw[2:-2]
-    if raw.startswith("i") and raw[1:] in _INPLACE_OPERATORS:
+    if raw.startswith("i") and raw[1:] in INPLACE_OPERATORS:
         raw = raw[1:]  # ``x += y`` keeps torchvision's name ``add``
     return _CAMEL.sub("_", raw).lower() if not raw.islower() else raw
 
 
-_INPLACE_OPERATORS = frozenset(
+# Python's augmented-assignment operators: ``operator.iadd`` is ``x += y``
+INPLACE_OPERATORS = frozenset(
     {"add", "and", "floordiv", "lshift", "mod", "mul", "matmul", "or", "pow", "rshift", "sub", "truediv", "xor"}
 )
+_SUFFIX = re.compile(r"^(.+)_([0-9]+)$")
+CALL_NUMBER = re.compile(r"_([0-9]+)(?=\.|$)")  # a later-call suffix on any component: ``blk_2.fc``
+
+
+def split_suffix(name: str) -> tuple[str, int] | None:
+    """``("blk", 2)`` for ``"blk_2"``; ``None`` for a name without a ``_k`` suffix."""
+    match = _SUFFIX.match(name)
+    return (match.group(1), int(match.group(2))) if match is not None else None
+
+
+def inside(path: str, scope: str, *, strict: bool = False) -> bool:
+    """Whether ``path`` lies in ``scope`` ('.'-components; ``""`` holds everything). A path is
+    inside itself unless ``strict``."""
+    if not scope:
+        return not strict or bool(path)
+    return path.startswith(scope + ".") or (not strict and path == scope)
+
+
+def enclosing(path: str, scopes: Iterable[str], *, strict: bool = False, innermost: bool = True) -> str | None:
+    """The innermost (or outermost) of ``scopes`` that ``path`` lies in, ``None`` when none does."""
+    found = [scope for scope in scopes if inside(path, scope, strict=strict)]
+    if not found:
+        return None
+    return max(found, key=len) if innermost else min(found, key=len)
 
 
 def join(scope: str, leaf: str) -> str:
@@ -91,11 +129,8 @@ class Namer:
         raise AssertionError("unreachable: itertools.count is infinite")
 
     def _module_call_like(self, name: str) -> bool:
-        match = _SUFFIX.match(name)
-        return match is not None and match.group(1) in self._modules
-
-
-_SUFFIX = re.compile(r"^(.+)_([0-9]+)$")
+        split = split_suffix(name)
+        return split is not None and split[0] in self._modules
 
 
 class Replay:

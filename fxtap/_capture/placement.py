@@ -1,68 +1,148 @@
-"""Placing each requested name: captured by the graph, or by a forward hook, and why."""
+"""Placing each requested name: captured by a graph or by a forward hook, and why.
+
+``place`` is the one place that decides it, for every case: a traced model (names in the graph,
+names inside its opaque or ``torch.nn`` leaves on hooks), a model whose own forward runs eagerly
+(names of children traced on their own in their graphs, the rest on hooks) and ``mode="hooks"``.
+The result, a ``Placement``, is data: the façade turns its fallbacks into warnings and reports,
+the runner runs it, export explains from it why a name cannot be exported.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
 
 from .._errors import TapNameError
 from . import hooks as _hooks
 from . import names as _names
-from .analysis import Analysis, _inside
+from . import regions as _regions
+from .analysis import Analysis
+from .edit_placement import EditPlacement
+from .edit_placement import from_regions as edits_in_regions
+from .edit_placement import place as place_edits
 
-__all__ = ["Assignment", "assign"]
+__all__ = ["Placement", "place"]
+
+Fallbacks = dict[str, tuple[str, str]]  # path -> (module type, reason); "" is the root
 
 
 @dataclass
-class Assignment:
-    """How each requested name is captured."""
+class Placement:
+    """Where each requested name is captured.
 
-    fx: dict[str, str]  # name -> key, captured by the graph
-    hooks: dict[str, _hooks.HookTarget]  # captured by forward hooks
-    reasons: dict[str, str]  # name -> why it is not FX ("" for FX names)
-    module_types: dict[str, str]
-    leaves: dict[str, str]  # hooked name -> the leaf module of the graph that runs it ("" = none)
+    Attributes:
+        request: ``{name: output key}``, in output order.
+        analysis: the trace it was placed on (``analysis.traced`` is ``None`` when the root runs eagerly).
+        fx: names computed by a graph (the model's, or a child's traced on its own) -> key.
+        hooks: names captured by forward hooks -> the module call.
+        reasons: name -> why it is not on a graph ("" for graph names).
+        module_types: name -> the class of its module ("" for a root op).
+        leaves: hooked name -> the outermost leaf of the graph that runs it ("" = none).
+        fallbacks: code torch.fx could not trace: path -> (module type, reason); "" is the root.
+        regions: children traced on their own under an eagerly running root.
+    """
+
+    request: dict[str, str]
+    analysis: Analysis
+    fx: dict[str, str] = field(default_factory=dict)
+    hooks: dict[str, _hooks.HookTarget] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    module_types: dict[str, str] = field(default_factory=dict)
+    leaves: dict[str, str] = field(default_factory=dict)
+    fallbacks: Fallbacks = field(default_factory=dict)
+    regions: list[_regions.Region] = field(default_factory=list)
+    edits: EditPlacement = field(default_factory=EditPlacement)  # how each edit is applied
+
+    @property
+    def eager_root(self) -> bool:
+        """Whether the model's own forward runs eagerly (no single graph computes the names)."""
+        return self.analysis.traced is None
+
+    @property
+    def mode(self) -> Literal["fx", "mixed", "hooks"]:
+        """``"fx"``: one graph computes every name; ``"hooks"``: no graph does; else ``"mixed"``."""
+        if not self.eager_root and not self.hooks:
+            return "fx"
+        return "mixed" if self.fx else "hooks"
+
+    def path(self, name: str) -> Literal["fx", "hook"]:
+        return "fx" if name in self.fx else "hook"
 
 
-def assign(analysis: Analysis, request: dict[str, str], *, mode: str, note: str = "") -> Assignment:
-    """Give each requested name a path, or raise ``TapNameError`` for names that do not exist."""
+def place(
+    analysis: Analysis, request: dict[str, str], *, mode: str, note: str = "", edits: dict[str, nn.Module] | None = None
+) -> Placement:
+    """Give each requested name a path, or raise ``TapNameError`` for names that do not exist.
+    ``edits`` (name -> edit module) are placed alike (``edit_placement``).
+
+    Raises:
+        TapNameError: some names do not exist (in ``mode="fx"``: or only hooks could reach them),
+            or some edit cannot be applied.
+    """
+    if analysis.traced is None and mode == "auto":
+        return _place_under_eager_root(analysis, request, edits or {})
+    placement = _place_on_graph(analysis, request, mode=mode, note=note)
+    placement.edits = place_edits(analysis, edits or {}, mode=mode)
+    return placement
+
+
+def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, note: str) -> Placement:
     points = analysis.traced.points if analysis.traced is not None else {}
     fx_names = {name: key for name, key in request.items() if name in points}
-    rest = [name for name in request if name not in points]
-    targets, unknown = _hooks.hook_targets(analysis.model, rest)
+    targets, unknown = _hooks.hook_targets(analysis.model, [name for name in request if name not in points])
     leaves = analysis.hookable_under()
-    outside = [name for name, t in targets.items() if not any(_inside(t.path, leaf) for leaf in leaves)]
-    if mode == "fx" and targets:
-        unknown += list(targets)
-    else:
-        unknown += outside
+    outside = [name for name, t in targets.items() if _names.enclosing(t.path, leaves, strict=True) is None]
+    unknown += list(targets) if mode == "fx" and targets else outside
     if unknown:
-        raise TapNameError(_unknown_message(analysis, unknown, mode, note))
-    hooked = {name: t for name, t in targets.items() if name not in unknown}
-    reasons = {name: "" for name in fx_names}
-    types = {name: points[name].module_type for name in fx_names}
-    outer: dict[str, str] = {}
-    for name, target in hooked.items():
-        leaf = max((leaf for leaf in leaves if _inside(target.path, leaf)), key=len)
-        outer[name] = min((leaf for leaf in leaves if _inside(target.path, leaf)), key=len)
+        raise TapNameError(_unknown_message(analysis, unknown, note))
+    placement = Placement(request, analysis, fx=fx_names, fallbacks=dict(analysis.fallbacks))
+    placement.reasons = {name: "" for name in fx_names}
+    placement.module_types = {name: points[name].module_type for name in fx_names}
+    for name, target in targets.items():
+        leaf = _names.enclosing(target.path, leaves, strict=True) or ""
         module_type, reason = analysis.fallbacks.get(leaf, (type(analysis.model.get_submodule(leaf)).__name__, ""))
-        reasons[name] = reason or f"inside {leaf!r} ({module_type}), a torch.nn module that FX keeps as one step"
-        types[name] = type(analysis.model.get_submodule(target.path)).__name__
-    return Assignment(fx_names, hooked, reasons, types, outer)
+        placement.hooks[name] = target
+        placement.reasons[name] = reason or f"inside {leaf!r} ({module_type}), a torch.nn module that FX keeps as one step"
+        placement.module_types[name] = type(analysis.model.get_submodule(target.path)).__name__
+        placement.leaves[name] = _names.enclosing(target.path, leaves, strict=True, innermost=False) or ""
+    return placement
 
 
-def _unknown_message(analysis: Analysis, unknown: list[str], mode: str, note: str) -> str:
-    available = analysis.names()
-    message = _names.unknown_name_message(unknown, type(analysis.model).__name__, available, note)
+def _place_under_eager_root(analysis: Analysis, request: dict[str, str], edits: dict[str, nn.Module]) -> Placement:
+    """The root runs eagerly; traceable children holding requested or edited names are traced on their own."""
+    model = analysis.model
+    found = _regions.resolve(model, list(request) + [n for n in edits if n not in request], analysis.fallbacks[""])
+    placed_edits = edits_in_regions(found, edits, request)  # edit-only names leave what is captured
+    if found.unknown:
+        available = found.available + [p for p, _ in model.named_modules() if p and p not in found.available]
+        raise TapNameError(_names.unknown_name_message(found.unknown, type(model).__name__, available))
+    placement = Placement(request, analysis, fallbacks=found.fallbacks, regions=found.regions, edits=placed_edits)
+    placement.fx = {name: request[name] for name in found.fx}
+    placement.hooks = found.hooks
+    placement.reasons = {name: "" for name in found.fx}
+    placement.module_types = dict(found.fx)
+    for name, target in found.hooks.items():
+        owner = _names.enclosing(target.path, found.fallbacks) or ""
+        placement.reasons[name] = found.fallbacks[owner][1]
+        placement.module_types[name] = type(model.get_submodule(target.path)).__name__
+    return placement
+
+
+def _unknown_message(analysis: Analysis, unknown: list[str], note: str) -> str:
+    model: nn.Module = analysis.model
+    message = _names.unknown_name_message(unknown, type(model).__name__, analysis.names(), note)
     hints = []
     for name in unknown:
-        near = _hooks.nearest_module(analysis.model, name)
+        near = _hooks.nearest_module(model, name)
         if analysis.traced is None and near:
             hints.append(
                 f"  {name!r} is not a module call, and hooks capture module outputs only: "
                 f"the nearest module whose output can be hooked is {near!r}."
             )
-        elif analysis.traced is not None and (target := _hooks.hook_targets(analysis.model, [name])[0].get(name)):
-            if any(_inside(target.path, leaf) for leaf in analysis.hookable_under()):
+        elif analysis.traced is not None and (target := _hooks.hook_targets(model, [name])[0].get(name)):
+            if _names.enclosing(target.path, analysis.hookable_under(), strict=True) is not None:
                 hints.append(f"  {name!r} is inside a module FX keeps as one step; mode=\"auto\" captures it with a hook.")
             elif target.call_index == 0:
                 hints.append(

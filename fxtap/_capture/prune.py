@@ -25,6 +25,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx, nn
 
+from . import names as _names
+
 __all__ = ["Plan", "from_torch_nn", "plan", "same_tensor", "written_after"]
 
 _VIEW_LIKE = frozenset(
@@ -37,10 +39,7 @@ _VIEW_LIKE = frozenset(
     dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout identity squeeze_ unsqueeze_
     """.split()
 )
-_INPLACE_OPERATORS = frozenset(
-    getattr(operator, name)
-    for name in "iadd iand ifloordiv ilshift imod imul imatmul ior ipow irshift isub itruediv ixor setitem".split()
-)
+_INPLACE_OPERATORS = frozenset(getattr(operator, f"i{name}") for name in _names.INPLACE_OPERATORS) | {operator.setitem}
 _RANDOM = frozenset(
     """
     dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout rand randn rand_like randn_like
@@ -89,7 +88,7 @@ def _scope(node: fx.Node) -> str:
 
 
 def _runs_in(scope: str, kept_scopes: set[str]) -> bool:
-    return any(s == scope or s.startswith(scope + ".") or not scope for s in kept_scopes)
+    return any(_names.inside(s, scope) for s in kept_scopes)
 
 
 class _Ops:

@@ -14,7 +14,6 @@ lies in untraceable code itself is left to hooks.
 from __future__ import annotations
 
 import inspect
-import re
 import threading
 import types
 from collections import OrderedDict
@@ -249,7 +248,6 @@ def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *,
 
 
 _MAX_CALLS = 4096  # a later-call name is looked for among this many calls of a module at most
-_NUMBER = re.compile(r"_([0-9]+)(?=\.|$)")
 
 
 def _resolve_in(
@@ -267,7 +265,7 @@ def _resolve_in(
         path = _names.join(prefix, child_name)
         later = [n for n in leftover if n.startswith(path + "_")]  # path_1: a later call of the child
         calls = _hooks.hook_targets(root, later, paths)[0] if later else {}
-        inside = [n for n in leftover if n.startswith(path + ".") or n == path or (n in calls and calls[n].path == path)]
+        inside = [n for n in leftover if _names.inside(n, path) or (n in calls and calls[n].path == path)]
         if (not inside and not everything) or _fx.is_standard_leaf(child):
             continue
         leftover = [n for n in leftover if n not in inside]
@@ -314,7 +312,7 @@ def _place(
     result.available += [first[n] for n in points]
     wanted = {first[n]: n for n in ["", *points] if first[n] in inside}
     later = {n for n in inside if n not in wanted}
-    numbers = [int(k) for n in later for k in _NUMBER.findall(n)]
+    numbers = [int(k) for n in later for k in _names.CALL_NUMBER.findall(n)]
     for _ in range(min(max(numbers, default=0), _MAX_CALLS)):  # the k-th later call has suffixes >= k
         if not later:
             break

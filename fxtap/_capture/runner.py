@@ -1,5 +1,12 @@
-"""Running a placement: a graph, hooks, or both (hooks inside the graph's leaves, or graphs of
-traceable submodules inside an eagerly running model)."""
+"""Running a placement: one runner class per strategy.
+
+- ``GraphRunner``: one graph computes every name (the common case: no Python-side dispatch).
+- ``HookedGraphRunner``: the graph runs, and forward hooks inside its leaves take the names it
+  cannot hold (modules inside an opaque or ``torch.nn`` leaf).
+- ``EagerRunner``: the model's own forward runs eagerly (or ``mode="hooks"``); children traced on
+  their own serve their names from their graphs (``regions``), hooks take the rest, and the
+  forward stops as soon as every name is captured unless the model's output is wanted.
+"""
 
 from __future__ import annotations
 
@@ -10,75 +17,109 @@ from torch import fx, nn
 from .._errors import MissingCallError
 from .._values import detach_value
 from . import hooks as _hooks
-from . import placement as _plan
 from . import regions as _regions
-from .call_spec import graph_args as _graph_args
-from .edit_placement import EditPlacement
+from .call_spec import graph_args
+from .placement import Placement
 
-__all__ = ["Runner"]
+__all__ = ["EagerRunner", "GraphRunner", "HookedGraphRunner", "Runner", "make_runner"]
 
 
 class Runner:
-    """One way to compute the requested values: a graph, hooks, or both (hooks inside the graph's
-    leaves, or graphs of traceable submodules inside an eagerly running model)."""
+    """Computes the values of one ``Placement`` for one call of ``model``.
 
-    def __init__(
-        self,
-        graph: fx.GraphModule | None,
-        assignment: _plan.Assignment,
-        request: dict[str, str],
-        *,
-        keep_output: bool,
-        detach: bool,
-        regions: list[_regions.Region] | None = None,
-        edits: EditPlacement | None = None,
-    ) -> None:
-        self.graph = graph
-        self.edits = edits or EditPlacement()
-        self.assignment = assignment
-        self.regions = regions or []
-        self._request = request
+    Attributes:
+        graph: the graph that runs (``None`` when the model's own forward runs eagerly).
+        placement: where each name is captured.
+    """
+
+    graph: fx.GraphModule | None = None
+
+    def __init__(self, placement: Placement, *, keep_output: bool, detach: bool) -> None:
+        self.placement = placement
         self._keep_output = keep_output
         self._detach = detach
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        targets = self.assignment.hooks
-        if self.graph is not None and not targets and not self.edits.hooks:
-            return dict(self.graph(*_graph_args(model, args, kwargs)))  # the graph returns keys in order
-        stop_early = self.graph is None and not self._keep_output
-        in_regions = 0 if self.graph is not None else len(self.assignment.fx)
-        from_graph: dict[str, Any] = {}
-        with _hooks.capture(model, targets, stop_when_done=stop_early, extra=in_regions, edits=self.edits.hooks) as captured:
-            with _regions.serve(self.regions, captured, detach=self._detach):
-                if self.graph is not None:
-                    from_graph = self.graph(*_graph_args(model, args, kwargs))
-                else:
-                    from_graph = {"output": model(*args, **kwargs)}
-        in_regions_edits = list(self.edits.fx) if self.graph is None else []
-        unapplied = _hooks.unapplied_edits_message(self.edits.hooks, captured, type(model).__name__, in_regions_edits)
-        if unapplied:
-            raise MissingCallError(unapplied)
-        expected = set(targets) if self.graph is not None else set(targets) | set(self.assignment.fx)
-        if not expected <= set(captured.values):
-            raise MissingCallError(self._missing_message(model, captured))
-        hooked = {name: detach_value(captured.values[name]) if self._detach else captured.values[name] for name in targets}
-        out = {
-            key: hooked[name] if name in targets else (from_graph[key] if self.graph is not None else captured.values[name])
-            for name, key in self._request.items()
-        }
-        if self._keep_output:
-            out["output"] = from_graph["output"]
-        return out
+        raise NotImplementedError
 
-    def _missing_message(self, model: nn.Module, captured: Any) -> str:
+    def _hooked(self, values: dict[str, Any]) -> dict[str, Any]:
+        hooks = self.placement.hooks
+        return {name: detach_value(values[name]) if self._detach else values[name] for name in hooks}
+
+    def _unapplied(self, model: nn.Module, captured: Any, in_graphs: list[str]) -> None:
+        """An edit that found no call to edit is an error, as a tap that found none is."""
+        message = _hooks.unapplied_edits_message(self.placement.edits.hooks, captured, type(model).__name__, in_graphs)
+        if message:
+            raise MissingCallError(message)
+
+    def _missing(self, model: nn.Module, captured: Any, expected: set[str]) -> None:
+        if expected <= set(captured.values):
+            return
+        placement = self.placement
         more = [
             f"{name!r} (from {region.path!r}, which ran {captured.served.get(region.path, 0)} time(s))"
-            for region in self.regions
+            for region in placement.regions
             for name in region.wanted
             if name not in captured.values
         ]
         message = _hooks.missing_calls_message(
-            {n: t for n, t in self.assignment.hooks.items() if n not in captured.values}, captured, type(model).__name__, more
+            {n: t for n, t in placement.hooks.items() if n not in captured.values}, captured, type(model).__name__, more
         )
-        failed = [r.failed for r in self.regions if r.failed and any(g not in captured.values for g in r.wanted)]
-        return message + "".join(f"\n  {reason}" for reason in failed)
+        failed = [r.failed for r in placement.regions if r.failed and any(g not in captured.values for g in r.wanted)]
+        raise MissingCallError(message + "".join(f"\n  {reason}" for reason in failed))
+
+
+class GraphRunner(Runner):
+    """One graph computes every requested value (and the output, when kept)."""
+
+    def __init__(self, graph: fx.GraphModule, placement: Placement, *, keep_output: bool, detach: bool) -> None:
+        super().__init__(placement, keep_output=keep_output, detach=detach)
+        self.graph = graph
+
+    def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.graph(*graph_args(model, args, kwargs)))  # the graph returns the keys in order
+
+
+class HookedGraphRunner(GraphRunner):
+    """The graph runs; hooks inside its leaves capture the names it cannot hold."""
+
+    def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        hooks = self.placement.hooks
+        with _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured:
+            from_graph = self.graph(*graph_args(model, args, kwargs))
+        self._unapplied(model, captured, [])
+        self._missing(model, captured, set(hooks))
+        hooked = self._hooked(captured.values)
+        out = {key: hooked[name] if name in hooks else from_graph[key] for name, key in self.placement.request.items()}
+        if self._keep_output:
+            out["output"] = from_graph["output"]
+        return out
+
+
+class EagerRunner(Runner):
+    """The model's own forward runs; regions and hooks capture the names during it."""
+
+    def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        placement = self.placement
+        hooks = placement.hooks
+        stop_early = not self._keep_output
+        edits = placement.edits.hooks
+        with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=len(placement.fx), edits=edits) as captured:
+            with _regions.serve(placement.regions, captured, detach=self._detach):
+                output = model(*args, **kwargs)
+        self._unapplied(model, captured, list(placement.edits.fx))
+        self._missing(model, captured, set(hooks) | set(placement.fx))
+        hooked = self._hooked(captured.values)
+        out = {key: hooked[name] if name in hooks else captured.values[name] for name, key in placement.request.items()}
+        if self._keep_output:
+            out["output"] = output
+        return out
+
+
+def make_runner(placement: Placement, graph: fx.GraphModule | None, *, keep_output: bool, detach: bool) -> Runner:
+    """The runner for a placement: graph only, graph with hooks, or the eager forward."""
+    if graph is None:
+        return EagerRunner(placement, keep_output=keep_output, detach=detach)
+    if placement.hooks or placement.edits.hooks:
+        return HookedGraphRunner(graph, placement, keep_output=keep_output, detach=detach)
+    return GraphRunner(graph, placement, keep_output=keep_output, detach=detach)

@@ -17,15 +17,12 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
+from .._capture import Placement
 from .._errors import (
-    FallbackWarning,
     FxtapError,
-    TapNameError,
-    TraceFailedError,
     summary,
 )
-from .._tap import names as fxtap_names
-from .._tap import tap
+from .._tap import _tapped
 from .._values import copy_value
 from .verify import as_args as _as_args
 from .verify import doubled as _doubled
@@ -149,58 +146,37 @@ def _remove_written(path: Path, before: list[tuple[int, int, int] | None]) -> No
 
 def _fx_graph(model: nn.Module, names: Mapping[str, str] | Sequence[str], edit: Mapping[str, Any] | None = None) -> fx.GraphModule:
     """The pruned graph of the taps, or an ``FxtapError`` naming the code that keeps them out of one graph."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FallbackWarning)  # export raises instead, naming the same code
-        tapped = tap(model, names, mode="auto", edit=edit)
-    hooked = [name for name, path in tapped.paths.items() if path == "hook"]
-    if not hooked and edit:
+    tapped = _tapped(model, names, mode="auto", warn=False, edit=edit)  # export raises instead, naming the same code
+    placement = tapped._placement(tapped._spec)
+    if placement.edits.hooks and not placement.hooks:
         return tapped.graph_module()  # raises, naming the edits that hooks apply
-    try:
-        if not hooked:
-            return tapped.graph_module()
-    except FxtapError as error:  # an untraceable root whose children fxtap traces one call at a time
-        failure = _trace_failure(model, names)
-        reason = f": {failure.reason}" if failure is not None and not failure.module else ""
+    owner = type(model).__name__
+    if placement.eager_root and not placement.hooks:  # an untraceable root whose children fxtap traces one call at a time
         raise FxtapError(
-            f"cannot export the taps of {type(model).__name__}: torch.fx cannot trace the forward of "
-            f"{type(model).__name__} itself{reason}, so no single graph computes them.\n"
+            f"cannot export the taps of {owner}: torch.fx cannot trace the forward of {owner} itself: "
+            f"{placement.fallbacks[''][1]}, so no single graph computes them.\n"
             "  Export the submodule that holds them instead (fxtap.export(model.<child>, ...)), or make the forward traceable (docs/fallback.md)."
-        ) from error
-    reasons = "\n  ".join(_why_hooked(model, names, hooked))
+        )
+    if not placement.hooks:
+        return tapped.graph_module()  # opaque leaves without requested names run inside the written graph
+    hooked = list(placement.hooks)
+    reasons = "\n  ".join(_why_hooked(model, placement, name) for name in hooked)
     raise FxtapError(
-        f"cannot export {', '.join(map(repr, hooked))} of {type(model).__name__}: forward hooks capture "
+        f"cannot export {', '.join(map(repr, hooked))} of {owner}: forward hooks capture "
         f"{'it' if len(hooked) == 1 else 'them'}, and hooks cannot be exported.\n  {reasons}\n"
         "  Tap that submodule's own output or names outside it instead, or make its code traceable (docs/fallback.md)."
     )
 
 
-def _trace_failure(model: nn.Module, names: Mapping[str, str] | Sequence[str]) -> TraceFailedError | None:
-    """The first untraceable submodule, as ``mode="fx"`` reports it (``None``: only torch.nn leaves hide names)."""
-    try:
-        tap(model, names, mode="fx")
-    except TraceFailedError as error:
-        return error
-    except TapNameError:  # mode="fx" refuses names inside torch.nn modules, which FX never enters
-        return None
-    return None
-
-
-def _why_hooked(model: nn.Module, names: Mapping[str, str] | Sequence[str], hooked: list[str]) -> list[str]:
-    """For each hooked name, the submodule the graph runs as one step, and why."""
-    failure = _trace_failure(model, names)
-    graph_names = set(fxtap_names(model))
-    lines = []
-    for name in hooked:
-        leaf = max((n for n in graph_names if name.startswith(n + ".")), key=len, default="")
-        kind = type(model.get_submodule(leaf)).__name__
-        if not leaf:
-            detail = f": {failure.reason}" if failure is not None and not failure.module else ""
-            lines.append(f"{name!r}: torch.fx cannot trace the forward of {kind} itself{detail}")
-        elif failure is not None and failure.module == leaf:
-            lines.append(f"{name!r} is inside submodule {leaf!r} ({kind}), which torch.fx cannot trace: {failure.reason}")
-        else:
-            lines.append(f"{name!r} is inside submodule {leaf!r} ({kind}), which torch.fx runs as one step without entering it")
-    return lines
+def _why_hooked(model: nn.Module, placement: Placement, name: str) -> str:
+    """The submodule the graph runs as one step around a hooked name, and why."""
+    leaf = placement.leaves.get(name, "")
+    kind = type(model.get_submodule(leaf)).__name__
+    if not leaf:
+        return f"{name!r}: torch.fx cannot trace the forward of {kind} itself: {placement.fallbacks[''][1]}"
+    if leaf in placement.fallbacks:
+        return f"{name!r} is inside submodule {leaf!r} ({kind}), which torch.fx cannot trace: {placement.fallbacks[leaf][1]}"
+    return f"{name!r} is inside submodule {leaf!r} ({kind}), which torch.fx runs as one step without entering it"
 
 
 def _exported(graph: fx.GraphModule, args: tuple[Any, ...], dynamic_batch: bool) -> torch.export.ExportedProgram:

@@ -77,6 +77,7 @@ def test_public_api() -> None:
         + ["load_features"]
         + ["FeatureInfo", "backbone", "export"]
         + ["Comparison", "compare"]
+        + ["Edited", "edit"]
     )
     for name in fxtap.__all__:
         assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare")
