@@ -362,6 +362,10 @@ def _eager_root_message(fallbacks: dict[str, tuple[str, str]], placement: Placem
     traced = len(placement.fx) if placement is not None else 0
     did = f"the model runs eagerly; {traced} of {requested} requested names come from submodules traced on their own"
     did += ", the others from forward hooks" if traced < requested else ""
+    if requested == 0 and placement is not None:  # fxtap.edit: edits only
+        graphs, hooked = len(placement.edits.fx), len(placement.edits.hooks)
+        did = f"the model runs eagerly; {graphs} of {graphs + hooked} edits are applied in graphs of submodules traced on their own"
+        did += ", the others by forward hooks" if hooked else ""
     return (
         f"fxtap: torch.fx cannot trace the forward of {root_type} itself: {reason}"
         + (f"\n  Also untraceable:{others}" if others else "")
