@@ -80,7 +80,7 @@ def test_public_api() -> None:
         + ["Edited", "edit"]
     )
     for name in fxtap.__all__:
-        assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare")
+        assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare", "fxtap._edit")
 
 
 def test_import_does_not_import_tabulate() -> None:
