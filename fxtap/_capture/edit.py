@@ -107,7 +107,6 @@ class Inserted:
     root: nn.Module  # the graph's root, with the edit modules under ``HOLDER``
     patches: list[fx.Node] = field(default_factory=list)  # the Patch nodes (they return the user's tensor)
     _history: dict[fx.Node, list[tuple[Any, fx.Node]]] = field(default_factory=dict)  # node -> [(edit key, replacement)]
-    _keys: dict[fx.Node, Any] = field(default_factory=dict)
 
     def remap(self, value: Argument, key: Any) -> Argument:
         """``value`` as seen at ``key`` (a point's place in graph order): nodes edited at or
