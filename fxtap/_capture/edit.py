@@ -49,6 +49,11 @@ class Patch(nn.Module):
                 f"edit {self.name!r}: a tensor cannot replace a value of type {type(value).__name__}; "
                 "edit it with a function (value -> replacement) instead."
             )
+        if tensor.dim() <= value.dim():
+            try:  # the common case, the patch's dims fit the value's: no shape arithmetic to guard on
+                return tensor.expand_as(value).contiguous()  # dense: kernels then run as on any value
+            except RuntimeError:
+                pass  # the value broadcasts up to the patch, or nothing broadcasts: below
         try:
             shape = torch.broadcast_shapes(tensor.shape, value.shape)
         except RuntimeError as error:
@@ -57,8 +62,7 @@ class Patch(nn.Module):
                 f"{tuple(value.shape)}: the shapes must broadcast (as in torch.where).\n"
                 f"  Pass a tensor of shape {tuple(value.shape)} or one that broadcasts to it."
             ) from error
-        # broadcast into a dense tensor of its own: kernels then run as on any other value
-        return tensor if tuple(shape) == tuple(tensor.shape) else tensor.expand(shape).contiguous()
+        return tensor.expand(shape).contiguous()
 
     def extra_repr(self) -> str:
         return f"{self.name!r}, shape={tuple(self.tensor.shape)}"

@@ -175,6 +175,9 @@ def test_export_writes_edited_graph(tmp_path) -> None:
     path = fxtap.export(model, ["out"], x, tmp_path / "edited.pt2", edit={"add": lambda v: v * 0.5})
     loaded = torch.export.load(path).module()
     torch.testing.assert_close(loaded(x)["out"], model.out((model.fc(x) + x) * 0.5))
+    pytest.importorskip("onnxruntime")
+    onnx = fxtap.export(model, ["out"], x, tmp_path / "edited.onnx", edit={"add": lambda v: v * 0.5, "fc": torch.ones(4)})
+    assert onnx.exists()  # fxtap.export checked the file against the graph, with a dynamic batch
     with pytest.raises(fxtap.FxtapError, match="gate.inner"):
         fxtap.export(Untraceable().eval(), ["fc"], x, tmp_path / "no.pt2", edit={"gate.inner": F.relu})
 
