@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import warnings
+from types import FrameType
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
@@ -222,22 +223,9 @@ class Tapped(nn.Module):
                 names the untraceable code.
         """
         runner = self._runner(self._spec)
-        if runner.graph is None:
-            raise FxtapError(
-                f"no single graph computes these taps of {type(self.model).__name__}: its own forward cannot be traced, "
-                "so it runs eagerly (see Tapped.report()).\n  Tap a traceable submodule instead: "
-                "fxtap.tap(model.get_submodule(path), names), or make the forward traceable (docs/fallback.md)."
-            )
-        placement = runner.placement
-        if placement.hooks or placement.edits.hooks:
-            hooked = {name: placement.reasons[name] for name in placement.hooks} | {
-                name: placement.edits.reasons[name] for name in placement.edits.hooks
-            }
-            detail = "; ".join(f"{name!r}: {reason}" for name, reason in hooked.items())
-            raise FxtapError(
-                f"no single graph computes these taps of {type(self.model).__name__}: some are captured by hooks ({detail}).\n"
-                "  Hooks cannot be exported. Tap names outside that code, or make it traceable (docs/fallback.md)."
-            )
+        why = runner.placement.why_no_single_graph()
+        if why or runner.graph is None:
+            raise FxtapError(f"no single graph computes these taps of {type(self.model).__name__}: {why}")
         return runner.graph
 
     # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
@@ -253,7 +241,7 @@ class Tapped(nn.Module):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
         self._build_lock = threading.Lock()
 
     def _placement(self, spec: tuple[tuple[str, Any], ...] | None = None) -> Placement:
@@ -390,7 +378,7 @@ _INTERNAL = (_PACKAGE + os.sep, os.path.dirname(os.path.abspath(torch.__file__))
 def _warn(message: str) -> None:
     """Warn with a ``FallbackWarning`` at the user's line: the first frame outside fxtap and torch
     (``tap()``, ``backbone()``, ``export()``, ``compare()`` or a first call through ``Module.__call__``)."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     level = 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
         frame = frame.f_back

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from .._errors import TapNameError
 from . import fx as _fx
 from . import regions as _regions
 from .analysis import Analysis, analyse
@@ -142,13 +141,7 @@ def build(
     """
     with _fx.gc_paused():  # building allocates a few objects per node: see gc_paused
         analysis = analyse(model, mode=mode, concrete_args=concrete_args)
-        try:
-            placement = place(analysis, request, mode=mode, note=note, edits=edits or {})
-        except TapNameError as error:
-            known = set(analysis.names())
-            error.unknown = [name for name in request if name not in known]  # type: ignore[attr-defined]
-            error.eager_root = analysis.traced is None and mode == "auto"  # type: ignore[attr-defined]
-            raise
+        placement = place(analysis, request, mode=mode, note=note, edits=edits or {})
         graph = None
         if analysis.traced is not None and mode != "hooks":
             leaves = frozenset(placement.leaves.values())

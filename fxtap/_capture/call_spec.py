@@ -101,8 +101,10 @@ def call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 def graph_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """The call's arguments, positionally in signature order (FX may rename specialised placeholders)."""
+    if not kwargs:
+        return args  # the common call: no signature to read
     params = parameters(model)
-    if not plain(params) or not kwargs:
+    if not plain(params):
         return args
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     return tuple(bound.arguments.get(p.name, p.default) for p in params)

@@ -80,6 +80,16 @@ def is_standard_leaf(module: nn.Module) -> bool:
 
 
 class _TapTracer(fx.Tracer):
+    """The tracer: torch.fx's symbolic tracer, plus a name for every value it records.
+
+    It overrides only the tracer's hooks. ``call_module`` traces through a module (or records
+    a leaf's call), names the module's return value by its path and call count, and records the
+    node after which that value is final (``TapPoint.moment``); ``create_proxy`` names each
+    functional op by the scope whose forward ran it. Untraceable code raises out of the trace
+    with ``failure`` set to the innermost module whose forward raised, so ``analyse`` can make
+    exactly that module a leaf.
+    """
+
     def __init__(self, root: nn.Module, leaves: frozenset[nn.Module]) -> None:
         super().__init__(autowrap_modules=(math,))
         self._leaves = leaves

@@ -18,9 +18,9 @@ from torch.utils.hooks import RemovableHandle
 from .._values import copy_value
 from . import names as _names
 from .edit import Patch
-from .model import attribute_paths
+from .model import ModelPaths
 
-__all__ = ["HookTarget", "capture", "hook_targets", "module_paths", "nearest_module", "unapplied_edits_message"]
+__all__ = ["CallLog", "HookTarget", "capture", "hook_targets", "module_paths", "nearest_module", "unapplied_edits_message"]
 
 class HookTarget(NamedTuple):
     """A requested name as a module call: the module's path and the 0-based call index."""
@@ -36,17 +36,16 @@ def module_paths(root: nn.Module) -> dict[nn.Module, str]:
 
 
 def hook_targets(
-    root: nn.Module, names: list[str], paths: tuple[frozenset[str], frozenset[str]] | None = None
+    root: nn.Module, names: list[str], paths: ModelPaths | None = None
 ) -> tuple[dict[str, HookTarget], list[str]]:
     """Split ``names`` into module calls (hookable) and the rest.
 
     ``paths``: ``root``'s module paths and other attribute paths, when the caller has them.
     """
     if paths is None:
-        modules, others = attribute_paths(root)
-        paths = (frozenset(modules), frozenset(others))
-    module_set = paths[0]
-    reserved = paths[0] | paths[1]
+        paths = ModelPaths.of(root)
+    module_set = paths.modules
+    reserved = paths.reserved
     targets: dict[str, HookTarget] = {}
     rest: list[str] = []
     for name in names:
@@ -83,7 +82,16 @@ class _StopForward(BaseException):
     """
 
 
-class _Capture:
+class CallLog:
+    """What one tapped call captured: the protocol between hooks, regions and the runner.
+
+    Attributes:
+        values: captured values by tap name (hooks and region graphs both ``add`` here).
+        calls: module path -> how many times it ran so far in this call (numbers later calls).
+        served: module path -> calls served by its own graph (regions), for error messages.
+        thread: the thread of the tapped call; hooks ignore other threads' calls of the model.
+    """
+
     def __init__(
         self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int, edits: dict[str, tuple[HookTarget, Any]]
     ) -> None:
@@ -135,7 +143,7 @@ def capture(
     stop_when_done: bool = False,
     extra: int = 0,
     edits: dict[str, tuple[HookTarget, Any]] | None = None,
-) -> Iterator[_Capture]:
+) -> Iterator[CallLog]:
     """Hook the modules of ``targets`` for the duration of the ``with`` block.
 
     ``edits`` (name -> (target, module)): the hook returns ``module(output)`` for that call, so
@@ -147,7 +155,7 @@ def capture(
     """
     edits = edits or {}
     paths = {t.path for t in targets.values()} | {t.path for t, _ in edits.values()}
-    state = _Capture(targets, copy, stop_when_done, extra, edits)
+    state = CallLog(targets, copy, stop_when_done, extra, edits)
     handles: list[RemovableHandle] = []
     try:
         for path in sorted(paths):
@@ -161,7 +169,7 @@ def capture(
             handle.remove()
 
 
-def missing_calls_message(targets: dict[str, HookTarget], state: _Capture, owner: str, more: list[str] | None = None) -> str:
+def missing_calls_message(targets: dict[str, HookTarget], state: CallLog, owner: str, more: list[str] | None = None) -> str:
     """What ``targets`` (and the described ``more``) were not produced, and how often their modules ran."""
     missing = [t for name, t in targets.items() if name not in state.values]
     parts = [f"{t.name!r} (call {t.call_index + 1} of {t.path!r}, which ran {state.calls.get(t.path, 0)} time(s))" for t in missing]
@@ -173,7 +181,7 @@ def missing_calls_message(targets: dict[str, HookTarget], state: _Capture, owner
 
 
 def unapplied_edits_message(
-    edits: dict[str, tuple[HookTarget, Any]], state: _Capture, owner: str, in_graphs: list[str] | None = None
+    edits: dict[str, tuple[HookTarget, Any]], state: CallLog, owner: str, in_graphs: list[str] | None = None
 ) -> str:
     """Which edits found no call to edit in a forward that ran to its end ("" when none): hook
     edits, and ``in_graphs``, the edits of submodules' own graphs."""

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
-__all__ = ["attribute_paths", "hook_counts", "preserved", "stand_in", "training_mode", "unwrap"]
+__all__ = ["ModelPaths", "attribute_paths", "hook_counts", "preserved", "stand_in", "training_mode", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -28,6 +28,22 @@ def stand_in(module: nn.Module, cls: type[nn.Module] | None = None) -> nn.Module
     twin.__dict__.update(module.__dict__)
     twin.__dict__.pop("forward", None)  # an instance-level forward is not the class's code
     return twin
+
+
+class ModelPaths(NamedTuple):
+    """The attribute paths of a model: names a later module call's ``_k`` suffix must skip."""
+
+    modules: frozenset[str]  # every module path (a module registered twice has both)
+    others: frozenset[str]  # parameter and buffer paths
+
+    @classmethod
+    def of(cls, root: nn.Module) -> ModelPaths:
+        modules, others = attribute_paths(root)
+        return cls(frozenset(modules), frozenset(others))
+
+    @property
+    def reserved(self) -> frozenset[str]:
+        return self.modules | self.others
 
 
 def attribute_paths(root: nn.Module) -> tuple[list[str], list[str]]:

@@ -70,6 +70,22 @@ class Placement:
     def path(self, name: str) -> Literal["fx", "hook"]:
         return "fx" if name in self.fx else "hook"
 
+    def why_no_single_graph(self) -> str:
+        """Why no one graph holds every name, and what to do ("" when one does)."""
+        if self.eager_root:
+            return (
+                "its own forward cannot be traced, so it runs eagerly (see Tapped.report()).\n  Tap a traceable submodule "
+                "instead: fxtap.tap(model.get_submodule(path), names), or make the forward traceable (docs/fallback.md)."
+            )
+        if self.hooks or self.edits.hooks:
+            hooked = {name: self.reasons[name] for name in self.hooks} | {n: self.edits.reasons[n] for n in self.edits.hooks}
+            detail = "; ".join(f"{name!r}: {reason}" for name, reason in hooked.items())
+            return (
+                f"some are captured or edited by hooks ({detail}).\n"
+                "  Hooks cannot be exported. Tap names outside that code, or make it traceable (docs/fallback.md)."
+            )
+        return ""
+
 
 def place(
     analysis: Analysis, request: dict[str, str], *, mode: str, note: str = "", edits: dict[str, nn.Module] | None = None
@@ -78,14 +94,30 @@ def place(
     ``edits`` (name -> edit module) are placed alike (``edit_placement``).
 
     Raises:
-        TapNameError: some names do not exist (in ``mode="fx"``: or only hooks could reach them),
-            or some edit cannot be applied.
+        TapNameError: some names do not exist (in ``mode="fx"``: or only hooks could reach them);
+            its ``unknown`` and ``eager_root`` attributes are for the caller's hints; or some edit
+            cannot be applied.
     """
     if analysis.traced is None and mode == "auto":
         return _place_under_eager_root(analysis, request, edits or {})
-    placement = _place_on_graph(analysis, request, mode=mode, note=note)
+    try:
+        placement = _place_on_graph(analysis, request, mode=mode, note=note)
+    except _Unknown as error:
+        known = set(analysis.names())
+        error.unknown = [name for name in request if name not in known]  # for the caller's hints
+        raise
     placement.edits = place_edits(analysis, edits or {}, mode=mode)
     return placement
+
+
+class _Unknown(TapNameError):
+    """Names that do not exist: ``unknown`` lists the names the model does not have at all (for
+    hints about other modes); ``eager_root`` says whether its own forward runs eagerly."""
+
+    def __init__(self, message: str, unknown: list[str], *, eager_root: bool) -> None:
+        super().__init__(message)
+        self.unknown = unknown
+        self.eager_root = eager_root
 
 
 def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, note: str) -> Placement:
@@ -96,7 +128,7 @@ def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, n
     outside = [name for name, t in targets.items() if _names.enclosing(t.path, leaves, strict=True) is None]
     unknown += list(targets) if mode == "fx" and targets else outside
     if unknown:
-        raise TapNameError(_unknown_message(analysis, unknown, note))
+        raise _Unknown(_unknown_message(analysis, unknown, note), unknown, eager_root=False)
     placement = Placement(request, analysis, fx=fx_names, fallbacks=dict(analysis.fallbacks))
     placement.reasons = {name: "" for name in fx_names}
     placement.module_types = {name: points[name].module_type for name in fx_names}
@@ -117,7 +149,8 @@ def _place_under_eager_root(analysis: Analysis, request: dict[str, str], edits: 
     placed_edits = edits_in_regions(found, edits, request)  # edit-only names leave what is captured
     if found.unknown:
         available = found.available + [p for p, _ in model.named_modules() if p and p not in found.available]
-        raise TapNameError(_names.unknown_name_message(found.unknown, type(model).__name__, available))
+        message = _names.unknown_name_message(found.unknown, type(model).__name__, available)
+        raise _Unknown(message, found.unknown, eager_root=True)
     placement = Placement(request, analysis, fallbacks=found.fallbacks, regions=found.regions, edits=placed_edits)
     placement.fx = {name: request[name] for name in found.fx}
     placement.hooks = found.hooks

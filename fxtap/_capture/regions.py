@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -33,37 +33,57 @@ from . import fx as _fx
 from . import hooks as _hooks
 from . import names as _names
 from .edit import Patch
-from .model import attribute_paths, stand_in
+from .model import ModelPaths, stand_in
 
 __all__ = ["Region", "Resolution", "resolve", "serve", "trace_alone"]
 
-_Slot = tuple[Any, ...]
-# ("T", index): a graph input (a tensor, or an object such as a cache);
-# ("C", value): a fixed value; ("L", type, slots) / ("D", type, ((key, slot), ...)): a plain
-# list, tuple or dict rebuilt around its items, so traced code can loop over it.
+class _Input(NamedTuple):
+    """A graph input: a tensor, or an object such as a cache."""
+
+    position: int
+
+
+class _Fixed(NamedTuple):
+    """A simple value (None, a flag, an int) fixed in the graph."""
+
+    value: Any
+
+
+class _Sequence(NamedTuple):
+    """A plain list or tuple rebuilt around its items, so traced code can loop over it."""
+
+    kind: type
+    items: tuple[_Slot, ...]
+
+
+class _Mapping(NamedTuple):
+    """A plain dict with string keys rebuilt around its items."""
+
+    kind: type
+    items: tuple[tuple[str, _Slot], ...]
+
+
+_Slot = _Input | _Fixed | _Sequence | _Mapping
 
 
 def _freeze(slot: _Slot) -> Hashable:
-    kind = slot[0]
-    if kind == "T":
-        return slot
-    if kind == "C":
-        return ("C", type(slot[1]).__name__, repr(slot[1]))
-    if kind == "L":
-        return ("L", slot[1].__name__, tuple(_freeze(s) for s in slot[2]))
-    return ("D", slot[1].__name__, tuple((k, _freeze(s)) for k, s in slot[2]))
+    if isinstance(slot, _Input):
+        return ("T", slot.position)
+    if isinstance(slot, _Fixed):
+        return ("C", type(slot.value).__name__, repr(slot.value))
+    if isinstance(slot, _Sequence):
+        return ("L", slot.kind.__name__, tuple(_freeze(s) for s in slot.items))
+    return ("D", slot.kind.__name__, tuple((k, _freeze(s)) for k, s in slot.items))
 
 
 def _rebuild(slot: _Slot, inputs: tuple[Any, ...]) -> Any:
-    kind = slot[0]
-    if kind == "T":
-        return inputs[slot[1]]
-    if kind == "C":
-        return slot[1]
-    container: Any = slot[1]
-    if kind == "L":
-        return container(_rebuild(s, inputs) for s in slot[2])
-    return container((k, _rebuild(s, inputs)) for k, s in slot[2])
+    if isinstance(slot, _Input):
+        return inputs[slot.position]
+    if isinstance(slot, _Fixed):
+        return slot.value
+    if isinstance(slot, _Sequence):
+        return slot.kind(_rebuild(s, inputs) for s in slot.items)
+    return slot.kind((k, _rebuild(s, inputs)) for k, s in slot.items)
 
 
 @dataclass(frozen=True)
@@ -92,13 +112,13 @@ def _call_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Temp
 
     def slot(value: Any) -> _Slot:
         if type(value) in (list, tuple):
-            return ("L", type(value), tuple(slot(v) for v in value))
+            return _Sequence(type(value), tuple(slot(v) for v in value))
         if type(value) in (dict, OrderedDict) and all(isinstance(k, str) for k in value):
-            return ("D", type(value), tuple((k, slot(v)) for k, v in value.items()))
+            return _Mapping(type(value), tuple((k, slot(v)) for k, v in value.items()))
         if isinstance(value, _SIMPLE):
-            return ("C", value)
+            return _Fixed(value)
         inputs.append(value)
-        return ("T", len(inputs) - 1)
+        return _Input(len(inputs) - 1)
 
     positional = tuple(slot(a) for a in args)
     keywords = tuple((k, slot(v)) for k, v in kwargs.items())
@@ -112,7 +132,7 @@ def _default_template(module: nn.Module) -> _Template:
     count = 0
     for p in inspect.signature(module.forward).parameters.values():
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty:
-            positional.append(("T", count))
+            positional.append(_Input(count))
             count += 1
     return _Template(tuple(positional), (), count)
 
@@ -155,7 +175,7 @@ class Region:
     path: str
     module: nn.Module
     wanted: dict[str, str]
-    paths: tuple[frozenset[str], frozenset[str]]  # module and other attribute paths of ``root``
+    paths: ModelPaths  # module and other attribute paths of ``root``
     keep: frozenset[str] = frozenset()  # local leaf paths that hooks need to run
     root: nn.Module | None = None  # the whole model, for hooks when no graph fits a call
     opaque: dict[str, tuple[str, str]] = field(default_factory=dict)  # local leaves chosen at tap() time
@@ -165,7 +185,7 @@ class Region:
     _graphs: dict[Hashable, _Graph | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.reserved = self.paths[0] | self.paths[1]  # names a later module call's suffix skips
+        self.reserved = self.paths.reserved  # names a later module call's suffix skips
 
     def run(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], replay: _names.Replay
@@ -238,8 +258,7 @@ class Resolution:
 def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False) -> Resolution:
     """Place ``names`` of a model whose own forward runs eagerly (``everything``: trace all children)."""
     result = Resolution(fallbacks={"": root_reason}, root=model)
-    modules, others = attribute_paths(model)
-    paths = (frozenset(modules), frozenset(others))
+    paths = ModelPaths.of(model)
     leftover = _resolve_in(model, "", names, result, everything, paths)
     targets, unknown = _hooks.hook_targets(model, leftover, paths)
     result.hooks.update(targets)
@@ -256,7 +275,7 @@ def _resolve_in(
     names: list[str],
     result: Resolution,
     everything: bool,
-    paths: tuple[frozenset[str], frozenset[str]],
+    paths: ModelPaths,
 ) -> list[str]:
     """Resolve names inside the children of an eagerly running ``module``; return the unplaced ones."""
     leftover = list(names)
@@ -302,7 +321,7 @@ def _place(
     naming: list[tuple[str, str, str]],
     points: dict[str, Any],
     inside: list[str],
-    paths: tuple[frozenset[str], frozenset[str]],
+    paths: ModelPaths,
     result: Resolution,
 ) -> dict[str, str]:
     """Global name -> local name for the names of ``inside`` that some call of the module at
@@ -349,7 +368,7 @@ class _Router:
 
 
 @contextmanager
-def serve(regions: list[Region], state: Any, *, detach: bool) -> Iterator[None]:
+def serve(regions: list[Region], state: _hooks.CallLog, *, detach: bool) -> Iterator[None]:
     """Route each region's calls in this thread to its graph during the block (every call, named by _names.Replay)."""
     thread = threading.get_ident()
     routers: list[_Router] = []
@@ -378,7 +397,7 @@ def serve(regions: list[Region], state: Any, *, detach: bool) -> Iterator[None]:
                         router.module.__dict__["forward"] = router.previous
 
 
-def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach: bool) -> Callable[..., Any]:
+def _dispatcher(region: Region, original: Callable[..., Any], state: _hooks.CallLog, detach: bool) -> Callable[..., Any]:
     replay: _names.Replay | None = _names.Replay(region.path, *region.paths)  # None once a call had no graph
     count = 0  # calls of the module so far in this forward
 
@@ -415,7 +434,7 @@ def _dispatcher(region: Region, original: Callable[..., Any], state: Any, detach
 def _eager(
     region: Region,
     original: Callable[..., Any],
-    state: Any,
+    state: _hooks.CallLog,
     own: str,
     keep: Callable[[str, Any], None],
     args: tuple[Any, ...],

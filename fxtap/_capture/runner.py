@@ -46,13 +46,13 @@ class Runner:
         hooks = self.placement.hooks
         return {name: detach_value(values[name]) if self._detach else values[name] for name in hooks}
 
-    def _unapplied(self, model: nn.Module, captured: Any, in_graphs: list[str]) -> None:
+    def _unapplied(self, model: nn.Module, captured: _hooks.CallLog, in_graphs: list[str]) -> None:
         """An edit that found no call to edit is an error, as a tap that found none is."""
         message = _hooks.unapplied_edits_message(self.placement.edits.hooks, captured, type(model).__name__, in_graphs)
         if message:
             raise MissingCallError(message)
 
-    def _missing(self, model: nn.Module, captured: Any, expected: set[str]) -> None:
+    def _missing(self, model: nn.Module, captured: _hooks.CallLog, expected: set[str]) -> None:
         if expected <= set(captured.values):
             return
         placement = self.placement
@@ -74,10 +74,10 @@ class GraphRunner(Runner):
 
     def __init__(self, graph: fx.GraphModule, placement: Placement, *, keep_output: bool, detach: bool) -> None:
         super().__init__(placement, keep_output=keep_output, detach=detach)
-        self.graph = graph
+        self.graph = self._graph = graph
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.graph(*graph_args(model, args, kwargs)))  # the graph returns the keys in order
+        return dict(self._graph(*graph_args(model, args, kwargs)))  # the graph returns the keys in order
 
 
 class HookedGraphRunner(GraphRunner):
@@ -86,7 +86,7 @@ class HookedGraphRunner(GraphRunner):
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
         with _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured:
-            from_graph = self.graph(*graph_args(model, args, kwargs))
+            from_graph = self._graph(*graph_args(model, args, kwargs))
         self._unapplied(model, captured, [])
         self._missing(model, captured, set(hooks))
         hooked = self._hooked(captured.values)

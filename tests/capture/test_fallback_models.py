@@ -18,7 +18,6 @@ some kernels differ between the two, so values are compared within one mode only
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +28,7 @@ from torch import nn
 
 import fxtap
 from support.toy_models import DataDependent
-from support.truth import assert_same, assert_unchanged, hook_truth, model_fingerprint
+from support.truth import assert_same, assert_unchanged, hook_truth, model_fingerprint, quiet_fallbacks
 
 
 # -- the models -------------------------------------------------------------------------------------
@@ -419,8 +418,7 @@ def test_maskrcnn_roi_heads_container_is_copied_before_postprocessing(mode: str)
     torch.manual_seed(2)
     image = [torch.rand(3, 96, 160)]  # resized to 128 px and back: postprocess rescales the boxes
     truth = hook_truth(model, image)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         tapped = fxtap.tap(model, ["roi_heads"], mode=mode, keep_output=True)
     out = tapped(image)
     raw = truth["roi_heads"][0][0]["boxes"]

@@ -7,14 +7,13 @@ the mark goes (with any matching exclusion in tests/strategies.py or tests/test_
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import fxtap
-from support.truth import assert_same, hook_truth
+from support.truth import assert_same, hook_truth, quiet_fallbacks
 
 
 class Gate(nn.Module):
@@ -47,8 +46,7 @@ def test_hooked_name_in_a_leaf_that_a_container_returns() -> None:
     torch.manual_seed(0)
     model = Wrapped()
     x = torch.randn(3, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         tapped = fxtap.tap(model, ["body.0.a"])
     assert tapped.paths == {"body.0.a": "hook"}
     assert_same(tapped(x)["body.0.a"], hook_truth(model, x)["body.0.a"])
@@ -107,24 +105,21 @@ def test_second_call_of_a_child_traced_under_an_eager_root() -> None:
     model = Twice()
     x = torch.randn(3, 2)
     truth = hook_truth(model, x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         tapped = fxtap.tap(model, ["blk.fc_1", "blk_1", "blk.add_1"])
     assert tapped.paths == {"blk.fc_1": "fx", "blk_1": "fx", "blk.add_1": "fx"}
     out = tapped(x)
     assert_same(out["blk.fc_1"], truth["blk.fc_1"])
     assert_same(out["blk.add_1"], truth["blk_1"])  # blk returns its add
     assert_same(out["blk_1"], truth["blk_1"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         first = fxtap.tap(model, ["blk.add", "blk"])(x)  # the first call keeps the bare names
     assert_same(first["blk.add"], truth["blk"])
 
 
 def test_call_of_a_locally_traced_child_that_does_not_happen() -> None:
     model = Twice()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         tapped = fxtap.tap(model, ["blk.add_2"])
     with pytest.raises(fxtap.MissingCallError, match="'blk.add_2' .from 'blk', which ran 2 time"):
         tapped(torch.randn(3, 2))
@@ -236,8 +231,37 @@ def test_random_op_before_an_opaque_leaf_that_draws_is_kept() -> None:
     x = torch.randn(4, 16)
     torch.manual_seed(0)
     truth = hook_truth(model, x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         tapped = fxtap.tap(model, ["gate.drop"])
     torch.manual_seed(0)
     assert_same(tapped(x)["gate.drop"], truth["gate.drop"])
+
+
+class _EagerRootInner(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x
+
+
+class _EagerRoot(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _EagerRootInner()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # the root runs eagerly; 'a' is traced on its own
+            x = self.a(x)
+        return self.a(x)
+
+
+def test_unknown_name_under_an_eager_root_gets_no_other_mode_hint_for_existing_names() -> None:
+    # found while moving placement into the engine: names of children's graphs (a.add) are not
+    # in the root's own analysis, and must not be offered as "exists in train mode only"
+    with quiet_fallbacks(), pytest.raises(fxtap.TapNameError) as caught:
+        fxtap.tap(_EagerRoot().eval(), ["a.add", "a_1.fc", "nope"])
+    message = str(caught.value)
+    assert message.startswith("no tap named 'a_1.fc', 'nope' in _EagerRoot")
+    assert "train mode only" not in message

@@ -5,12 +5,11 @@ Each test states the right behaviour; each failed before its fix in fxtap and no
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.fx
 from torch import nn
-from support.truth import hook_truth
+from support.truth import hook_truth, quiet_fallbacks
 
 import fxtap
 
@@ -133,8 +132,7 @@ def test_hooked_names_inside_a_child_traced_with_a_list_argument() -> None:
     model = EagerRoot().eval()
     x = torch.randn(2, 4)
     names = ["neck.head", "neck.head.conv", "neck.head.conv_1"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         tapped = fxtap.tap(model, names)
     out = tapped(x)  # was: MissingCallError, the hooks on neck.head.conv never fired
     truth = hook_truth(model, x)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import fxtap
 from fxtap import _compare
 from support.strategies import Case, case_truth, cases, seed_rng
 from support.toy_models import DataDependent, InplaceZoo, MultiIO, Shared
-from support.truth import assert_unchanged, model_fingerprint
+from support.truth import assert_unchanged, model_fingerprint, quiet_fallbacks
 
 
 def test_compare_inplace_model_rows() -> None:
@@ -148,8 +147,7 @@ def test_property_compare_is_ok_on_random_models(case: Case, data: st.DataObject
     assert result.ok, str(result)
     assert all(row.vs_truth == 0.0 for row in result.rows if row.hooks or not case.root_untraceable)
     assert_unchanged(before, model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         tapped = fxtap.tap(model, chosen)
         tapped(*args, **kwargs)  # paths describe the last call: a name may need this call's arguments
     paths = tapped.paths

@@ -31,7 +31,7 @@ from torch import nn
 
 import fxtap
 from support.strategies import Case, Truth, case_truth, cases, seed_rng
-from support.truth import assert_same, assert_unchanged, model_fingerprint
+from support.truth import assert_same, assert_unchanged, model_fingerprint, quiet_fallbacks
 
 SEED = 0
 
@@ -43,8 +43,7 @@ def _run(tapped: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
 
 def _tap(model: nn.Module, names: list[str], **options: Any) -> fxtap.Tapped:
     """``fxtap.tap`` with fallback warnings silenced (the tests below check paths themselves)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         return fxtap.tap(model, names, **options)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from .registry import Case
 from torch import fx, nn
-from .truth import assert_unchanged, model_fingerprint
+from .truth import assert_unchanged, model_fingerprint, quiet_fallbacks
 
 import fxtap
 
@@ -406,8 +406,7 @@ def check(case: Case, *, timings: bool = False) -> Result:
     model = case.build()
     args, kwargs = case.inputs()
     calls = record_calls(model, *args, **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+    with quiet_fallbacks():
         listed = fxtap.names(model)
     first_calls = {calls.path_of[n] for n in calls.values}
     unlisted = sorted(first_calls - set(listed))

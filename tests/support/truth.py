@@ -7,10 +7,15 @@ that collides), so a bug in fxtap's naming or capture cannot hide in the referen
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+import fxtap
 
 
 def _clone(value: Any) -> Any:
@@ -97,3 +102,11 @@ def assert_unchanged(before: dict[str, Any], model: nn.Module) -> None:
         a_ident, a_ptr, a_value = after["tensors"][name]
         assert (a_ident, a_ptr) == (ident, ptr), name
         torch.testing.assert_close(a_value, value, rtol=0, atol=0)
+
+
+@contextlib.contextmanager
+def quiet_fallbacks() -> Iterator[None]:
+    """Silence ``FallbackWarning`` for the block (pytest turns it into an error everywhere else)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        yield

@@ -8,12 +8,9 @@ other checks here call ``fxtap.cli.main`` in this process, which is much faster.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -22,7 +19,7 @@ import torchvision
 import fxtap
 from fxtap.cli import main
 
-from support.cli import IMAGES, ROOT, Result, console_script, fxtap_env, run, run_fxtap
+from support.cli import IMAGES, console_script, run, run_fxtap
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
