@@ -15,12 +15,16 @@ from ._deploy.backbone import backbone as backbone
 from ._deploy.export import export as export
 from ._edit import Edited as Edited
 from ._edit import edit as edit
+from ._errors import CutError as CutError
 from ._errors import FallbackWarning as FallbackWarning
 from ._errors import FxtapError as FxtapError
 from ._errors import MissingCallError as MissingCallError
 from ._errors import TapNameError as TapNameError
 from ._errors import TraceFailedError as TraceFailedError
+from ._extract import extract as extract
 from ._features import load_features as load_features
+from ._surgery.cut import Cut as Cut
+from ._surgery.cut import cut as cut
 from ._tap import Tapped as Tapped
 from ._tap import names as names
 from ._tap import tap as tap
@@ -29,6 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Comparison",
+    "Cut",
+    "CutError",
     "Edited",
     "FallbackWarning",
     "FeatureInfo",
@@ -39,8 +45,10 @@ __all__ = [
     "TraceFailedError",
     "backbone",
     "compare",
+    "cut",
     "edit",
     "export",
+    "extract",
     "load_features",
     "names",
     "tap",

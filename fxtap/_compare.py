@@ -7,6 +7,9 @@ The truth is taken without fxtap's pruning, copies or hook plumbing:
 * any other name (a functional op, an input, a parameter read): the model's traced graph run
   in full, node by node (``torch.fx.Interpreter``), with a clone taken right after the node of
   that name ran. Names in code that runs eagerly (an untraceable root) have no such truth.
+  That graph is itself checked against the eager model: its output must equal the eager
+  output, or every such name is reported as a mismatch (the trace missed something the eager
+  code does, so it cannot be the truth).
 
 Every run starts from the same state: torch's and Python's global RNGs are reset (dropout draws
 the same masks on every path), buffers are restored afterwards (train-mode batch norm), and each run gets
@@ -27,7 +30,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
-from ._capture import HookTarget, analyse, hook_targets, normalize_request, unwrap
+from ._capture import HookTarget, analyse, hook_targets, normalize_request, realize, unwrap
 from ._errors import MissingCallError
 from ._tap import Tapped, _tapped, tap
 from ._values import copy_value, detach_value, holds_tensor
@@ -125,9 +128,14 @@ def compare(
     if missing:
         raise MissingCallError(f"{type(model).__name__}: no path produced {', '.join(map(repr, missing))} for this input.")
     truth = run(lambda a, k: _hook_truth(model, calls, a, k))
+    eager_output = truth.pop(_OUTPUT)
     others = [name for name in request if name not in calls]
     if others:
-        truth.update(run(lambda a, k: _graph_truth(model, others, a, k)))
+        from_graph = run(lambda a, k: _graph_truth(model, others, a, k))
+        graph_output = from_graph.pop(_OUTPUT, _ABSENT)
+        if graph_output is not _ABSENT and not _close(graph_output, eager_output, rtol, atol):
+            from_graph = {name: _UNTRUSTED for name in others}  # the graph is not the model: no truth from it
+        truth.update(from_graph)
     paths = default.paths
     rows = [_row(name, paths[name] == "fx", name in calls, by_default, by_hooks, truth, rtol, atol) for name in request]
     return Comparison(tuple(rows), rtol, atol)
@@ -165,7 +173,7 @@ def _hook_truth(model: nn.Module, calls: dict[str, HookTarget], args: tuple[Any,
 
     handles = [model.get_submodule(path).register_forward_hook(hook_for(path)) for path in {t.path for t in calls.values()}]
     try:
-        model(*args, **kwargs)
+        out[_OUTPUT] = detach_value(copy_value(model(*args, **kwargs)))
     finally:
         for handle in handles:
             handle.remove()
@@ -187,7 +195,7 @@ class _Snapshots(fx.Interpreter):
         result = super().run_node(n)
         self.env[n] = result
         for point in self.points.get(n, []):
-            value = fx.node.map_arg(point.value, lambda node: self.env[node])
+            value = realize(fx.node.map_arg(point.value, lambda node: self.env[node]))
             self.values[point.name] = detach_value(copy_value(value))
         return result
 
@@ -208,8 +216,19 @@ def _graph_truth(model: nn.Module, names: list[str], args: tuple[Any, ...], kwar
     if analysis.traced is None:
         return {}
     interpreter = _Snapshots(analysis.traced, names)
-    interpreter.run(*[bound.arguments[p.name] for p in params])
-    return interpreter.values
+    output = interpreter.run(*[bound.arguments[p.name] for p in params])
+    return {**interpreter.values, _OUTPUT: detach_value(copy_value(_plain(output)))}
+
+
+def _plain(value: Any) -> Any:
+    """A graph's output with torch.fx's immutable containers made plain (as the eager model's)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 # -- every run from the same state ---------------------------------------------------------------------
@@ -257,11 +276,13 @@ def _row(
     ok = all(_close(a, b, rtol, atol) for a, b in checks)
     fx_vs_hooks = _max_diff(value, hooks) if fx_path and hookable else None
     vs_truth = max(_max_diff(v, reference) for v in produced) if reference is not None else None
-    shape, dtype = _describe(next((v for v in (reference, value, hooks) if v is not None and v is not _ABSENT), None))
+    shape, dtype = _describe(next((v for v in (reference, value, hooks) if v is not None and v is not _ABSENT and v is not _UNTRUSTED), None))
     return ComparisonRow(name, shape, dtype, fx_path, hookable, fx_vs_hooks, vs_truth, ok)
 
 
 _ABSENT: Any = object()
+_UNTRUSTED: Any = object()  # the truth of a name from a graph whose output differs from the eager model's: never close
+_OUTPUT = "\0output"  # the model's own output among the truth values (no tap name starts with NUL)
 
 
 def _pairs(a: Any, b: Any) -> list[tuple[Any, Any]] | None:

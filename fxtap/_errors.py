@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FallbackWarning", "FxtapError", "MissingCallError", "TapNameError", "TraceFailedError", "summary"]
+__all__ = ["CutError", "FallbackWarning", "FxtapError", "MissingCallError", "TapNameError", "TraceFailedError", "summary"]
 
 
 class FxtapError(Exception):
@@ -40,11 +40,24 @@ class MissingCallError(FxtapError, RuntimeError):
     """A requested module call (``blk_2``) did not happen in this forward."""
 
 
+class CutError(FxtapError, ValueError):
+    """``fxtap.cut`` cannot compute the outputs from the given inputs (a ``ValueError``).
+
+    Attributes:
+        missing: the tap names of the values the outputs still need (add them to ``inputs``);
+            empty when the cut fails for another reason (the message says which).
+    """
+
+    def __init__(self, message: str, *, missing: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
+
+
 class FallbackWarning(UserWarning):
     """fxtap could not trace part of a model and captured some names with forward hooks instead."""
 
 
-for _cls in (FxtapError, TapNameError, TraceFailedError, MissingCallError, FallbackWarning):
+for _cls in (FxtapError, CutError, TapNameError, TraceFailedError, MissingCallError, FallbackWarning):
     _cls.__module__ = "fxtap"
 
 

@@ -6,25 +6,30 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import fx, nn
 
 from ._capture import (
+    NO_HINTS,
+    Hints,
     Placement,
     Runner,
     analyse,
     build,
     depends_on_arguments,
     describe,
+    exclusive,
     normalize_request,
     unwrap,
 )
 from ._capture import call_spec as _call
 from ._capture import edit_modules
+from ._capture.guard import GraphCache, freeze
+from ._capture.guard import of_runner as guard_of
 from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
 
 __all__ = ["FeatureInfo", "Mode", "Tapped", "names", "tap"]
@@ -41,9 +46,10 @@ class FeatureInfo(NamedTuple):
         name: the tap name it was requested by.
         channels: the size of its channel dimension (dim 1 of ``(N, C, H, W)``, the last dim of
             ``(N, H, W, C)`` and of tokens ``(N, L, C)``).
-        reduction: input size / feature size along the spatial dims (timm's "reduction"); for
+        reduction: the product of the strides along its path (timm's "reduction"), measured
+            from how much it grows for a larger input (else input size / feature size); for
             tokens, the patch size whose grid (plus up to 8 extra tokens) gives their number;
-            ``None`` when the value has no spatial dims or they do not divide the input's.
+            ``None`` when neither gives one integer.
         shape: its shape for the example input.
     """
 
@@ -61,6 +67,8 @@ def tap(
     mode: Mode = "auto",
     detach: bool = False,
     keep_output: bool = False,
+    leaf_modules: Sequence[type[nn.Module]] | None = None,
+    autowrap_functions: Sequence[Callable[..., Any]] | None = None,
     edit: Mapping[str, Any] | None = None,
 ) -> Tapped:
     """Wrap ``model`` so that calling it returns the requested intermediate values.
@@ -74,6 +82,11 @@ def tap(
             forward hooks only; ``"auto"`` traces and hands only untraceable code to hooks.
         detach: return detached tensors (by default gradients flow through them).
         keep_output: also return the model's own output, under the key ``"output"``.
+        leaf_modules: module classes FX keeps as one step (their insides are hooked), as in
+            torchvision's ``tracer_kwargs``: for code FX cannot trace that you know of.
+        autowrap_functions: plain Python functions FX records as one call instead of tracing
+            through them (``torch.fx.wrap``), as in torchvision's ``tracer_kwargs``: for a
+            function that calls ``int()`` or branches on its arguments.
         edit: values to replace while tapping, as for ``fxtap.edit`` (tap name -> function,
             tensor or module). A tap of an edited name returns the value after the edit, and
             taps downstream of an edit see the edited value.
@@ -86,6 +99,7 @@ def tap(
         TapNameError: a name does not exist; the message lists the closest ones.
         TraceFailedError: ``mode="fx"`` and the model cannot be traced.
         ValueError: ``names`` is empty or repeats a name or key, or ``mode`` is unknown.
+        TypeError: ``leaf_modules`` or ``autowrap_functions`` lists something else.
 
     Example:
         >>> import torch, torchvision, fxtap
@@ -95,7 +109,8 @@ def tap(
         >>> {key: tuple(value.shape) for key, value in out.items()}
         {'c3': (1, 128, 8, 8), 'c5': (1, 512, 2, 2)}
     """
-    return _tapped(model, names, mode=mode, detach=detach, keep_output=keep_output, edit=edit)
+    hints = Hints.checked(leaf_modules, autowrap_functions)
+    return _tapped(model, names, mode=mode, detach=detach, keep_output=keep_output, hints=hints, edit=edit)
 
 
 def _tapped(
@@ -106,6 +121,7 @@ def _tapped(
     detach: bool = False,
     keep_output: bool = False,
     warn: bool = True,
+    hints: Hints = NO_HINTS,
     edit: Mapping[str, Any] | None = None,
 ) -> Tapped:
     """``tap()`` for fxtap's own callers: ``warn=False`` when the caller reports fallbacks itself
@@ -116,21 +132,30 @@ def _tapped(
     if keep_output and "output" in request.values():
         raise ValueError('the output key "output" is taken by keep_output=True; rename that tap')
     edits = edit_modules(edit) if edit else None
-    return Tapped(unwrap(model), request, mode=mode, detach=detach, keep_output=keep_output, warn=warn, edits=edits)
+    return Tapped(unwrap(model), request, mode=mode, detach=detach, keep_output=keep_output, warn=warn, hints=hints, edits=edits)
 
 
-def names(model: nn.Module, *, train: bool = False, mode: Mode = "auto") -> list[str]:
+def names(
+    model: nn.Module,
+    *,
+    train: bool = False,
+    mode: Mode = "auto",
+    leaf_modules: Sequence[type[nn.Module]] | None = None,
+    autowrap_functions: Sequence[Callable[..., Any]] | None = None,
+) -> list[str]:
     """Every name ``tap()`` accepts for ``model`` in train or eval mode, in graph order.
 
     Names of modules that only hooks can reach (inside untraceable code) follow the FX names.
-    Later calls of such a module (``blk_1``) are known only once the model runs.
+    Later calls of such a module (``blk_1``) are known only once the model runs. Give
+    ``leaf_modules`` and ``autowrap_functions`` as to ``tap()``: they change the names.
 
     Example:
         >>> import torchvision, fxtap
         >>> fxtap.names(torchvision.models.resnet18())[:6]
         ['x', 'conv1', 'bn1', 'relu', 'maxpool', 'layer1.0.conv1']
     """
-    return [info.name for info in describe(model, train=train, mode=mode)]
+    hints = Hints.checked(leaf_modules, autowrap_functions)
+    return [info.name for info in describe(model, train=train, mode=mode, hints=hints)]
 
 
 
@@ -159,6 +184,7 @@ class Tapped(nn.Module):
         detach: bool,
         keep_output: bool,
         warn: bool = True,
+        hints: Hints = NO_HINTS,
         edits: dict[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
@@ -170,14 +196,29 @@ class Tapped(nn.Module):
         self._mode_arg: Mode = mode
         self._detach = detach
         self._keep_output = keep_output
+        self._hints = hints
         self._warned: set[str] = set() if warn else _EVERYTHING
-        self._runners: dict[Hashable, Runner] = {}
+        self._runners: GraphCache[Runner] = GraphCache()  # guarded, bounded: see _capture/guard.py
         self._build_lock = threading.Lock()
         self._calls = _call.CallSpecs(model)
         self._spec = self._checked_spec()  # checks the names now, not at first call
         self._last_spec = self._spec  # what mode, paths and report() describe
+        _call.adopt_signature(self, model)  # torch.export reads the model's argument names
 
     # -- public ------------------------------------------------------------------------------
+    @property  # type: ignore[override]
+    def training(self) -> bool:
+        """The wrapped model's train/eval flag (``model.eval()`` makes it ``False`` here too);
+        setting it sets the model's, as ``nn.Module.train`` does."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        return True if model is None else bool(model.training)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_modules", {}).get("model")
+        if model is not None:  # nn.Module.__init__ sets it before the model is there
+            model.training = mode
+
     @property
     def mode(self) -> str:
         """How the names are captured in the current train/eval mode, for the non-tensor arguments
@@ -204,9 +245,6 @@ class Tapped(nn.Module):
         return table(["name", "key", "path", "module type", "reason"], rows)
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        # Under torch.compile/torch.export, keep Python-side dispatch trivial: default arguments.
-        if torch.compiler.is_compiling():
-            return self._runner(self._spec).run(self.model, args, kwargs)
         spec = self._calls.spec(args, kwargs, checked=self._spec)
         runner = self._runner(spec)
         self._last_spec = spec
@@ -231,40 +269,42 @@ class Tapped(nn.Module):
     # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Tapped:
         result = super()._apply(fn, *args, **kwargs)
-        self._runners = {}  # buffers read by the graph may be new tensor objects now
+        self._runners = GraphCache()  # buffers read by the graph may be new tensor objects now
         return result
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_runners"] = {}
+        state = _call.drop_signature(self.__dict__.copy())
+        state["_runners"] = GraphCache()
         state["_build_lock"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         self._build_lock = threading.Lock()
+        _call.adopt_signature(self, self.model)
 
     def _placement(self, spec: tuple[tuple[str, Any], ...] | None = None) -> Placement:
         """Where the names are captured for ``spec`` (the last call's, by default)."""
         return self._runner(self._last_spec if spec is None else spec).placement
 
     def _runner(self, spec: tuple[tuple[str, Any], ...]) -> Runner:
-        key = (self.model.training, spec)
-        runner = self._runners.get(key)
+        key = (self.model.training, freeze(spec))
+        runner = self._runners.lookup(key)  # None when never built, evicted, or the model changed since
         if runner is None:
-            with self._build_lock:  # concurrent first calls build once
-                runner = self._runners.get(key)
+            with exclusive(), self._build_lock:  # concurrent first calls build once; fxtap traces one at a time
+                runner = self._runners.lookup(key)
                 if runner is None:
                     runner = self._build(dict(spec))
-                    self._runners[key] = runner
+                    self._runners.put(key, runner, guard_of(self.model, runner))
         return runner
 
+    @torch.compiler.disable  # built eagerly under torch.compile: tracing must see only the model's own calls
     def _build(self, concrete_args: dict[str, Any]) -> Runner:
         note = "" if self._mode_arg != "hooks" else ' (mode="hooks")'
         try:
             runner = build(
                 self.model, self._request, mode=self._mode_arg, concrete_args=concrete_args,
-                keep_output=self._keep_output, detach=self._detach, note=note, edits=self._edits,
+                keep_output=self._keep_output, detach=self._detach, note=note, hints=self._hints, edits=self._edits,
             )  # fmt: skip
         except TapNameError as error:
             unknown = getattr(error, "unknown", list(self._request))
@@ -298,7 +338,7 @@ class Tapped(nn.Module):
                 pass
             else:
                 return given
-            analysis = analyse(self.model, mode=self._mode_arg, concrete_args=dict(default))
+            analysis = analyse(self.model, mode=self._mode_arg, concrete_args=dict(default), hints=self._hints)
             if not depends_on_arguments(analysis):
                 raise
             self._warn_fallbacks(analysis.fallbacks, None)  # now, not at the call
@@ -307,7 +347,7 @@ class Tapped(nn.Module):
     def _other_mode_hint(self, unknown: list[str]) -> str:
         """A hint when the unknown names exist with the model in the other train/eval mode."""
         training = self.model.training
-        other = set(names(self.model, train=not training, mode=self._mode_arg))
+        other = {info.name for info in describe(self.model, train=not training, mode=self._mode_arg, hints=self._hints)}
         found = [name for name in unknown if name in other]
         if not found:
             return ""

@@ -7,15 +7,71 @@ finds them again) and from the hook path.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["copy_value", "detach_value", "holds_tensor", "map_tensors"]
+__all__ = ["Frozen", "copy_value", "detach_value", "frozen", "holds_tensor", "map_tensors", "thawed"]
 
 
+class Frozen:
+    """An unhashable non-tensor argument (a list, a dict) as part of a hashable key.
+
+    Graphs are cached per value of the non-tensor arguments; a list default or a list passed in
+    a call must key that cache by its contents and still reach tracing as the list itself (not
+    its ``repr``). Equal contents of equal types are equal keys.
+    """
+
+    __slots__ = ("_key", "value")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        self._key = _structure(value)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Frozen) and self._key == other._key
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _structure(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return (type(value), tuple(_structure(v) for v in value))
+    if isinstance(value, dict):
+        return (type(value), tuple((_structure(k), _structure(v)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return (type(value), frozenset(_structure(v) for v in value))
+    try:
+        hash(value)
+    except TypeError:
+        return (type(value), id(value))  # no structure known: the object itself
+    return (type(value), value)  # 1, 1.0 and True trace alike but are different values
+
+
+def frozen(value: Any) -> Any:
+    """``value`` if it is hashable, else a ``Frozen`` holding it."""
+    try:
+        hash(value)
+    except TypeError:
+        return Frozen(value)
+    return value
+
+
+def thawed(value: Any) -> Any:
+    """The value a ``frozen`` one holds."""
+    return value.value if isinstance(value, Frozen) else value
+
+
+# ``torch.jit.ignore``: ``torch.jit.script(tapped.graph_module())`` calls these back in Python
+# instead of compiling their bodies (``fxtap.export`` writes a copy as ``clone()`` for files).
+@torch.jit.ignore  # type: ignore[misc]
 def copy_value(value: Any) -> Any:
     """A snapshot of ``value``: tensors cloned (autograd still flows), containers rebuilt."""
     if isinstance(value, torch.Tensor):
@@ -23,6 +79,7 @@ def copy_value(value: Any) -> Any:
     return map_tensors(value, torch.Tensor.clone)
 
 
+@torch.jit.ignore  # type: ignore[misc]
 def detach_value(value: Any) -> Any:
     """``value`` with every tensor detached."""
     if isinstance(value, torch.Tensor):
@@ -44,7 +101,13 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
         for key, item in value.items():
             out[key] = map_tensors(item, fn)
         return out
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: map_tensors(getattr(value, f.name), fn) for f in dataclasses.fields(value) if f.init})
     return value
+
+
+for _helper in (copy_value, detach_value):
+    _helper.__annotations__ = {"value": Any, "return": Any}  # objects, not strings: TorchScript reads them
 
 
 def holds_tensor(value: Any) -> bool:

@@ -20,7 +20,7 @@ from . import regions as _regions
 from .analysis import Analysis, analyse
 from .call_spec import default_concrete_args, depends_on_arguments
 from .edit import as_modules as edit_modules
-from .fx import Traced
+from .fx import NO_HINTS, Hints, Traced, exclusive, realize
 from .hooks import HookTarget, hook_targets
 from .model import training_mode, unwrap
 from .names import normalize_request
@@ -28,7 +28,9 @@ from .placement import Placement, place
 from .runner import Runner, make_runner
 
 __all__ = [
+    "NO_HINTS",
     "Analysis",
+    "Hints",
     "HookTarget",
     "Located",
     "NameInfo",
@@ -39,9 +41,11 @@ __all__ = [
     "depends_on_arguments",
     "describe",
     "edit_modules",
+    "exclusive",
     "hook_targets",
     "locate",
     "normalize_request",
+    "realize",
     "unwrap",
 ]
 
@@ -63,19 +67,19 @@ class Located(NamedTuple):
     module: nn.Module
 
 
-def describe(model: nn.Module, *, train: bool = False, mode: str = "auto") -> list[NameInfo]:
+def describe(model: nn.Module, *, train: bool = False, mode: str = "auto", hints: Hints = NO_HINTS) -> list[NameInfo]:
     """Every tap name of ``model`` in train or eval mode, in graph order (FX names first, then
     the names only hooks reach), with the non-tensor arguments at their defaults."""
     model = unwrap(model)
     with training_mode(model, train):  # the engine never warns: its callers decide what to say
-        analysis = analyse(model, mode=mode, concrete_args=default_concrete_args(model))
+        analysis = analyse(model, mode=mode, concrete_args=default_concrete_args(model), hints=hints)
         if analysis.traced is not None or mode != "auto":
             graph_names: dict[str, tuple[str, str]] = (
                 {n: (p.kind, p.module_type) for n, p in analysis.traced.points.items()} if analysis.traced is not None else {}
             )
             ordered = analysis.names()
         else:
-            found = _regions.resolve(model, [], analysis.fallbacks[""], everything=True)
+            found = _regions.resolve(model, [], analysis.fallbacks[""], everything=True, hints=hints)
             graph_names = {n: ("", "") for n in found.available}  # kinds and types below, as hooks see them
             known = set(found.available)
             ordered = found.available + [path for path in analysis.names() if path not in known]
@@ -127,6 +131,7 @@ def build(
     detach: bool,
     note: str = "",
     edits: dict[str, nn.Module] | None = None,
+    hints: Hints = NO_HINTS,
 ) -> Runner:
     """Trace ``model`` for one call spec, place every requested name, and return the runner
     (its ``placement`` says where each name is captured and what fell back, and why).
@@ -140,7 +145,7 @@ def build(
     holds them, else by forward hooks on module outputs; ``placement.edits`` says which.
     """
     with _fx.gc_paused():  # building allocates a few objects per node: see gc_paused
-        analysis = analyse(model, mode=mode, concrete_args=concrete_args)
+        analysis = analyse(model, mode=mode, concrete_args=concrete_args, hints=hints)
         placement = place(analysis, request, mode=mode, note=note, edits=edits or {})
         graph = None
         if analysis.traced is not None and mode != "hooks":

@@ -26,6 +26,7 @@ class Analysis:
     model: nn.Module
     traced: _fx.Traced | None
     fallbacks: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (module type, reason)
+    hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints, for every later trace
 
     def hookable_under(self) -> list[str]:
         """Paths of the leaves (opaque or standard ``torch.nn``) whose inner modules hooks can reach."""
@@ -41,10 +42,16 @@ class Analysis:
         leaves = set(self.hookable_under())
         hookable = [
             path
-            for path, _ in self.model.named_modules()
-            if path and path not in known and _names.enclosing(path, leaves, strict=True) is not None
+            for path, module in self.model.named_modules()
+            if path and path not in known and _names.enclosing(path, leaves, strict=True) is not None and _callable(module)
         ]
         return fx_names + hookable
+
+
+def _callable(module: nn.Module) -> bool:
+    """Whether calling ``module`` can return anything: a container without a forward of its own
+    (``ModuleList``, ``ModuleDict``) is iterated, never called, so it has no output to tap."""
+    return type(module).forward is not nn.Module.forward
 
 
 def analyse(
@@ -53,6 +60,7 @@ def analyse(
     mode: str,
     concrete_args: dict[str, Any] | None,
     fallbacks: dict[str, tuple[str, str]] | None = None,
+    hints: _fx.Hints = _fx.NO_HINTS,
 ) -> Analysis:
     """Trace ``model``; in ``mode="auto"`` make each untraceable submodule a leaf and retry.
 
@@ -64,13 +72,13 @@ def analyse(
         TraceFailedError: in ``mode="fx"``, naming the untraceable submodule.
     """
     if mode == "hooks":
-        return Analysis(model, None, {"": (type(model).__name__, 'mode="hooks" was asked for')})
+        return Analysis(model, None, {"": (type(model).__name__, 'mode="hooks" was asked for')}, hints)
     fallbacks = {path: why for path, why in (fallbacks or {}).items() if path}
     leaves: dict[str, nn.Module] = {path: model.get_submodule(path) for path in fallbacks}
     while True:
         try:
-            traced = _fx.trace(model, leaves=frozenset(leaves.values()), concrete_args=concrete_args)
-            return Analysis(model, traced, fallbacks)
+            traced = _fx.trace(model, leaves=frozenset(leaves.values()), concrete_args=concrete_args, hints=hints)
+            return Analysis(model, traced, fallbacks, hints)
         except TraceFailedError as error:
             if mode == "fx":
                 raise TraceFailedError(
@@ -83,5 +91,5 @@ def analyse(
                 ) from error.__cause__
             fallbacks[error.module] = (error.module_type, error.reason)
             if not error.module or error.module in leaves:
-                return Analysis(model, None, fallbacks)
+                return Analysis(model, None, fallbacks, hints)
             leaves[error.module] = model.get_submodule(error.module)

@@ -9,11 +9,22 @@ import torch
 from torch import nn
 
 from .._errors import TraceFailedError
-from .._values import holds_tensor
+from .._values import frozen, holds_tensor
 from . import analysis as _plan
 from . import fx as _fx
 
-__all__ = ["CallSpecs", "Spec", "call_spec", "default_concrete_args", "default_spec", "depends_on_arguments", "graph_args"]
+__all__ = [
+    "CallSpecs",
+    "Spec",
+    "adopt_signature",
+    "call_spec",
+    "default_concrete_args",
+    "default_spec",
+    "depends_on_arguments",
+    "drop_signature",
+    "graph_args",
+    "graph_kwargs",
+]
 
 Spec = tuple[tuple[str, Any], ...]  # (argument name, value) of every non-tensor argument, in signature order
 
@@ -48,7 +59,7 @@ def depends_on_arguments(analysis: _plan.Analysis) -> bool:
         return False
     leaves = frozenset(analysis.model.get_submodule(path) for path in analysis.fallbacks if path)
     try:
-        _fx.trace(analysis.model, leaves=leaves, concrete_args=None)
+        _fx.trace(analysis.model, leaves=leaves, concrete_args=None, hints=analysis.hints)
     except TraceFailedError:
         return True
     return False
@@ -65,16 +76,10 @@ def plain(params: list[inspect.Parameter]) -> bool:
     return all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params)
 
 
-def _frozen(value: Any) -> Any:
-    try:
-        hash(value)
-        return value
-    except TypeError:
-        return repr(value)
-
-
 def _defaults(params: list[inspect.Parameter]) -> Spec:
-    return tuple((p.name, p.default) for p in params if p.default is not p.empty and not holds_tensor(p.default))
+    """The non-tensor arguments at their defaults (unhashable ones ``Frozen``): the spec of a
+    call that passes only the required arguments."""
+    return tuple((p.name, frozen(p.default)) for p in params if p.default is not p.empty and not holds_tensor(p.default))
 
 
 def default_spec(model: nn.Module) -> Spec:
@@ -95,16 +100,60 @@ def call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     for p in params:
         value = bound.arguments.get(p.name, p.default)
         if value is not p.empty and not holds_tensor(value):
-            spec.append((p.name, _frozen(value)))
+            spec.append((p.name, frozen(value)))
     return tuple(spec)
 
 
 def graph_args(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """The call's arguments, positionally in signature order (FX may rename specialised placeholders)."""
-    if not kwargs:
+    if not kwargs and not _tensor_defaults(model):
         return args  # the common call: no signature to read
     params = parameters(model)
     if not plain(params):
         return args
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     return tuple(bound.arguments.get(p.name, p.default) for p in params)
+
+
+def graph_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's keywords that the graph takes as keywords: all of them for a forward with
+    ``**kwargs`` (FX keeps that parameter), none otherwise (``graph_args`` passes them)."""
+    if not kwargs or plain(parameters(model)):
+        return {}
+    return kwargs
+
+
+def _tensor_defaults(model: nn.Module) -> bool:
+    """Whether ``forward`` has a default holding a tensor: the graph takes it as an input, since
+    FX cannot write a tensor as a default in code (``_tensor_constant0`` would be undefined)."""
+    forward = model.forward
+    defaults = (getattr(forward, "__defaults__", None) or ()) + tuple((getattr(forward, "__kwdefaults__", None) or {}).values())
+    return any(holds_tensor(d) for d in defaults)
+
+
+def adopt_signature(wrapper: nn.Module, model: nn.Module) -> None:
+    """Give ``wrapper`` (whose class's ``forward`` takes ``*args, **kwargs``) the signature of
+    ``model.forward``, so that what reads a module's signature reads the model's: torch.export
+    matches ``dynamic_shapes`` (a tuple per argument, or a dict by argument name) against it.
+
+    An instance attribute ``forward`` that calls the class's, with ``__signature__`` set; it is
+    left out of pickles (``drop_signature``) and made again on load.
+    """
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    method = type(wrapper).forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return method(wrapper, *args, **kwargs)
+
+    forward.__signature__ = signature.replace(return_annotation=inspect.Signature.empty)  # type: ignore[attr-defined]
+    forward.__wrapped__ = method  # type: ignore[attr-defined]
+    wrapper.__dict__["forward"] = forward
+
+
+def drop_signature(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (a module's ``__dict__`` copy) without the forward ``adopt_signature`` added."""
+    state.pop("forward", None)
+    return state

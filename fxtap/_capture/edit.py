@@ -24,6 +24,7 @@ from torch.fx.node import Argument
 
 from .._errors import FxtapError
 from .._values import copy_value
+from .codegen import Made, materialize
 from .model import stand_in
 from .prune import same_tensor
 
@@ -156,8 +157,8 @@ def insert(graph: fx.Graph, root: nn.Module, points: Mapping[str, Any], edits: M
         target = f"e{index}"
         holder.add_module(target, module)
         value = done.remap(point.value, key)
-        with graph.inserting_after(tail.get(point.moment, point.moment)):
-            node = graph.call_module(f"{HOLDER}.{target}", (value,))
+        with graph.inserting_before(tail.get(point.moment, point.moment).next):  # in creation order
+            node = graph.call_module(f"{HOLDER}.{target}", (materialize(graph, value),))
         node.meta["fxtap_scope"] = points[name].scope
         node.meta["fxtap_edit"] = name
         tail[point.moment] = _unpack(graph, node, point.value, done, key, position, point.moment, alike)
@@ -186,12 +187,17 @@ def _unpack(
         if isinstance(item, fx.Node):
             parts.append((item, result))
             return
-        pairs = list(item.items()) if isinstance(item, dict) else list(enumerate(item)) if isinstance(item, (tuple, list)) else []
+        getter: Any = operator.getitem
+        if isinstance(item, Made):  # a namedtuple, dataclass or ModelOutput: its fields
+            pairs = list(item.fields.items())
+            getter = operator.getitem if issubclass(item.cls, dict) else getattr
+        else:
+            pairs = list(item.items()) if isinstance(item, dict) else list(enumerate(item)) if isinstance(item, (tuple, list)) else []
         for k, sub in pairs:
             if not _has_node(sub):
                 continue
             with graph.inserting_after(last):
-                part = graph.call_function(operator.getitem, (result, k))
+                part = graph.call_function(getter, (result, k))
             last = part
             walk(sub, part)
 

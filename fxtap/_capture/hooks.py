@@ -18,9 +18,11 @@ from torch.utils.hooks import RemovableHandle
 from .._values import copy_value
 from . import names as _names
 from .edit import Patch
+from .hazards import mark_fxtap_hook
 from .model import ModelPaths
 
-__all__ = ["CallLog", "HookTarget", "capture", "hook_targets", "module_paths", "nearest_module", "unapplied_edits_message"]
+__all__ = ["CallLog", "HookTarget", "alias_hints", "aliases", "capture", "hook_targets", "module_paths", "nearest_module", "unapplied_edits_message"]
+
 
 class HookTarget(NamedTuple):
     """A requested name as a module call: the module's path and the 0-based call index."""
@@ -44,7 +46,7 @@ def hook_targets(
     """
     if paths is None:
         paths = ModelPaths.of(root)
-    module_set = paths.modules
+    module_set = paths.modules - aliases(root).keys()  # a second name of a module is not a name of its calls
     reserved = paths.reserved
     targets: dict[str, HookTarget] = {}
     rest: list[str] = []
@@ -68,6 +70,37 @@ def _as_module_call(name: str, modules: frozenset[str], reserved: frozenset[str]
         if _names.module_call_name(path, index, reserved) == name:
             return HookTarget(name, path, index)
     return None
+
+
+def aliases(root: nn.Module) -> dict[str, str]:
+    """Second names of modules (``self.b = self.a``): each such path -> the module's first path.
+
+    A module object has one path for FX (``path_of_module``) and for ``named_modules()``: the
+    first. Its calls are named by that path (``a``, ``a_1``), whichever attribute the code used:
+    a hook on the module cannot tell ``self.a(x)`` from ``self.b(x)``.
+    """
+    first = {id(module): path for path, module in root.named_modules() if path}
+    return {
+        path: first.get(id(module), "")
+        for path, module in root.named_modules(remove_duplicate=False)
+        if path and first.get(id(module), "") != path
+    }
+
+
+def alias_hints(root: nn.Module, names: list[str]) -> list[str]:
+    """For each of ``names`` that is (a later call of) a module's second name, what to tap instead."""
+    second = aliases(root)
+    hints = []
+    for name in names:
+        split = _names.split_suffix(name)
+        path = name if name in second or split is None else split[0]
+        if path in second:
+            first = second[path] or "the model itself"
+            hints.append(
+                f"  {name!r}: {path!r} is the module registered first as {first!r} (one module object under two names). "
+                f"fxtap names its calls by that first path, in call order: {first!r}, {first + '_1'!r}, ... (docs/names.md)."
+            )
+    return hints
 
 
 def nearest_module(root: nn.Module, name: str) -> str:
@@ -131,7 +164,7 @@ class CallLog:
                 self.add(name, copy_value(output) if self._copy else output)
             return output if edit is not None else None
 
-        return record
+        return mark_fxtap_hook(record)
 
 
 @contextmanager
@@ -174,8 +207,18 @@ def missing_calls_message(targets: dict[str, HookTarget], state: CallLog, owner:
     missing = [t for name, t in targets.items() if name not in state.values]
     parts = [f"{t.name!r} (call {t.call_index + 1} of {t.path!r}, which ran {state.calls.get(t.path, 0)} time(s))" for t in missing]
     parts += more or []
+    never = [t.path for t in missing if state.calls.get(t.path, 0) == 0]
+    why = ""
+    if never:
+        outer = sorted({path.rpartition(".")[0] for path in never if "." in path})
+        why = (
+            f"\n  {', '.join(map(repr, dict.fromkeys(never)))} never ran as a module in this call: the code around it may use "
+            "its parameters without calling it (nn.MultiheadAttention's out_proj), or skip it (a dropout under fused attention, "
+            "a branch not taken)."
+            + (f" Tap the module around it instead ({', '.join(map(repr, outer))})." if outer else "")
+        )
     return (
-        f"{owner}: these names were not produced by this call: {', '.join(parts)}.\n"
+        f"{owner}: these names were not produced by this call: {', '.join(parts)}.{why}\n"
         "  A module's later calls are named path_1, path_2, ...; see docs/names.md."
     )
 

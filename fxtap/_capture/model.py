@@ -93,8 +93,16 @@ def preserved(model: nn.Module) -> Iterator[None]:
 def _restore(current: dict[str, Any], saved: dict[str, Any]) -> None:
     # compare by identity: ``==`` on a leftover proxy would record a graph node, not compare
     if current.keys() != saved.keys() or any(current[k] is not v for k, v in saved.items()):
+        # what fxtap installs for the span of a call (another thread's tapped call may be
+        # running meanwhile) belongs to that call, not to this trace: leave it as it is now
+        installed = {k: v for k, v in current.items() if _installed(v)}
         current.clear()
-        current.update(saved)
+        current.update({k: v for k, v in saved.items() if not _installed(v)})
+        current.update(installed)
+
+
+def _installed(value: Any) -> bool:
+    return bool(getattr(type(value), "fxtap_installed", False))
 
 
 def _contents(container: Any) -> list[Any]:

@@ -145,12 +145,12 @@ def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, n
 def _place_under_eager_root(analysis: Analysis, request: dict[str, str], edits: dict[str, nn.Module]) -> Placement:
     """The root runs eagerly; traceable children holding requested or edited names are traced on their own."""
     model = analysis.model
-    found = _regions.resolve(model, list(request) + [n for n in edits if n not in request], analysis.fallbacks[""])
+    found = _regions.resolve(model, list(request) + [n for n in edits if n not in request], analysis.fallbacks[""], hints=analysis.hints)
     placed_edits = edits_in_regions(found, edits, request)  # edit-only names leave what is captured
     if found.unknown:
         available = found.available + [p for p, _ in model.named_modules() if p and p not in found.available]
         message = _names.unknown_name_message(found.unknown, type(model).__name__, available)
-        raise _Unknown(message, found.unknown, eager_root=True)
+        raise _Unknown("\n".join([message, *_hooks.alias_hints(model, found.unknown)]), found.unknown, eager_root=True)
     placement = Placement(request, analysis, fallbacks=found.fallbacks, regions=found.regions, edits=placed_edits)
     placement.fx = {name: request[name] for name in found.fx}
     placement.hooks = found.hooks
@@ -182,4 +182,4 @@ def _unknown_message(analysis: Analysis, unknown: list[str], note: str) -> str:
                     f"  {name!r} is a module that forward never calls (a ModuleList or ModuleDict is iterated, "
                     "not called), so it has no output of its own: tap its children."
                 )
-    return "\n".join([message, *hints])
+    return "\n".join([message, *hints, *_hooks.alias_hints(analysis.model, unknown)])

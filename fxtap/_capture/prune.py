@@ -3,17 +3,24 @@
 Two questions, answered together because both depend on in-place ops:
 
 * **Which nodes run.** A node runs when a requested value needs it, when it mutates a tensor that
-  something later still reads (``x.add_(pos)`` whose result is unused), when it is a random op
-  that a later kept random op depends on for its RNG state, or when it is a guard
-  (``torch._assert``) inside a module of which some code still runs. A guard alone never keeps
-  pruned computation alive.
+  something later still reads (``x.add_(pos)`` whose result is unused), when it changes state
+  that outlives the call, or when it is a guard (``torch._assert``) inside a module of which some
+  code still runs. A guard alone never keeps pruned computation alive. State that outlives the
+  call, which pruning never drops, is: a write into a buffer, a parameter or an input (the next
+  call, or the caller, reads it: a KV cache, an EMA, a queue and its pointer, a counter); a
+  ``torch.nn`` module that updates its buffers (batch norm in training); a leaf whose code
+  fxtap cannot see that has buffers or is in training mode; and every draw from the random
+  number generator (the generator's state is read by the next call: pruning a dropout at the
+  end of a train-mode model would change every later mask).
 * **Which requested values are copied.** A value is returned as produced, unless a kept in-place
-  op later writes to its storage (directly or through a view): then a clone is taken right
-  after it is produced. Everything else is returned without a copy.
+  op later writes to its storage (directly or through a view), or it shares storage with a
+  buffer, parameter or input that the graph writes into (the next call would overwrite it): then
+  a clone is taken right after it is produced. Everything else is returned without a copy.
 
-Aliasing is over-approximated: views, reshapes, ``getitem``, dtype or device conversions that may
-return ``self``, in-place ops, and opaque (non-``torch.nn``) leaf modules are taken to share
-storage with their inputs.
+What an op writes, returns a view of and whether it draws from the RNG is read from its schema
+(``effects``). Aliasing is over-approximated: views, reshapes, ``getitem``, dtype or device
+conversions that may return ``self``, in-place ops, and opaque (non-``torch.nn``) leaf modules
+are taken to share storage with their inputs.
 """
 
 from __future__ import annotations
@@ -25,28 +32,11 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx, nn
 
+from . import effects as _effects
 from . import names as _names
 
-__all__ = ["Plan", "from_torch_nn", "plan", "same_tensor", "written_after"]
+__all__ = ["Plan", "facts", "from_torch_nn", "may_change_state", "plan", "same_tensor", "written_after"]
 
-_VIEW_LIKE = frozenset(
-    """
-    view view_as reshape reshape_as flatten unflatten squeeze unsqueeze transpose permute t T mT H mH
-    adjoint expand expand_as broadcast_to broadcast_tensors narrow select split split_with_sizes chunk
-    unbind tensor_split hsplit vsplit dsplit movedim moveaxis swapaxes swapdims diagonal as_strided
-    unfold detach detach_ contiguous to type type_as float half double bfloat16 int long bool cpu cuda
-    view_as_real view_as_complex real imag data alias getitem getattr atleast_1d atleast_2d atleast_3d
-    dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout identity squeeze_ unsqueeze_
-    """.split()
-)
-_INPLACE_OPERATORS = frozenset(getattr(operator, f"i{name}") for name in _names.INPLACE_OPERATORS) | {operator.setitem}
-_RANDOM = frozenset(
-    """
-    dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout rand randn rand_like randn_like
-    randint randint_like randperm bernoulli bernoulli_ multinomial normal normal_ uniform_ exponential_
-    geometric_ cauchy_ log_normal_ random_ rrelu rrelu_ poisson gumbel_softmax
-    """.split()
-)
 _GUARDS = frozenset({torch._assert, getattr(torch, "_assert_async", torch._assert), torch.fx._symbolic_trace._assert_is_none})
 
 
@@ -79,8 +69,14 @@ def plan(
     guards = [n for n in graph.nodes if ops.is_guard(n) and _runs_in(_scope(n), scopes)]
     if guards:
         kept = ops.liveness(kept | set(guards), wanted, end_reads)
-    copies = {(v, m): ops.anchor(m, kept) for v, m in wanted if ops.written_after(v, m, kept)}
+    copies = {(v, m): ops.anchor(m, kept) for v, m in wanted if ops.overwritten(v, m, kept)}
     return Plan(frozenset(kept), copies)
+
+
+def facts(graph: fx.Graph, root: nn.Module) -> _Ops:
+    """The storage facts of ``graph``: ``.find(node)`` is a node's alias class (nodes that may
+    share storage have the same class), ``.writes`` maps each in-place node to the nodes it writes."""
+    return _Ops(graph, root)
 
 
 def _scope(node: fx.Node) -> str:
@@ -92,20 +88,29 @@ def _runs_in(scope: str, kept_scopes: set[str]) -> bool:
 
 
 class _Ops:
-    """Per-node facts of one graph: alias classes (union-find), writes, randomness, guards."""
+    """Per-node facts of one graph: alias classes (union-find), writes, state effects, guards."""
 
     def __init__(self, graph: fx.Graph, root: nn.Module) -> None:
         self.nodes = [n for n in graph.nodes if n.op != "output"]
         self.order = {n: i for i, n in enumerate(self.nodes)}
         self.root = root
         self._parent: dict[fx.Node, fx.Node] = {}
+        self._modules: dict[fx.Node, nn.Module] = {}
         self.writes: dict[fx.Node, list[fx.Node]] = {}
+        self.effects: set[fx.Node] = set()  # nodes that change state outliving the call
+        attributes: dict[str, fx.Node] = {}
         for node in self.nodes:
+            if node.op == "get_attr":  # two reads of one buffer are one storage
+                self._union(node, attributes.setdefault(str(node.target), node))
             for source in self._alias_sources(node):
                 self._union(node, source)
             written = self._written_args(node)
             if written:
                 self.writes[node] = written
+            if self._changes_state(node):
+                self.effects.add(node)
+        # buffers, parameters and inputs are read after the call: by the next call, or the caller
+        self.state = {self.find(n) for n in self.nodes if n.op in ("get_attr", "placeholder")}
 
     # -- alias classes -------------------------------------------------------------------------
     def find(self, node: fx.Node) -> fx.Node:
@@ -119,7 +124,10 @@ class _Ops:
             self._parent[ra] = rb
 
     def _module(self, node: fx.Node) -> nn.Module:
-        return self.root.get_submodule(str(node.target))
+        module = self._modules.get(node)
+        if module is None:  # get_submodule walks and checks the path: once per node
+            module = self._modules[node] = self.root.get_submodule(str(node.target))
+        return module
 
     def _alias_sources(self, node: fx.Node) -> list[fx.Node]:
         if node.op == "call_module":
@@ -127,11 +135,8 @@ class _Ops:
             if _opaque(module) or getattr(module, "inplace", False) is True or isinstance(module, _PASS_THROUGH):
                 return node.all_input_nodes
             return []
-        if node.op == "call_function" and _opaque_function(node.target):
-            return node.all_input_nodes
         if node.op in ("call_function", "call_method"):
-            if _op_name(node) in _VIEW_LIKE or node.target in _INPLACE_OPERATORS or _is_inplace_call(node):
-                return _first_input(node)
+            return _effects.aliased(node)
         return []
 
     def _written_args(self, node: fx.Node) -> list[fx.Node]:
@@ -140,30 +145,25 @@ class _Ops:
             if getattr(module, "inplace", False) is True:
                 return _first_input(node)
             return list(node.all_input_nodes) if _opaque(module) else []
-        if node.op not in ("call_function", "call_method"):
-            return []
-        if node.op == "call_function" and _opaque_function(node.target):
-            return list(node.all_input_nodes)
-        written = _first_input(node) if node.target in _INPLACE_OPERATORS or _is_inplace_call(node) else []
-        out = node.kwargs.get("out")
-        written += [n for n in _flat_nodes(out)]
-        return written
+        if node.op in ("call_function", "call_method"):
+            return _effects.written(node)
+        return []
+
+    def _changes_state(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return may_change_state(self._module(node))
+        return _effects.draws_random(node)
 
     # -- facts used by the plan ----------------------------------------------------------------
     def is_guard(self, node: fx.Node) -> bool:
         return node.op == "call_function" and node.target in _GUARDS
-
-    def is_random(self, node: fx.Node) -> bool:
-        if node.op == "call_module":
-            return _may_draw_random(self._module(node))
-        return node.op in ("call_function", "call_method") and _op_name(node) in _RANDOM
 
     def liveness(
         self, needed: set[fx.Node], wanted: list[tuple[fx.Node, fx.Node]], end_reads: list[fx.Node]
     ) -> set[fx.Node]:
         """Walk backwards from the end; return the nodes that must run."""
         needed = set(needed)
-        read = {self.find(n) for n in end_reads}
+        read = {self.find(n) for n in end_reads} | self.state
         reads_at: dict[fx.Node, list[fx.Node]] = {}
         for value, moment in wanted:
             reads_at.setdefault(moment, []).append(value)
@@ -171,24 +171,32 @@ class _Ops:
         rng_live = False
         for node in reversed(self.nodes):
             read.update(self.find(v) for v in reads_at.get(node, ()))  # a wanted value is read right after its moment
-            keep = node in needed or node.op == "placeholder"
+            keep = node in needed or node.op == "placeholder" or node in self.effects
             if not keep and node in self.writes:
                 keep = any(self.find(w) in read for w in self.writes[node])
-            if not keep and rng_live and self.is_random(node):
+            if not keep and rng_live and self.may_draw(node):
                 keep = True
             if not keep:
                 continue
             kept.add(node)
-            rng_live = rng_live or self.is_random(node)
+            rng_live = rng_live or self.may_draw(node)
             for source in node.all_input_nodes:
                 needed.add(source)
                 read.add(self.find(source))
         return kept
 
-    def written_after(self, value: fx.Node, moment: fx.Node, kept: set[fx.Node]) -> bool:
-        """Whether a kept node after ``moment`` writes into storage that ``value`` may share."""
+    def may_draw(self, node: fx.Node) -> bool:
+        """Whether ``node`` may draw from the RNG (an opaque leaf may, whatever its mode): the
+        random ops before a kept one must run, or it would draw other numbers than eagerly."""
+        if node.op == "call_module":
+            return _may_draw_random(self._module(node))
+        return node in self.effects
+
+    def overwritten(self, value: fx.Node, moment: fx.Node, kept: set[fx.Node]) -> bool:
+        """Whether a kept node writes into storage that ``value`` may share: after ``moment``,
+        or anywhere when that storage is a buffer, parameter or input (the next call writes it)."""
         cls = self.find(value)
-        position = self.order[moment]
+        position = -1 if cls in self.state else self.order[moment]
         return any(
             self.order[writer] > position and writer in kept and any(self.find(w) is cls for w in written)
             for writer, written in self.writes.items()
@@ -204,7 +212,7 @@ class _Ops:
 
 def written_after(graph: fx.Graph, root: nn.Module, node: fx.Node, kept: Iterable[fx.Node]) -> bool:
     """Whether a node of ``kept`` after ``node`` writes into storage that ``node``'s value may share."""
-    return _Ops(graph, root).written_after(node, node, set(kept))
+    return _Ops(graph, root).overwritten(node, node, set(kept))
 
 
 def same_tensor(graph: fx.Graph, root: nn.Module) -> Any:
@@ -220,7 +228,7 @@ def same_tensor(graph: fx.Graph, root: nn.Module) -> Any:
         return node
 
     for node in ops.nodes:
-        inplace = node.op in ("call_function", "call_method") and (node.target in _INPLACE_OPERATORS or _is_inplace_call(node))
+        inplace = node.op in ("call_function", "call_method") and _effects.inplace(node)
         if node.op == "call_module":
             inplace = getattr(ops._module(node), "inplace", False) is True
         if inplace and node.target is not operator.setitem:
@@ -236,17 +244,6 @@ def same_tensor(graph: fx.Graph, root: nn.Module) -> Any:
 _PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 
 
-_KNOWN_FUNCTION_PACKAGES = frozenset({"torch", "_operator", "operator", "builtins", "math", "fxtap"})
-
-
-def _opaque_function(target: Any) -> bool:
-    """A Python function FX kept as one call (``torch.fx.wrap``, autowrap): its body is unseen,
-    so it may write into its arguments or return one of them (torchvision's ``_add_shortcut``
-    and ``stochastic_depth`` do). Functions of torch itself are known by name instead."""
-    package = (getattr(target, "__module__", None) or "").split(".")[0]
-    return hasattr(target, "__code__") and package not in _KNOWN_FUNCTION_PACKAGES
-
-
 def from_torch_nn(module: nn.Module) -> bool:
     """Whether ``module``'s class is ``torch.nn``'s own (code fxtap knows), not user code."""
     return type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
@@ -256,6 +253,26 @@ def _opaque(module: nn.Module) -> bool:
     """A leaf whose code fxtap cannot see: assume it may return or write into its inputs.
     (fxtap's own tensor edit is known: it returns a tensor of its own and writes nothing.)"""
     return not from_torch_nn(module) and not getattr(module, "_fxtap_pure", False)
+
+
+def may_change_state(module: nn.Module) -> bool:
+    """Whether calling ``module`` may change state that outlives the call, so that it must run
+    even when no requested value needs it.
+
+    A ``torch.nn`` module in training mode with buffers updates them (batch norm's running
+    statistics), and one in training mode may draw from the RNG (dropout). Code fxtap cannot see
+    (any other module, here or inside) may write its own buffers in any mode, and may do
+    anything in training mode. Not covered: such code without buffers of its own that draws
+    random numbers or changes Python attributes in eval mode.
+    """
+    return any(_changes_own_state(m) for m in module.modules())
+
+
+def _changes_own_state(module: nn.Module) -> bool:
+    own_buffers = next(module.buffers(recurse=False), None) is not None
+    if _opaque(module):
+        return module.training or own_buffers
+    return module.training and (own_buffers or _may_draw_random(module))
 
 
 def _may_draw_random(module: nn.Module) -> bool:
@@ -273,30 +290,6 @@ def _may_draw_random(module: nn.Module) -> bool:
     if isinstance(dropout, float) and dropout > 0:
         return True
     return any(_may_draw_random(child) for child in module.children())
-
-
-def _op_name(node: fx.Node) -> str:
-    if node.op == "call_method":
-        return str(node.target)
-    name = getattr(node.target, "__name__", "")
-    if node.target is getattr:
-        return "getattr"
-    return name
-
-
-def _is_inplace_call(node: fx.Node) -> bool:
-    name = _op_name(node)
-    if name.endswith("_") and not name.startswith("_"):
-        return True
-    if node.kwargs.get("inplace") is True:
-        return True
-    # a Python function with an ``inplace`` parameter passed positionally (F.relu(x, True));
-    # read from the code object: inspect.signature is slow on builtins, which have no such flag
-    code = getattr(node.target, "__code__", None) if node.op == "call_function" else None
-    if code is None or "inplace" not in code.co_varnames[: code.co_argcount]:
-        return False
-    index = code.co_varnames.index("inplace")
-    return len(node.args) > index and node.args[index] is True
 
 
 def _first_input(node: fx.Node) -> list[fx.Node]:

@@ -30,9 +30,11 @@ from .._errors import FxtapError
 from .._values import copy_value, detach_value
 from . import analysis as _plan
 from . import fx as _fx
+from . import guard as _guard
 from . import hooks as _hooks
 from . import names as _names
 from .edit import Patch
+from .hazards import is_fxtap_hook
 from .model import ModelPaths, stand_in
 
 __all__ = ["Region", "Resolution", "resolve", "serve", "trace_alone"]
@@ -152,15 +154,21 @@ def _shim(module: nn.Module, template: _Template, spec: list[Any]) -> nn.Module:
 
     names = [f"input_{i}" for i in range(template.count)]
     packed = f"({', '.join(names)}{',' if len(names) == 1 else ''})"
-    namespace: dict[str, Any] = {"_call": call}
-    exec(f"def forward(self, {', '.join(names)}):\n    return _call(self, {packed})\n", namespace)
-    cls: Any = type(type(module).__name__, (type(module),), {"forward": namespace["forward"], "__module__": type(module).__module__})
+    namespace: dict[str, Any] = {}
+    params = "".join(f", {n}" for n in names)
+    exec(f"def make(_call):\n    def forward(self{params}):\n        return _call(self, {packed})\n    return forward\n", namespace)
+    made = namespace["make"](call)
+    # the module's own globals: FX wraps the functions it finds there (``autowrap_functions``, math)
+    forward = types.FunctionType(made.__code__, getattr(original, "__globals__", namespace), "forward", None, made.__closure__)
+    # _fxtap_called: the module's own __call__ runs its hooks around the graph; _fxtap_source: whose state a guard watches
+    body = {"forward": forward, "__module__": type(module).__module__, "_fxtap_called": True, "_fxtap_source": module}
+    cls: Any = type(type(module).__name__, (type(module),), body)
     return stand_in(module, cls)
 
 
-def trace_alone(module: nn.Module) -> _fx.Traced | None:
+def trace_alone(module: nn.Module, hints: _fx.Hints = _fx.NO_HINTS) -> _fx.Traced | None:
     """``module`` traced on its own for its default call (``None`` when its own code fails)."""
-    return _plan.analyse(_shim(module, _default_template(module), []), mode="auto", concrete_args=None).traced
+    return _plan.analyse(_shim(module, _default_template(module), []), mode="auto", concrete_args=None, hints=hints).traced
 
 
 @dataclass
@@ -182,7 +190,8 @@ class Region:
     hookable: dict[str, _hooks.HookTarget] = field(default_factory=dict)  # wanted names that are calls of inner modules
     failed: str = ""  # why the last call could not use a graph
     edits: dict[str, nn.Module] = field(default_factory=dict)  # global name -> edit, inserted in the graph of that call
-    _graphs: dict[Hashable, _Graph | None] = field(default_factory=dict)
+    hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
+    _graphs: _guard.GraphCache[_Graph | _NoGraph] = field(default_factory=_guard.GraphCache)
 
     def __post_init__(self) -> None:
         self.reserved = self.paths.reserved  # names a later module call's suffix skips
@@ -209,16 +218,21 @@ class Region:
 
     def _graph(self, template: _Template, edits: tuple[tuple[str, str], ...]) -> _Graph | None:
         key = (self.module.training, template.key(), edits)
-        if key not in self._graphs:
-            self._graphs[key] = self._build(template, {local: self.edits[name] for local, name in edits})
-        return self._graphs[key]
+        built = self._graphs.lookup(key)
+        if built is None:
+            with _fx.exclusive():  # concurrent first calls build once
+                built = self._graphs.lookup(key)
+                if built is None:
+                    built = self._build(template, {local: self.edits[name] for local, name in edits}) or _NoGraph()
+                    self._graphs.put(key, built, built.module.meta.get("fxtap_guard") if isinstance(built, _Graph) else None)
+        return None if isinstance(built, _NoGraph) else built
 
     def _build(self, template: _Template, edits: dict[str, nn.Module]) -> _Graph | None:
         # the submodules that were opaque when the names were placed stay opaque, so that names
         # placed on hooks inside them are still hooked (a list argument may make them traceable)
         spec: list[Any] = []
         shim = _shim(self.module, template, spec)
-        analysis = _plan.analyse(shim, mode="auto", concrete_args=None, fallbacks=self.opaque)
+        analysis = _plan.analyse(shim, mode="auto", concrete_args=None, fallbacks=self.opaque, hints=self.hints)
         if analysis.traced is None:
             self.failed = f"{self.path!r} cannot be traced for this call: {analysis.fallbacks[''][1]}"
             return None
@@ -231,6 +245,10 @@ class Region:
         graph = _fx.build(analysis.traced, keys, keep_output=True, detach=False, run_modules=self.keep, edits=edits)
         inlined = {_names.join(self.path, p): n for p, n in analysis.traced.inlined.items()}
         return _Graph(graph, keys, inlined, analysis.traced.naming, spec[0] if spec else None)
+
+
+class _NoGraph:
+    """No graph fits calls with this key (cached, so that such calls do not trace again)."""
 
 
 @dataclass
@@ -253,11 +271,14 @@ class Resolution:
     fallbacks: dict[str, tuple[str, str]] = field(default_factory=dict)  # eager or opaque code: path -> (type, reason)
     available: list[str] = field(default_factory=list)  # every FX name found, for suggestions
     root: nn.Module | None = None
+    hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
 
 
-def resolve(model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False) -> Resolution:
+def resolve(
+    model: nn.Module, names: list[str], root_reason: tuple[str, str], *, everything: bool = False, hints: _fx.Hints = _fx.NO_HINTS
+) -> Resolution:
     """Place ``names`` of a model whose own forward runs eagerly (``everything``: trace all children)."""
-    result = Resolution(fallbacks={"": root_reason}, root=model)
+    result = Resolution(fallbacks={"": root_reason}, root=model, hints=hints)
     paths = ModelPaths.of(model)
     leftover = _resolve_in(model, "", names, result, everything, paths)
     targets, unknown = _hooks.hook_targets(model, leftover, paths)
@@ -285,14 +306,14 @@ def _resolve_in(
         later = [n for n in leftover if n.startswith(path + "_")]  # path_1: a later call of the child
         calls = _hooks.hook_targets(root, later, paths)[0] if later else {}
         inside = [n for n in leftover if _names.inside(n, path) or (n in calls and calls[n].path == path)]
-        if (not inside and not everything) or _fx.is_standard_leaf(child):
+        if (not inside and not everything) or _fx.is_standard_leaf(child) or isinstance(child, result.hints.leaf_modules):
             continue
         leftover = [n for n in leftover if n not in inside]
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called: look at its items
             leftover += _resolve_in(child, path, inside, result, everything, paths)
             continue
         try:
-            analysis = _plan.analyse(_shim(child, _default_template(child), []), mode="auto", concrete_args=None)
+            analysis = _plan.analyse(_shim(child, _default_template(child), []), mode="auto", concrete_args=None, hints=result.hints)
         except (TypeError, ValueError) as error:  # no usable signature: leave the child to hooks
             result.fallbacks[path] = (type(child).__name__, f"{type(error).__name__}: {error}")
             leftover += inside
@@ -304,6 +325,10 @@ def _resolve_in(
             continue
         points = {n: p for n, p in analysis.traced.points.items() if p.kind != "input"}
         wanted = _place(path, analysis.traced.naming, points, inside, paths, result)
+        if child.__dict__.get("_forward_hooks") and any(not is_fxtap_hook(h) for h in child._forward_hooks.values()):
+            # the user's forward hooks run after the graph and may change its output: a hook of
+            # fxtap's, registered after them, captures the child's own output instead
+            wanted = {name: local for name, local in wanted.items() if local}
         leftover += [n for n in inside if n not in wanted]
         if wanted:
             keep = frozenset(analysis.hookable_under()) - {""}
@@ -311,7 +336,7 @@ def _resolve_in(
                 n: t for n, t in _hooks.hook_targets(root, list(wanted), paths)[0].items() if t.path != path
             }  # the module's own calls come from the graph's output
             opaque = {sub: why for sub, why in analysis.fallbacks.items() if sub}
-            result.regions.append(Region(path, child, wanted, paths, keep, root=root, opaque=opaque, hookable=hookable))
+            result.regions.append(Region(path, child, wanted, paths, keep, root=root, opaque=opaque, hookable=hookable, hints=result.hints))
             result.fx.update({g: points[n].module_type if n else type(child).__name__ for g, n in wanted.items()})
     return leftover
 
@@ -351,6 +376,8 @@ class _Router:
     Each thread's tapped call registers its own handler; any other call (another thread, or no
     tapped call at all) goes to the module's own forward. The last one out removes the router.
     """
+
+    fxtap_installed = True  # _model.preserved leaves it in place: it belongs to running calls
 
     def __init__(self, module: nn.Module, previous: Any) -> None:
         self.module = module

@@ -5,7 +5,8 @@
   cannot hold (modules inside an opaque or ``torch.nn`` leaf).
 - ``EagerRunner``: the model's own forward runs eagerly (or ``mode="hooks"``); children traced on
   their own serve their names from their graphs (``regions``), hooks take the rest, and the
-  forward stops as soon as every name is captured unless the model's output is wanted.
+  forward stops as soon as every name is captured unless the model's output is wanted or some
+  module may change state.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from .._errors import MissingCallError
 from .._values import detach_value
 from . import hooks as _hooks
 from . import regions as _regions
-from .call_spec import graph_args
+from .call_spec import graph_args, graph_kwargs
 from .placement import Placement
+from .prune import may_change_state
 
 __all__ = ["EagerRunner", "GraphRunner", "HookedGraphRunner", "Runner", "make_runner"]
 
@@ -77,7 +79,7 @@ class GraphRunner(Runner):
         self.graph = self._graph = graph
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        return dict(self._graph(*graph_args(model, args, kwargs)))  # the graph returns the keys in order
+        return dict(self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs)))  # the graph returns the keys in order
 
 
 class HookedGraphRunner(GraphRunner):
@@ -86,7 +88,7 @@ class HookedGraphRunner(GraphRunner):
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
         with _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured:
-            from_graph = self._graph(*graph_args(model, args, kwargs))
+            from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
         self._unapplied(model, captured, [])
         self._missing(model, captured, set(hooks))
         hooked = self._hooked(captured.values)
@@ -102,9 +104,10 @@ class EagerRunner(Runner):
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         placement = self.placement
         hooks = placement.hooks
-        stop_early = not self._keep_output
-        edits = placement.edits.hooks
-        with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=len(placement.fx), edits=edits) as captured:
+        # Cutting the forward short skips what its rest would do to state (buffers, the RNG):
+        # only when nothing in the model may change state (prune.may_change_state).
+        stop_early = not self._keep_output and not may_change_state(model)
+        with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=len(placement.fx), edits=placement.edits.hooks) as captured:
             with _regions.serve(placement.regions, captured, detach=self._detach):
                 output = model(*args, **kwargs)
         self._unapplied(model, captured, list(placement.edits.fx))

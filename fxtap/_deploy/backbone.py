@@ -46,7 +46,9 @@ def backbone(model: nn.Module, names: Mapping[str, str] | Sequence[str], example
     args = _as_args(example_input)
     with torch.no_grad(), training_mode(tapped.model, False):
         out = tapped(*args)
-    info = [_feature_info(key, name, value, args) for (key, value), name in zip(out.items(), tapped.paths)]
+        info = [_feature_info(key, name, value, args) for (key, value), name in zip(out.items(), tapped.paths)]
+        if any(len(f.shape) == 4 for f in info):
+            info = _strided(tapped, args, out, info)
     tapped.feature_info = info
     return tapped
 
@@ -60,6 +62,54 @@ def _feature_info(key: str, name: str, value: Any, args: tuple[Any, ...]) -> Fea
     spatial = tuple(image.shape[2:]) if image is not None else ()
     channels, reduction = _layout(shape, spatial)
     return FeatureInfo(key, name, channels, reduction, shape)
+
+
+_GROWTH = 128  # pixels added per spatial dim to measure strides: a multiple of every stride up to 128
+
+
+def _strided(tapped: Tapped, args: tuple[Any, ...], out: dict[str, Any], info: list[FeatureInfo]) -> list[FeatureInfo]:
+    """Reductions of the 4-D outputs from the strides along their path, as timm reports them:
+    an input ``_GROWTH`` pixels larger per spatial dim makes each output grow by
+    ``_GROWTH / stride`` per dim, whatever the padding (the size ratio is not an integer for
+    timm's inception_v3, and is a wrong integer for valid convolutions: 30 -> 14 -> 6 is a
+    ratio of 5 for a stride of 4). Where the model refuses that input, or an output does not
+    grow by one stride in every dim, the size ratio stays."""
+    index = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.dim() == 4), None)
+    if index is None:
+        return info
+    image = args[index]
+    larger = torch.nn.functional.pad(image, (0, _GROWTH, 0, _GROWTH))
+    try:
+        grown = tapped(*args[:index], larger, *args[index + 1 :])
+    except Exception:  # noqa: BLE001 - a model fixed to its input size: keep what the ratio gave
+        return info
+    result = []
+    for f, (key, value) in zip(info, out.items()):
+        after = grown.get(key)
+        if len(f.shape) == 4 and isinstance(after, torch.Tensor) and after.dim() == 4:
+            stride = _stride(tuple(value.shape), tuple(after.shape))
+            if stride is not None:
+                f = f._replace(reduction=stride, channels=_channels(tuple(value.shape), tuple(after.shape), f.channels))
+        result.append(f)
+    return result
+
+
+def _stride(before: tuple[int, ...], after: tuple[int, ...]) -> int | None:
+    for dims in ((slice(2, 4), 1), (slice(1, 3), 3)):  # (N, C, H, W) first, then (N, H, W, C)
+        spatial, channel = dims
+        if before[channel] != after[channel]:
+            continue
+        growth = {a - b for a, b in zip(after[spatial], before[spatial])}
+        if len(growth) == 1 and (g := growth.pop()) > 0 and _GROWTH % g == 0:
+            return _GROWTH // g
+    return None
+
+
+def _channels(before: tuple[int, ...], after: tuple[int, ...], guess: int) -> int:
+    """The channel dim is the one that did not grow: dim 1 unless only the last one stayed."""
+    if before[1] == after[1] or before[-1] != after[-1]:
+        return guess
+    return before[-1]
 
 
 def _layout(shape: tuple[int, ...], spatial: tuple[int, ...]) -> tuple[int, int | None]:

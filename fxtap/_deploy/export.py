@@ -22,6 +22,7 @@ from .._errors import (
     FxtapError,
     summary,
 )
+from .._surgery.cut import Cut
 from .._tap import _tapped
 from .._values import copy_value
 from .verify import as_args as _as_args
@@ -39,7 +40,7 @@ _ONNX_SINGLE_FILE_BYTES = 1 << 30  # above this, weights go to a ``<path>.data``
 
 def export(
     model: nn.Module,
-    names: Mapping[str, str] | Sequence[str],
+    names: Mapping[str, str] | Sequence[str] | None,
     example_input: Any,
     path: str | Path,
     *,
@@ -56,7 +57,8 @@ def export(
 
     Args:
         model: an ``nn.Module`` in eval mode whose requested names torch.fx can capture.
-        names: tap names, or ``{name: output key}``, as for ``fxtap.tap``.
+        names: tap names, or ``{name: output key}``, as for ``fxtap.tap``; ``None`` when ``model``
+            is a ``fxtap.Cut``, which writes the cut's graph (inputs named by its keys).
         example_input: one input tensor, or a tuple of the model's positional tensor arguments.
             Later arguments of ``forward`` are fixed at their defaults.
         path: where to write; parent folders must exist.
@@ -93,7 +95,9 @@ def export(
             f"export needs {type(model).__name__} in eval mode (train-mode layers change state and differ per run): call model.eval() first"
         )
     args = _as_args(example_input)
-    graph = _fx_graph(model, names, edit)
+    if names is None and not isinstance(model, Cut):
+        raise ValueError("names is None: pass the tap names to export (None is for a fxtap.Cut, which knows its outputs)")
+    graph = model.graph_module() if isinstance(model, Cut) else _fx_graph(model, names or [], edit)
     with torch.no_grad():
         outputs = dict(graph(*args))
     writer = {"onnx": _write_onnx, "pt2": _write_pt2, "torchscript": _write_torchscript}[fmt]
@@ -193,7 +197,8 @@ def _write_pt2(graph: fx.GraphModule, args: tuple[Any, ...], path: Path, dynamic
 
 
 def _write_onnx(graph: fx.GraphModule, args: tuple[Any, ...], path: Path, dynamic_batch: bool, outputs: dict[str, Any]) -> None:
-    inputs = [n.name for n in graph.graph.nodes if n.op == "placeholder"][: len(args)]
+    inputs = graph.meta.get("fxtap_input_names") or [n.name for n in graph.graph.nodes if n.op == "placeholder"]
+    inputs = inputs[: len(args)]
     tensors = [name for name, value in _flat(outputs).items() if isinstance(value, torch.Tensor)]
     size = sum(t.numel() * t.element_size() for t in [*graph.parameters(), *graph.buffers()])
     torch.onnx.export(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         except (FxtapError, OSError) as error:
             print(f"fxtap: error: {_message(error, args)}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt as interrupt:
+            print(f"fxtap: {_interrupted(interrupt)}", file=sys.stderr)
+            return 130
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -65,7 +69,7 @@ def _nodes(args: argparse.Namespace) -> int:
 def _tap(args: argparse.Namespace) -> int:
     loaded = _load(args)
     tapped = fxtap.tap(loaded.model, args.names, mode=args.mode, detach=True)
-    values = _forward(tapped, loaded.model, args.input_shape)
+    values = _forward(tapped, loaded.model, args)
     rows = [[name, *_shape_dtype(value), *_stats(value), tapped.paths[name]] for name, value in values.items()]
     _note_random_weights(args, loaded)
     print(table(["name", "shape", "dtype", "mean", "std", "min", "max", "path"], rows))
@@ -73,39 +77,51 @@ def _tap(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from .. import _extract as library
     from . import extract as ex
+    from . import text
 
-    data = Path(args.data)
-    files = ex.find_images(data, limit=args.limit)
+    if (args.data is None) == (args.text is None):
+        raise FxtapError("give the examples with --data DIR (images) or --text FILE (one example per line), one of them")
+    if args.data is not None:
+        data = Path(args.data)
+        files = ex.find_images(data, limit=args.limit)
+    else:
+        lines = text.read_lines(Path(args.text), limit=args.limit)
+    device = library._device(torch.nn.Module(), _device_of_rank(args.device))  # checked before the output folder exists
     loaded = _load(args)
     tapped = fxtap.tap(loaded.model, args.names, mode=args.mode, detach=True)
+    tokenizer = text.tokenizer_for(args.model, args.tokenizer) if args.text is not None else None
     preprocess = loaded.preprocess if args.image_size is None else loaded.preprocess.scaled(args.image_size)
     out = _writable_folder(Path(args.output))
     _note_random_weights(args, loaded)
-    config = {
-        "model": args.model,
-        "weights": _digest(Path(args.weights)) if args.weights else None,
-        "seed": None if args.weights else args.seed,
-        "names": list(args.names),
-        "preprocess": preprocess._asdict(),
-        "pool": args.pool,
-        "shard_size": args.shard_size,
-        "data": str(data.resolve()),
-    }
-    job = ex.Job(
-        tapped, list(args.names), preprocess, data, out, files, config,
-        shard_size=args.shard_size, batch_size=args.batch_size, pool=args.pool, workers=args.workers, device=_device_of_rank(args.device),
-    )  # fmt: skip
-    summary = ex.extract(job, progress=not args.quiet and sys.stderr.isatty(), warn=_warn_line)
-    if summary is not None:
-        print(_summary_text(summary, out))
+    config = {"spec": args.model, "weights_file": _digest(Path(args.weights)) if args.weights else None}
+    options = {"pool": args.pool, "dtype": args.dtype, "out_dtype": args.out_dtype, "shard_size": args.shard_size, "device": device}
+    bar = not args.quiet and sys.stderr.isatty()
+    try:
+        if args.text is not None:
+            loader = text.text_loader(lines, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+            config |= {"text": str(Path(args.text).resolve()), "tokenizer": args.tokenizer, "max_length": args.max_length}
+            summary = library.run(tapped, list(args.names), loader, out, ids=lambda batch: batch, keys=text.line_keys(lines), config=config,
+                                  bar=bar, warn=_warn_line, log=_info_line, **options)  # fmt: skip
+        else:
+            config |= {"preprocess": preprocess._asdict(), "data": str(data.resolve())}
+            summary = ex.extract_folder(
+                tapped, list(args.names), data, files, preprocess, out, config=config, batch_size=args.batch_size, workers=args.workers,
+                bar=bar, warn=_warn_line, log=_info_line, **options,
+            )  # fmt: skip
+    except library.BatchFailedError as error:
+        hint = "does it take these token ids? Check --tokenizer" if args.text is not None else "does it take images of that size? Try another --image-size"
+        raise FxtapError(f"{error}; {hint}") from error
+    if summary.manifest is not None:
+        print(_summary_text(summary, out, "lines" if args.text is not None else "images"))
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
     loaded = _load(args)
     model = loaded.model.train(args.train)
-    comparison = fxtap.compare(model, args.names, torch.randn(args.input_shape), rtol=args.rtol, atol=args.atol)
+    comparison = fxtap.compare(model, args.names, _example(args), rtol=args.rtol, atol=args.atol)
     _note_random_weights(args, loaded)
     print(comparison)
     return 0 if comparison.ok else 1
@@ -116,7 +132,7 @@ def _export(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise FxtapError(f"cannot write {args.output!r}: folder {str(folder)!r} does not exist")
     loaded = _load(args)
-    example = torch.randn(args.input_shape)
+    example = _example(args)
     try:
         path = fxtap.export(loaded.model, args.names, example, args.output, format=args.format)
     except ValueError as error:  # the model is in train mode, or the format is unknown
@@ -143,17 +159,32 @@ def _note_random_weights(args: argparse.Namespace, loaded: Loaded) -> None:
         )
 
 
-def _forward(tapped: nn.Module, model: nn.Module, shape: tuple[int, ...]) -> dict[str, Any]:
-    """One forward on a random input of ``shape``; a failing model becomes one clear error."""
+def _example(args: argparse.Namespace) -> torch.Tensor:
+    """The random input of ``--input-shape`` and ``--input-dtype`` (integers: token ids in [0, 100))."""
+    if args.input_dtype == "int64":
+        return torch.randint(0, 100, args.input_shape)
+    return torch.randn(args.input_shape)
+
+
+def _forward(tapped: nn.Module, model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
+    """One forward on a random input; a failing model becomes one clear error."""
+    example = _example(args)
+    shape = ",".join(map(str, args.input_shape))
     try:
         with torch.no_grad():
-            return dict(tapped(torch.randn(shape)))
+            return dict(tapped(example))
     except FxtapError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
+        text = one_line(error, 200)
+        if example.is_floating_point() and re.search(r"indices|Long, Int|scalar type Long|embedding", text, re.IGNORECASE):
+            raise FxtapError(
+                f"{type(model).__name__} takes integer token ids, and got a random float32 input of shape {shape} "
+                f"({type(error).__name__}: {text}); give integer input with --input-dtype int64 (and --input-shape N,L)"
+            ) from error
         raise FxtapError(
-            f"{type(model).__name__} failed on a random input of shape {','.join(map(str, shape))} "
-            f"({type(error).__name__}: {one_line(error, 200)}); give its input shape with --input-shape"
+            f"{type(model).__name__} failed on a random {args.input_dtype} input of shape {shape} "
+            f"({type(error).__name__}: {text}); give its input shape with --input-shape (and --input-dtype int64 for token ids)"
         ) from error
 
 
@@ -162,12 +193,12 @@ def _values_and_paths(model: nn.Module, names: list[str], args: argparse.Namespa
     tapped = fxtap.tap(model, names, mode=args.mode, detach=True)
     paths = tapped.paths
     try:
-        return _forward(tapped, model, args.input_shape), paths
+        return _forward(tapped, model, args), paths
     except MissingCallError:  # a listed module this input does not call: tap the names one by one
         values: dict[str, Any] = {}
         for name in names:
             try:
-                values |= _forward(fxtap.tap(model, [name], mode=args.mode, detach=True), model, args.input_shape)
+                values |= _forward(fxtap.tap(model, [name], mode=args.mode, detach=True), model, args)
             except MissingCallError:
                 pass
         return values, paths
@@ -219,19 +250,28 @@ def _digest(path: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _summary_text(summary: Any, out: Path) -> str:
+def _summary_text(summary: Any, out: Path, what: str = "images") -> str:
     manifest = summary.manifest
     rows = [[name, str((manifest["rows"], *f["shape"])), f["dtype"]] for name, f in manifest["features"].items()]
     skipped = manifest["skipped"]
     shards = f"{_count(len(manifest['shards']), 'shard')} ({summary.computed} computed, {summary.reused} kept from an earlier run)"
     lines = [
-        f"extracted {manifest['rows']} of {manifest['images']} images to {out}: {shards}",
+        f"extracted {manifest['rows']} of {manifest['images']} {what} to {out}: {shards}",
         table(["name", "shape", "dtype"], rows),
-        f"skipped {_count(len(skipped), 'unreadable image')}" + (":" if skipped else ""),
+        f"skipped {_count(len(skipped), 'unreadable ' + what.removesuffix('s'))}" + (":" if skipped else ""),
         *(f"  {item['file']}: {item['reason']}" for item in skipped),
         f"read them with fxtap.load_features({str(out)!r})",
     ]
     return "\n".join(lines)
+
+
+def _interrupted(interrupt: KeyboardInterrupt) -> str:
+    from .._extract import Interrupted
+
+    if not isinstance(interrupt, Interrupted):
+        return "interrupted"
+    of = f" of {interrupt.total}" if interrupt.total is not None else ""
+    return f"interrupted: {interrupt.finished}{of} shards finished in {interrupt.out}; run the same command again to resume"
 
 
 def _count(n: int, noun: str) -> str:
@@ -246,6 +286,12 @@ def _warn_line(text: str) -> None:
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     tqdm.write(f"fxtap: warning: {text}", file=sys.stderr)
+
+
+def _info_line(text: str) -> None:
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    tqdm.write(f"fxtap: {text}", file=sys.stderr)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
@@ -263,8 +309,15 @@ def _message(error: BaseException, args: argparse.Namespace) -> str:
 
 
 def _sentences(lines: list[str]) -> str:
-    """Lines joined into one, with a full stop after a line that has no closing punctuation."""
-    return " ".join(line if line.endswith((".", "?", "!", ":", ";")) or i == len(lines) - 1 else f"{line}." for i, line in enumerate(lines))
+    """Lines joined into one, with a full stop after a line that has no closing punctuation, and
+    Python keywords said as the flags of the command line (``mode="hooks"`` -> ``--mode hooks``)."""
+    text = " ".join(line if line.endswith((".", "?", "!", ":", ";")) or i == len(lines) - 1 else f"{line}." for i, line in enumerate(lines))
+    return _as_flags(text)
+
+
+def _as_flags(text: str) -> str:
+    text = re.sub(r"""\bmode=["'](\w+)["']""", r"--mode \1", text)
+    return re.sub(r"\btrain=True\b", "--train", text)
 
 
 # -- arguments ---------------------------------------------------------------------------------
@@ -280,6 +333,9 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--mode", choices=("auto", "fx", "hooks"), default="auto", help="how values are captured (default auto)")
     shape = argparse.ArgumentParser(add_help=False)
     shape.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), metavar="N,C,H,W", help="random input (default 1,3,224,224)")
+    shape.add_argument(
+        "--input-dtype", choices=("float32", "int64"), default="float32", help="float32 (randn) or int64 (token ids in [0, 100)); default float32"
+    )
     names = argparse.ArgumentParser(add_help=False)
     names.add_argument("names", nargs="+", metavar="NAME", help="tap names (list them with fxtap nodes MODEL)")
 
@@ -305,13 +361,21 @@ def _parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_export)
 
     extract = commands.add_parser("extract", parents=[model, names, mode], help="features of every image in a folder, to disk")
-    extract.add_argument("--data", required=True, metavar="DIR", help="image folder, searched recursively (png, jpg, jpeg, webp, bmp)")
+    extract.add_argument("--data", metavar="DIR", help="image folder, searched recursively (png, jpg, jpeg, webp, bmp)")
+    extract.add_argument("--text", metavar="FILE", help="instead of --data: a UTF-8 text file, one example per non-empty line")
+    extract.add_argument("--tokenizer", metavar="DIR", help="with --text: a local Hugging Face tokenizer folder (default: an hf:PATH model's)")
+    extract.add_argument("--max-length", type=_positive, default=128, metavar="N", help="with --text: tokens per line at most (default 128)")
     extract.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="where the shards and manifest.json go")
     extract.add_argument("--batch-size", type=_positive, default=32, metavar="N", help="images per forward (default 32)")
     extract.add_argument("--image-size", type=_positive, metavar="S", help="crop size (default: the model's own, e.g. 224)")
-    extract.add_argument("--pool", choices=("avg", "none"), default="avg", help="average feature maps to vectors (default avg)")
+    extract.add_argument(
+        "--pool", choices=("avg", "max", "cls", "mean_tokens", "none"), default="avg",
+        help="feature maps and tokens to one vector per image: avg or max over the spatial dims or tokens, cls (token 0), none (default avg)",
+    )  # fmt: skip
+    extract.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="autocast dtype (float16 on CUDA only; default: none)")
+    extract.add_argument("--out-dtype", choices=("float32", "bfloat16", "float16"), help="dtype of the stored features (default: as computed)")
     extract.add_argument("--limit", type=_positive, metavar="N", help="only the first N images, in sorted order")
-    extract.add_argument("--shard-size", type=_positive, default=1024, metavar="N", help="images per shard file (default 1024)")
+    extract.add_argument("--shard-size", type=_positive, default=256, metavar="N", help="images per shard file; Ctrl-C keeps finished shards (default 256)")
     extract.add_argument("--workers", type=int, default=0, metavar="N", help="image-decoding processes (default 0)")
     extract.add_argument("--device", default="cpu", help="torch device (default cpu; under torchrun, cuda means cuda:LOCAL_RANK)")
     extract.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -85,6 +85,9 @@ def load_model(spec: str, *, weights: str | Path | None = None) -> Loaded:
     """
     if spec.startswith("timm:"):
         model, preprocess = _timm(spec.removeprefix("timm:"))
+    elif spec.startswith("hf:"):
+        model, preprocess = _huggingface(spec.removeprefix("hf:")), IMAGENET
+        return Loaded(model.eval(), preprocess, False) if weights is None else Loaded(_weighted(model, weights, spec), preprocess, False)
     elif ":" in spec:
         model, preprocess = _factory(spec), IMAGENET
     else:
@@ -121,6 +124,25 @@ def _torchvision_preprocess(name: str) -> Preprocess:
     return Preprocess(resize[0], crop[0], tuple(transform.mean), tuple(transform.std), transform.interpolation.value)
 
 
+def _huggingface(path: str) -> nn.Module:
+    """A Hugging Face model saved in the local folder ``path`` (``save_pretrained``); never downloads."""
+    if not Path(path).is_dir():
+        raise FxtapError(f"hf:{path} names no folder: give hf:PATH, a local folder written by save_pretrained (fxtap downloads nothing)")
+    try:
+        from transformers import AutoModel
+    except ImportError as error:
+        raise FxtapError(f"hf:{path} needs transformers, which is not installed: pip install transformers") from error
+    try:
+        return AutoModel.from_pretrained(path, local_files_only=True)  # type: ignore[no-any-return]
+    except Exception as error:
+        raise FxtapError(f"cannot load hf:{path} with transformers.AutoModel ({type(error).__name__}: {one_line(error, 200)})") from error
+
+
+def _weighted(model: nn.Module, weights: str | Path, spec: str) -> nn.Module:
+    _load_weights(model, Path(weights), spec)
+    return model.eval()
+
+
 def _timm(name: str) -> tuple[nn.Module, Preprocess]:
     try:
         import timm
@@ -142,18 +164,53 @@ def _timm(name: str) -> tuple[nn.Module, Preprocess]:
 
 def _factory(spec: str) -> nn.Module:
     module_name, _, attribute = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise FxtapError(f"cannot import {module_name!r} for model {spec!r}: {error}") from error
+    module = _import(module_name, spec)
     try:
         factory = functools.reduce(getattr, attribute.split("."), module)
     except AttributeError as error:
         raise FxtapError(f"{module_name!r} has no {attribute!r} (model {spec!r})") from error
-    model = factory() if callable(factory) else factory
+    if callable(factory):
+        required = _required_parameters(factory)
+        if required:
+            raise FxtapError(
+                f"{spec!r} needs arguments ({', '.join(required)}): MODEL must be a factory that takes none; "
+                f"write one, e.g. def make(): return {attribute}(...), and give {module_name}:make"
+            )
+        try:
+            model = factory()
+        except Exception as error:
+            raise FxtapError(f"{spec!r} raised {type(error).__name__}: {one_line(error, 200)}") from error
+    else:
+        model = factory
     if not isinstance(model, nn.Module):
         raise FxtapError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def _import(module_name: str, spec: str) -> Any:
+    """Import ``module_name``, from the current folder too (as ``python -m`` and ``python script.py`` do)."""
+    import os
+    import sys
+
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())  # after the installed packages: a file here never shadows them
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        raise FxtapError(
+            f"cannot import {module_name!r} for model {spec!r} ({one_line(error, 200)}): run fxtap from the folder that holds it, or add that folder to PYTHONPATH"
+        ) from error
+    except Exception as error:
+        raise FxtapError(f"importing {module_name!r} for model {spec!r} raised {type(error).__name__}: {one_line(error, 200)}") from error
+
+
+def _required_parameters(factory: Any) -> list[str]:
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it and see
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in parameters if p.default is p.empty and p.kind in kinds]
 
 
 def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
@@ -164,8 +221,14 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
 
     try:
         state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as error:
+    except OSError as error:
         raise FxtapError(f"cannot read weights {str(path)!r}: {type(error).__name__}: {one_line(error)}") from error
+    except (EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError, KeyError, IndexError, TypeError, AttributeError) as error:
+        # a text or foreign file: pickle raises KeyError, IndexError, UnpicklingError (whose hint to set weights_only=False is not for us)
+        raise FxtapError(
+            f"cannot read weights {str(path)!r} ({type(error).__name__}: {one_line(error, 100)}): "
+            "--weights takes a state dict saved with torch.save(model.state_dict(), PATH) or a .safetensors file"
+        ) from error
     if not isinstance(state, Mapping):
         raise FxtapError(f"weights {str(path)!r} hold a {type(state).__name__}, not a state dict (name -> tensor)")
     try:

@@ -219,10 +219,13 @@ def test_user_hooks_never_see_proxies() -> None:
     seen: list[type] = []
     model[0].register_forward_hook(lambda m, i, o: seen.append(type(o)))
     model[0][0].register_forward_hook(lambda m, i, o: seen.append(type(o)))
-    tapped = fxtap.tap(model, ["0"], mode="fx")
+    with pytest.warns(fxtap.FallbackWarning, match="forward hook registered on '0'"):
+        tapped = fxtap.tap(model, ["0"])
     assert seen == []  # tracing called no user hook
     tapped(torch.randn(1, 2))
-    assert seen == [torch.Tensor]  # the leaf Linear's hook runs with a real tensor; the traced-through block's does not
+    assert seen == [torch.Tensor, torch.Tensor]  # both hooks run with real tensors, as eagerly: the hooked block is opaque
+    with pytest.raises(fxtap.TraceFailedError, match="forward hook registered on '0'"):
+        fxtap.tap(model, ["0"], mode="fx")
 
 
 def test_to_device_or_dtype_rebuilds_graph() -> None:

@@ -159,7 +159,7 @@ def test_docs_readme_test_command_is_the_ci_command() -> None:
 
 def test_docs_readme_main_job_command() -> None:
     command = (
-        "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 torchvision==0.29.1 -e '.[test]' && "
+        "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.14.1 torchvision==0.29.1 -e . && "
         "fxtap nodes resnet18 --input-shape 1,3,64,64 --grep layer1 && "
         "fxtap extract resnet18 layer2 layer4 --data examples/images -o /tmp/fxtap-features --image-size 64"
     )

@@ -29,7 +29,7 @@ def run_example(script: Path) -> str:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, f"{script.name} exited with {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -47,7 +47,7 @@ def check_seed_output(stdout: str, expected: dict[str, str]) -> None:
 
 def test_examples_all_listed() -> None:
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == sorted(["resnet18_features.py", "fpn_backbone.py", *SEED_SHAPES])
+    assert scripts == sorted(["resnet18_features.py", "fpn_backbone.py", "cut_head.py", *SEED_SHAPES])
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
@@ -74,6 +74,14 @@ def test_examples_resnet18_features_prints_table() -> None:
     assert "mode: fx" in lines
     assert "bn1 has negatives: True" in lines
     assert "layer1.0.add has negatives: True" in lines
+
+
+def test_examples_cut_head_trains_like_the_frozen_model() -> None:
+    stdout = run_example(EXAMPLES / "cut_head.py")
+    steps = re.findall(r"^step (\d): cut loss (\S+), full loss (\S+), losses equal: (\w+), layer4 and fc gradients equal: (\w+)$", stdout, re.MULTILINE)
+    assert [s[0] for s in steps] == ["0", "1", "2"], stdout
+    assert all(cut == full and equal == grads == "True" for _, cut, full, equal, grads in steps), stdout
+    assert float(steps[-1][1]) < float(steps[0][1])  # it trains
 
 
 @pytest.mark.parametrize("script", sorted(SEED_SHAPES))

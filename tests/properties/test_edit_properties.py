@@ -44,6 +44,8 @@ class Scale(nn.Module):
 def _map(value: Any, fn: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_map(v, fn) for v in value))
     if isinstance(value, tuple):
         return tuple(_map(v, fn) for v in value)
     if isinstance(value, list):

@@ -17,9 +17,12 @@ adds (out of place and in place), concatenation, view/flatten/reshape, arithmeti
 branches; one module instance called two or three times; in-place ops (ReLU(inplace=True),
 ``+=``, ``.add_()``, ``F.relu(inplace=True)``, ``.relu_()``, ``.mul_()``, through an alias or a
 view) after a tapped value; dropout and batch norm; a branch on ``self.training``; tuple and
-dict valued submodules; a submodule called with a keyword input; and, when asked for, code that
-torch.fx cannot trace (a branch on a tensor, a data-dependent loop, ``int(x.shape[0])``),
-nested at random depth, possibly in the root's own ``forward``.
+dict valued submodules; a submodule called with a keyword input; when asked for (``stateful``),
+buffers written in place and read later (``Stateful``: an EMA, a counter, a queue); and, when asked for, code that
+torch.fx cannot trace (a branch on a tensor, a data-dependent loop, ``int(x.shape[0])``) or
+whose semantics a graph cannot hold (a grad-mode or autocast context in forward, a user hook
+that changes a block's input or output), nested at random depth, possibly in the root's own
+``forward``.
 
 In-place ops only ever write into a tensor that a ``Linear`` (or a ``Sequential`` ending in one)
 has just returned, possibly through an alias (``Identity``, ``Dropout``) or a view: such a
@@ -28,7 +31,9 @@ tensor is not saved for backward yet, so every generated model also runs ``backw
 
 from __future__ import annotations
 
+import collections
 import contextvars
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,7 +250,19 @@ class TrainBranch(nn.Module):
         return _op(self, "dropout", F.dropout(h, 0.25, self.training))
 
 
+PairTuple = collections.namedtuple("PairTuple", "u v")
+
+
+@dataclasses.dataclass
+class PairData:
+    u: torch.Tensor
+    v: torch.Tensor
+
+
 class Pair(nn.Module):
+    """Returns two values as a tuple, a dict, a namedtuple or a dataclass: FX must write each
+    container into generated code, hooks must copy it, and both must return it as it is."""
+
     def __init__(self, a: nn.Module, b: nn.Module, how: str) -> None:
         super().__init__()
         self.a = a
@@ -255,6 +272,10 @@ class Pair(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         if self.how == "tuple":
             return self.a(x), self.b(x)
+        if self.how == "namedtuple":
+            return PairTuple(self.a(x), self.b(x))
+        if self.how == "dataclass":
+            return PairData(self.a(x), self.b(x))
         return {"u": self.a(x), "v": self.b(x)}
 
 
@@ -267,6 +288,8 @@ class PairUse(nn.Module):
         p = self.pair(x)
         if isinstance(p, tuple):
             return _op(self, "mul", p[0] * p[1])
+        if isinstance(p, PairData):
+            return _op(self, "sub", p.u - p.v)
         return _op(self, "sub", p["u"] - p["v"])
 
 
@@ -289,6 +312,49 @@ class MixUse(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mix(self.a(x), y=self.b(x), gain=0.5)
+
+
+class Stateful(nn.Module):
+    """Model state: a buffer written in place and read later, in this call or the next.
+
+    ``ema``: a running mean of ``h`` updated in training only and read in both modes; ``counter``:
+    a tensor counter (``self.count += 1``) scaling the output; ``last``: the previous call's ``h``
+    (read, then overwritten with ``copy_``, then read again); ``queue``: a MoCo-style queue and
+    its pointer (``index_copy_``), read before the update. Every op is recorded, in order.
+    """
+
+    def __init__(self, inner: nn.Module, how: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.how = how
+        if how == "counter":
+            self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        elif how == "queue":
+            self.register_buffer("queue", torch.randn(2 * B, W))
+            self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
+        else:
+            self.register_buffer("stat", torch.zeros(W if how == "ema" else (B, W)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x)
+        if self.how == "ema":
+            if self.training:
+                m = _op(self, "mean", _op(self, "detach", h.detach()).mean(0))
+                _op(self, "add_", _op(self, "mul_", self.stat.mul_(0.5)).add_(m))
+            return _op(self, "add", h + self.stat)
+        if self.how == "counter":
+            self.count += 1
+            _op(self, "add", self.count)
+            return _op(self, "mul", h * self.count)
+        if self.how == "last":
+            d = _op(self, "sub", h - self.stat)
+            _op(self, "copy_", self.stat.copy_(_op(self, "detach", h.detach())))
+            return _op(self, "add", d + self.stat)
+        scores = _op(self, "matmul", h @ self.queue.T)
+        idx = _op(self, "mod", _op(self, "add", self.ptr + torch.arange(B)) % (2 * B))
+        _op(self, "index_copy_", self.queue.index_copy_(0, idx, _op(self, "detach", h.detach())))
+        _op(self, "copy_", self.ptr.copy_(_op(self, "mod", _op(self, "add", self.ptr + B) % (2 * B))))
+        return _op(self, "add", h + _op(self, "mean", scores.mean(1, keepdim=True)))
 
 
 class Gate(Untraceable):
@@ -322,6 +388,62 @@ class IntShape(Untraceable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = int(x.shape[0])  # a Proxy has no int()
         return self.f(x).reshape(n, W)
+
+
+class Ctx(Untraceable):
+    """A context manager in forward (grad mode, autocast): a graph cannot record it, so fxtap
+    runs this block eagerly, exactly as untraceable code."""
+
+    def __init__(self, f: nn.Module, how: str) -> None:
+        super().__init__()
+        self.f = f
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "no_grad":
+            with torch.no_grad():
+                y = self.f(x)
+        elif self.how == "set_grad_enabled":
+            with torch.set_grad_enabled(False):
+                y = self.f(x)
+        elif self.how == "enable_grad":
+            with torch.enable_grad():
+                y = self.f(x)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = self.f(x)
+        return x + y.float()
+
+
+class Hooked(nn.Module):
+    """A block with a user hook that changes its input or output (activation steering). fxtap
+    cannot trace through user hooks: in a graph this block is one opaque step; traced on its
+    own (under eager code) its own ``__call__`` runs the hook around its graph."""
+
+    def __init__(self, f: nn.Module, how: str) -> None:
+        super().__init__()
+        self.f = f
+        if how == "forward":
+            self.register_forward_hook(_steer_output)
+        elif how == "pre":
+            self.register_forward_pre_hook(_steer_input)
+        else:
+            self.register_forward_hook(_steer_kwargs, with_kwargs=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _op(self, "add", x + self.f(x))
+
+
+def _steer_output(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return output * 0.5 + 0.25
+
+
+def _steer_input(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (inputs[0] - 0.5,)
+
+
+def _steer_kwargs(module: nn.Module, args: Any, kwargs: Any, output: torch.Tensor) -> torch.Tensor:
+    return -output
 
 
 # -- the root: several inputs, keyword inputs, tensor / tuple / dict outputs ---------------------------
@@ -371,7 +493,7 @@ class RootKw(_Root):
 # -- specs ------------------------------------------------------------------------------------------------
 LEAVES = ("linear", "tanh", "relu", "gelu", "layernorm", "batchnorm", "dropout", "identity")
 COMPOSITES = ("seq", "stack", "router", "residual", "concat", "arith", "view", "repeat", "inplace", "train", "pair", "mix")
-UNTRACEABLE = ("gate", "loop", "intshape")
+UNTRACEABLE = ("gate", "loop", "intshape", "ctx", "hooked")  # the last two: semantics a graph cannot hold
 
 
 @dataclass(frozen=True)
@@ -422,9 +544,12 @@ def build_block(spec: Spec) -> nn.Module:
         "train": lambda: TrainBranch(kids[0], kids[1]),
         "pair": lambda: PairUse(Pair(kids[0], kids[1], how)),
         "mix": lambda: MixUse(kids[0], kids[1]),
+        "state": lambda: Stateful(kids[0], how),
         "gate": lambda: Gate(kids[0], kids[1]),
         "loop": lambda: DataLoop(kids[0]),
         "intshape": lambda: IntShape(kids[0]),
+        "ctx": lambda: Ctx(kids[0], how),
+        "hooked": lambda: Hooked(kids[0], how),
     }
     return simple[kind]()
 
@@ -435,21 +560,30 @@ _HOW = {
     "arith": ("*", "-"),
     "view": ("torch.flatten", ".flatten", ".reshape", "nn.Flatten"),
     "repeat": ("chain2", "chain3", "sum2", "sum3"),
-    "pair": ("tuple", "dict"),
+    "pair": ("tuple", "dict", "namedtuple", "dataclass"),
+    "state": ("ema", "counter", "last", "queue"),
+    "ctx": ("no_grad", "set_grad_enabled", "enable_grad", "autocast"),
+    "hooked": ("forward", "pre", "kwargs"),
 }
-_ARITY = {"router": 2, "residual": 1, "concat": 2, "arith": 2, "repeat": 1, "train": 2, "pair": 2, "mix": 2, "gate": 2, "loop": 1, "intshape": 1}
+_ARITY = {
+    "state": 1, "router": 2, "residual": 1, "concat": 2, "arith": 2, "repeat": 1, "train": 2, "pair": 2,
+    "mix": 2, "gate": 2, "loop": 1, "intshape": 1, "ctx": 1, "hooked": 1,
+}  # fmt: skip
 _INPLACE_HOW = ("act", "+=", "add_", "F.relu", "relu_", "mul_")
 _INPLACE_VIA = ("none", "identity", "dropout", "view")
 
 
 @st.composite
-def blocks(draw: st.DrawFn, depth: int, untraceable: bool) -> Spec:
-    """A random block of at most ``depth`` levels of nesting."""
+def blocks(draw: st.DrawFn, depth: int, untraceable: bool, stateful: bool = False) -> Spec:
+    """A random block of at most ``depth`` levels of nesting (``stateful``: also blocks with
+    buffers written in place; at least one when it is the top level's only choice)."""
     kinds = LEAVES if depth == 0 else LEAVES[:2] + COMPOSITES + (UNTRACEABLE if untraceable else ())
+    if stateful and depth > 0:
+        kinds += ("state",) * 4  # state in most drawn models
     kind = draw(st.sampled_from(kinds))
     if kind in LEAVES:
         return Spec(kind)
-    child = blocks(depth - 1, untraceable)
+    child = blocks(depth - 1, untraceable, stateful)
     if kind in ("seq", "stack"):
         return Spec(kind, tuple(draw(st.lists(child, min_size=1, max_size=3))))
     if kind == "view":
@@ -521,7 +655,7 @@ def _annotate(model: nn.Module) -> None:
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             code[path], call = parent, "fx"  # never called: its children are called by its owner
         elif parent == "traced":
-            code[path], call = ("opaque" if isinstance(module, Untraceable) else "traced"), "fx"
+            code[path], call = ("opaque" if isinstance(module, (Untraceable, Hooked)) else "traced"), "fx"
         elif parent == "opaque":
             code[path], call = "opaque", "hook"
         elif isinstance(module, Untraceable):
@@ -540,10 +674,11 @@ _CALLS = {
 
 
 @st.composite
-def cases(draw: st.DrawFn, *, untraceable: bool = False, train: bool | None = None) -> Case:
-    """A random model and inputs; ``untraceable=True`` allows code torch.fx cannot trace."""
+def cases(draw: st.DrawFn, *, untraceable: bool = False, train: bool | None = None, stateful: bool = False) -> Case:
+    """A random model and inputs; ``untraceable=True`` allows code torch.fx cannot trace,
+    ``stateful=True`` blocks whose buffers change on every call (``Stateful``)."""
     # sampled_from draws uniformly (st.integers leans to its low end) and still shrinks to the first item
-    body = draw(blocks(draw(st.sampled_from((1, 2, 3))), untraceable))
+    body = draw(blocks(draw(st.sampled_from((1, 2, 3))), untraceable, stateful))
     signature = draw(st.sampled_from(list(_CALLS)))
     call = draw(st.sampled_from(_CALLS[signature]))
     out = draw(st.sampled_from(("tensor", "tuple", "dict")))
@@ -635,10 +770,6 @@ def edited_truth(
 
 
 def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return type(value)(_clone(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _clone(v) for k, v in value.items()}
-    return value
+    from .truth import _clone as clone  # namedtuples and dataclasses too
+
+    return clone(value)

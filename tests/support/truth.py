@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
+import dataclasses
 from typing import Any
 
 import torch
@@ -21,10 +22,14 @@ import fxtap
 def _clone(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_clone(v) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_clone(v) for v in value)
     if isinstance(value, dict):
         return {k: _clone(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _clone(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init})
     return value
 
 
@@ -65,6 +70,8 @@ def assert_same(actual: Any, expected: Any, *, exact: bool = True) -> None:
         return
     if isinstance(expected, (tuple, list)):
         assert isinstance(actual, (tuple, list)) and len(actual) == len(expected)
+        if hasattr(expected, "_fields"):  # a namedtuple stays one
+            assert type(actual) is type(expected), type(actual)
         for a, e in zip(actual, expected, strict=True):
             assert_same(a, e, exact=exact)
         return
@@ -72,6 +79,11 @@ def assert_same(actual: Any, expected: Any, *, exact: bool = True) -> None:
         assert list(actual) == list(expected)
         for key in expected:
             assert_same(actual[key], expected[key], exact=exact)
+        return
+    if dataclasses.is_dataclass(expected) and not isinstance(expected, type):
+        assert type(actual) is type(expected), type(actual)
+        for f in dataclasses.fields(expected):
+            assert_same(getattr(actual, f.name), getattr(expected, f.name), exact=exact)
         return
     assert actual == expected
 

@@ -74,13 +74,14 @@ def test_tap_name_error_str_is_readable() -> None:
 def test_public_api() -> None:
     assert sorted(fxtap.__all__) == sorted(
         ["FallbackWarning", "FxtapError", "MissingCallError", "TapNameError", "Tapped", "TraceFailedError", "names", "tap"]
-        + ["load_features"]
+        + ["extract", "load_features"]
         + ["FeatureInfo", "backbone", "export"]
         + ["Comparison", "compare"]
+        + ["Cut", "CutError", "cut"]
         + ["Edited", "edit"]
     )
     for name in fxtap.__all__:
-        assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare", "fxtap._edit")
+        assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._extract", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare", "fxtap._surgery.cut", "fxtap._edit")
 
 
 def test_import_does_not_import_tabulate() -> None:

@@ -1,0 +1,275 @@
+"""Keeping a built graph current: the model after ``tap()`` is the model that runs.
+
+A graph built by fxtap reads submodules, and the parameters and buffers inside them, *live*,
+through the user's own module tree (``bind_live``): ``model.half()``, a reassigned buffer or
+parameter, ``load_state_dict(assign=True)`` or a parametrization are seen by the next call
+without a rebuild (a top-level parameter or buffer is watched by the guard instead). What a trace *bakes in* is checked before every call by a
+``Guard``, and a graph whose guard fails is rebuilt:
+
+- the identity of every child of every module whose code was traced through (a swapped
+  submodule), and the class of each of those modules (a parametrization changes it);
+- the ``training`` flag of every module the graph traced through or calls whose code mentions
+  ``training`` (with every module below a traced-through one that does): ``.eval()`` on one
+  submodule;
+- the plain Python attributes of the traced-through modules (``self.alpha``, a schedule): by
+  identity, and for a list, dict or set by its items;
+- user hooks: any hook registered anywhere since the last check (``RemovableHandle.next_id``
+  moved) makes the guard look at the traced-through modules and the global registries;
+- the grad mode, when the traced code read ``torch.is_grad_enabled()``.
+
+The check is a few C-level passes over flat lists (benchmarks/run.py measures it). Graphs are
+kept in a ``GraphCache`` of at most ``LIMIT`` entries per ``Tapped`` (and per submodule traced on
+its own): a model called with ever new argument values rebuilds, it does not grow.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import fx, nn
+from torch.utils.hooks import RemovableHandle
+
+from .hazards import global_hooks, user_hooks
+
+__all__ = ["HOLDS", "LIMIT", "MODE", "STALE", "GraphCache", "Guard", "bind_live", "freeze", "of_runner", "watch", "watch_paths"]
+
+HOLDS, MODE, STALE = 0, 1, 2  # Guard.check(): current; built for the other grad mode; outdated
+LIMIT = 8  # graphs kept per Tapped (and per submodule traced on its own), least recently used dropped first
+
+_MODULE_KEYS = frozenset(nn.Module().__dict__) | {"forward", "_fxtap_source"}
+_CONTAINERS = (list, dict, set)
+_MISSING: Any = object()
+
+
+def bind_live(graph: fx.GraphModule, root: nn.Module) -> None:
+    """Make ``graph`` reach every submodule through the user's own modules.
+
+    ``fx.GraphModule`` builds its own containers down to each module and attribute its nodes
+    use, holding references taken at build time, so a swapped module or a reassigned buffer
+    would go unseen. Putting the user's top-level modules in place of those containers makes
+    every lookup below them live. (Only the used ones: an exported graph holds no more than it
+    uses.) Top-level parameters and buffers stay references: ``watch`` guards their slots.
+    """
+    own = root.__dict__["_modules"]  # fxtap's stand-in shares the user's registries
+    for name in list(graph._modules):
+        if name in own:
+            graph._modules[name] = own[name]
+
+
+class Guard:
+    """What a trace assumed about the model, checked before each call (see the module docstring)."""
+
+    def __init__(
+        self,
+        slots: list[tuple[dict[str, Any], str]],
+        typed: list[nn.Module],
+        plain: list[tuple[dict[str, Any], str, Any]],
+        hooked: list[nn.Module],
+        reads_grad_mode: bool,
+    ) -> None:
+        self._dicts = [d for d, _ in slots]
+        self._keys = [k for _, k in slots]
+        self._expected = [d.get(k, _MISSING) for d, k in slots]
+        self._typed = typed
+        self._types = [type(m) for m in typed]
+        self._plain = [(d, k, v, _contents(v) if type(v) in _CONTAINERS else None) for d, k, v in plain]
+        self._hooked = hooked
+        self._next_hook = RemovableHandle.next_id
+        self._reads_grad_mode = reads_grad_mode
+        self._grad_mode = torch.is_grad_enabled()
+
+    def check(self) -> int:
+        """``HOLDS``, ``MODE`` (only the grad mode differs) or ``STALE``."""
+        # lists compare items by identity first: modules and bools never reach __eq__ unless changed
+        if list(map(dict.get, self._dicts, self._keys)) != self._expected:
+            return STALE
+        if list(map(type, self._typed)) != self._types:
+            return STALE
+        for attributes, key, value, contents in self._plain:
+            now = attributes.get(key, _MISSING)
+            if now is not value or (contents is not None and not _same(_contents(now), contents)):
+                return STALE
+        if RemovableHandle.next_id != self._next_hook:  # a hook was registered somewhere since
+            if global_hooks() or any(user_hooks(module) for module in self._hooked):
+                return STALE
+            self._next_hook = RemovableHandle.next_id
+        if self._reads_grad_mode and torch.is_grad_enabled() != self._grad_mode:
+            return MODE
+        return HOLDS
+
+
+def watch(
+    source: nn.Module, inlined: Iterable[str], called: Iterable[str], reads_grad_mode: bool, attributes: Iterable[str] = ()
+) -> Guard:
+    """The guard of a trace of ``source`` that traced through the modules at ``inlined`` (paths,
+    the root included implicitly), calls the leaf modules at ``called`` and reads the top-level
+    parameters or buffers ``attributes``."""
+    through = _unique([source, *(source.get_submodule(p) for p in inlined if p)])
+    leaves = _unique([m for p in called if (m := _find(source, p)) is not None])
+    known: dict[type, bool] = {}
+    # a module whose code mentions ``training`` may read a descendant's flag (``self.drop.training``)
+    moded = _unique([d for m in through if _reads_training(type(m), known) for d in m.modules()])
+    moded = _unique(moded + [m for m in leaves if _reads_training(type(m), known)])
+    slots: list[tuple[dict[str, Any], str]] = [(m.__dict__, "training") for m in moded]
+    slots += [(m._modules, name) for m in through for name in m._modules]
+    plain = [
+        (m.__dict__, key, value)
+        for m in through
+        for key, value in m.__dict__.items()
+        if key not in _MODULE_KEYS and not isinstance(value, nn.Module)
+    ]
+    for registry in (source._parameters, source._buffers):  # tensors: compared by identity, with the plain values
+        plain += [(registry, name, registry[name]) for name in attributes if name in registry]
+    return Guard(slots, through, plain, through, reads_grad_mode)
+
+
+def of_runner(model: nn.Module, runner: Any) -> Guard | None:
+    """The guard of a ``Runner``: its graph's, or for an eagerly running model, the paths of the
+    submodules it traced on their own (their graphs have their own guards)."""
+    if runner.graph is not None:
+        return runner.graph.meta.get("fxtap_guard")  # type: ignore[no-any-return]
+    regions = runner.placement.regions
+    if regions:
+        return watch_paths(model, [region.path for region in regions])
+    return None
+
+
+def watch_paths(root: nn.Module, paths: Iterable[str]) -> Guard:
+    """A guard that fails when another module object sits at one of ``paths`` (or on the way)."""
+    slots: list[tuple[dict[str, Any], str]] = []
+    for path in paths:
+        module = root
+        for part in path.split(".") if path else []:
+            slots.append((module._modules, part))
+            module = module._modules[part]  # type: ignore[assignment]
+    return Guard(slots, [], [], [], False)
+
+
+def _reads_training(cls: type, known: dict[type, bool]) -> bool:
+    """Whether code of ``cls`` (any method, nested functions included; ``nn.Module``'s own
+    excepted) mentions ``training``: only then can its ``training`` flag change what it does.
+    Checking fewer flags keeps the guard cheap on deep models of simple blocks."""
+    if cls not in known:
+        codes = [
+            value.__code__
+            for klass in cls.__mro__
+            if klass not in (nn.Module, object)
+            for value in vars(klass).values()
+            if hasattr(value, "__code__")
+        ]
+        known[cls] = any(_mentions(code, "training") for code in codes) or not codes
+    return known[cls]
+
+
+def _mentions(code: Any, word: str) -> bool:
+    if word in code.co_names or word in code.co_consts:
+        return True
+    return any(_mentions(const, word) for const in code.co_consts if hasattr(const, "co_names"))
+
+
+def _find(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _unique(modules: list[nn.Module]) -> list[nn.Module]:
+    return list({id(m): m for m in modules}.values())
+
+
+def _contents(container: Any) -> tuple[Any, ...]:
+    if isinstance(container, dict):
+        return tuple(container.items())
+    return tuple(container) if isinstance(container, (list, set)) else ()
+
+
+def _same(now: tuple[Any, ...], before: tuple[Any, ...]) -> bool:
+    if len(now) != len(before):
+        return False
+    for a, b in zip(now, before):
+        if isinstance(a, tuple) and isinstance(b, tuple):
+            if a[0] is not b[0] and a[0] != b[0] or a[1] is not b[1]:
+                return False
+        elif a is not b:
+            return False
+    return True
+
+
+# -- cache keys ------------------------------------------------------------------------------------
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+
+
+def freeze(value: Any, depth: int = 0) -> Hashable:
+    """A hashable key for a non-tensor argument that separates what a trace could tell apart:
+    ``2`` from ``2.0`` and ``True`` from ``1.0`` (by type), and an object before and after one
+    of its attributes changed (by its attributes, three levels deep; deeper, by identity)."""
+    kind = type(value)
+    if isinstance(value, _SCALARS):
+        return (kind, repr(value) if kind is float else value)  # repr: nan == nan, -0.0 != 0.0
+    if isinstance(value, enum.Enum):
+        return (kind, value.name)
+    if depth > 3:
+        return ("id", kind, id(value))
+    if isinstance(value, (tuple, list)):
+        return (kind, tuple(freeze(v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return (kind, tuple((freeze(k, depth + 1), freeze(v, depth + 1)) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return (kind, frozenset(freeze(v, depth + 1) for v in value))
+    if callable(value) or not hasattr(value, "__dict__"):
+        return ("id", kind, id(value))
+    return (kind, tuple((k, freeze(v, depth + 1)) for k, v in sorted(vars(value).items())))
+
+
+T = TypeVar("T")
+
+
+class GraphCache(Generic[T]):
+    """Built graphs (or runners) by key, each with its guard, at most ``limit`` of them (LRU)."""
+
+    def __init__(self, limit: int = LIMIT) -> None:
+        self.limit = limit
+        self._entries: OrderedDict[Hashable, list[tuple[Guard | None, T]]] = OrderedDict()
+
+    def lookup(self, key: Hashable) -> T | None:
+        """The entry for ``key`` whose guard holds (outdated entries are dropped), else None."""
+        entries = self._entries.get(key)
+        if not entries:
+            return None
+        found: T | None = None
+        for i, (guard, value) in enumerate(entries):
+            status = HOLDS if guard is None else guard.check()
+            if status == HOLDS:
+                found = value
+                break
+            if status == STALE:
+                entries[i] = (None, None)  # type: ignore[assignment]
+        entries[:] = [e for e in entries if e[1] is not None]
+        if found is not None:
+            self._entries.move_to_end(key)
+        elif not entries:
+            del self._entries[key]
+        return found
+
+    def put(self, key: Hashable, value: T, guard: Guard | None) -> None:
+        self._entries.setdefault(key, []).append((guard, value))
+        self._entries.move_to_end(key)
+        while len(self) > self.limit:
+            oldest = next(iter(self._entries))
+            self._entries[oldest].pop(0)
+            if not self._entries[oldest]:
+                del self._entries[oldest]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._entries.values())
+
+    def values(self) -> list[T]:
+        return [value for entries in self._entries.values() for _, value in entries]

@@ -1,0 +1,173 @@
+"""Semantics a torch.fx graph cannot hold, detected while tracing so that their code runs eagerly.
+
+A graph records tensor operations; it does not record what Python does around them. Code that
+changes a global mode (``torch.no_grad``, ``torch.autocast``, ``torch.inference_mode``,
+``torch.utils.checkpoint``'s saved-tensor hooks), runs user hooks (which ``nn.Module.__call__``
+runs and a graph never does), or keeps Python state on a module (``self.step += 1``, a list used
+as a cache) would run once, at trace time, and never again. ``watching`` makes each of them raise
+``Hazard`` in the forward that does it, so that ``analysis.analyse`` makes that module an opaque
+leaf (it runs eagerly, through ``__call__``) and says why.
+
+The patches are installed for the duration of a trace only, and act only in the tracing thread:
+any other thread gets the original functions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _module
+
+__all__ = ["Hazard", "global_hooks", "is_fxtap_hook", "mark_fxtap_hook", "user_hooks", "watching"]
+
+
+class Hazard(RuntimeError):
+    """Raised while tracing where the code does something a graph cannot represent."""
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_WORDS = {
+    "_forward_hooks": "forward hook",
+    "_forward_pre_hooks": "forward pre-hook",
+    "_backward_hooks": "backward hook",
+    "_backward_pre_hooks": "backward pre-hook",
+}
+_GLOBAL_DICTS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def mark_fxtap_hook(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark a hook as fxtap's own (a capture hook), so that tracing does not treat it as the user's."""
+    hook.__dict__["_fxtap_hook"] = True
+    return hook
+
+
+def is_fxtap_hook(hook: Any) -> bool:
+    return bool(getattr(hook, "_fxtap_hook", False))
+
+
+def user_hooks(module: nn.Module) -> str:
+    """What user hooks ``module`` has ("forward hook", ...), "" when none."""
+    kinds = []
+    for attribute in _HOOK_DICTS:
+        hooks = module.__dict__.get(attribute)
+        if hooks and any(not is_fxtap_hook(hook) for hook in hooks.values()):
+            kinds.append(_HOOK_WORDS[attribute])
+    return " and ".join(kinds)
+
+
+def global_hooks() -> str:
+    """The global module hooks registered (``register_module_forward_hook`` and friends), "" when none."""
+    found = [name.removeprefix("_global_").removesuffix("s").replace("_", " ") for name in _GLOBAL_DICTS if getattr(_module, name)]
+    return ", ".join(found)
+
+
+_LOCK = threading.RLock()  # one trace installs the patches at a time; nested traces share them
+
+
+class _State(threading.local):
+    tracer: Any = None  # the tracer of this thread's trace, None outside tracing
+    internal: int = 0  # > 0 while torch.fx itself writes attributes (constants on the root)
+
+
+_STATE = _State()
+
+
+@contextmanager
+def tracer_internals() -> Iterator[None]:
+    """Attribute writes in this block are torch.fx's own (it stores constants on the traced root)."""
+    _STATE.internal += 1
+    try:
+        yield
+    finally:
+        _STATE.internal -= 1
+
+
+def _guarded(original: Callable[..., Any], describe: Callable[..., str]) -> Callable[..., Any]:
+    def patched(*args: Any, **kwargs: Any) -> Any:
+        tracer = _STATE.tracer
+        reason = describe(*args, **kwargs) if tracer is not None and not _STATE.internal else ""
+        if reason:  # "" : not a hazard after all
+            hazard = Hazard(reason)
+            tracer.found(hazard)  # kept even if the model's own ``except Exception`` swallows it
+            raise hazard
+        return original(*args, **kwargs)
+
+    patched.__wrapped__ = original  # type: ignore[attr-defined]
+    return patched
+
+
+def _grad_reason(*args: Any, **kwargs: Any) -> str:
+    return "changes the grad mode (torch.no_grad, enable_grad or set_grad_enabled), which a graph cannot record"
+
+
+def _inference_reason(*args: Any, **kwargs: Any) -> str:
+    return "enters torch.inference_mode, which a graph cannot record"
+
+
+def _autocast_reason(*args: Any, **kwargs: Any) -> str:
+    return "enters torch.autocast, which a graph cannot record"
+
+
+def _saved_reason(*args: Any, **kwargs: Any) -> str:
+    return (
+        "uses torch.utils.checkpoint or saved-tensor hooks (torch.autograd.graph.saved_tensors_hooks), "
+        "which a graph cannot record"
+    )
+
+
+def _setattr_reason(module: nn.Module, name: str, value: Any) -> str:
+    if name in module.__dict__.get("_buffers", {}) or name in module.__dict__.get("_parameters", {}):
+        return ""  # rebinding a buffer or parameter: state.rebinding_checked decides (``self.calls += 1`` traces)
+    return f"writes the attribute {name!r} of a {type(module).__name__} (Python-side state that a graph cannot record)"
+
+
+def _patches() -> list[tuple[Any, str, Callable[..., Any]]]:
+    autograd = torch._C._autograd
+    return [
+        (torch._C, "_set_grad_enabled", _grad_reason),
+        (torch._C, "_InferenceMode", _inference_reason),
+        (torch, "set_autocast_enabled", _autocast_reason),
+        (autograd, "_push_saved_tensors_default_hooks", _saved_reason),
+        (nn.Module, "__setattr__", _setattr_reason),
+    ]
+
+
+@contextmanager
+def watching(tracer: Any) -> Iterator[None]:
+    """Make the hazards above raise ``Hazard`` in this thread while ``tracer`` traces.
+
+    ``tracer.reads_grad_mode`` is set when the traced code reads ``torch.is_grad_enabled()``
+    (the graph then holds one branch: the guard keys it on the grad mode).
+    """
+    with _LOCK:
+        outer = _STATE.tracer
+        _STATE.tracer = tracer
+        saved: list[tuple[Any, str, Any]] = []
+        try:
+            if outer is None:
+                for owner, name, reason in _patches():
+                    original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+                    saved.append((owner, name, original))
+                    setattr(owner, name, _guarded(original, reason))
+                original_read = torch.is_grad_enabled
+                saved.append((torch, "is_grad_enabled", original_read))
+                torch.is_grad_enabled = _recording(original_read)  # type: ignore[assignment]
+            yield
+        finally:
+            for owner, name, original in reversed(saved):
+                setattr(owner, name, original)
+            _STATE.tracer = outer
+
+
+def _recording(original: Callable[[], bool]) -> Callable[[], bool]:
+    def is_grad_enabled() -> bool:
+        if _STATE.tracer is not None:
+            _STATE.tracer.reads_grad_mode = True
+        return original()
+
+    return is_grad_enabled

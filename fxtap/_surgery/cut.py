@@ -1,0 +1,164 @@
+"""``cut()``: the part of a model between named values, as a module of its own; and ``Cut``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from torch import fx, nn
+
+from .._capture import analysis as _analysis
+from .._capture import names as _names
+from .._capture.call_spec import default_concrete_args
+from .._capture.model import unwrap
+from .._errors import TapNameError
+from .graph import Split, split
+from .shapes import Evidence
+
+__all__ = ["Cut", "cut"]
+
+
+def cut(
+    model: nn.Module,
+    inputs: Mapping[str, str] | Sequence[str],
+    outputs: Mapping[str, str] | Sequence[str] = ("output",),
+    *,
+    example: Any = None,
+    mode: Literal["fx"] = "fx",
+) -> Cut:
+    """The part of ``model`` that computes ``outputs`` from the values of ``inputs``, as a module.
+
+    Args:
+        model: any ``nn.Module`` that torch.fx can trace; it is not changed, and the result
+            shares its parameters and its train/eval mode.
+        inputs: tap names (``fxtap.names(model)``) whose values the cut takes, in this order;
+            a mapping ``{name: key}`` names the cut's arguments by ``key``.
+        outputs: tap names the cut returns (``"output"`` is the model's own output); a mapping
+            renames them. By default the model's output.
+        example: the model's inputs (a tensor or a tuple of positional arguments), optional: when
+            the rest of the model reads only the *shape* of a value computed before the cut
+            (``x.shape[0]``), the cut takes it from a cut input whose shape equals it at the
+            example's batch size and at twice it.
+        mode: only ``"fx"``: the cut is one FX graph.
+
+    Returns:
+        A ``Cut``: call it with the inputs' values (positionally, or by key) and any model
+        inputs it lists after them in ``Cut.inputs``; it returns ``dict[str, Tensor]`` of outputs.
+
+    Raises:
+        CutError: an output needs a value computed before the cut and not from its inputs (a
+            skip connection that bypasses the cut); ``.missing`` lists their tap names to add.
+        TapNameError: a name does not exist, or exists only inside code FX does not enter.
+        TraceFailedError: torch.fx cannot trace the model; the message names the module.
+        ValueError: ``mode`` is not ``"fx"``, or ``inputs`` is empty or repeats a name or key.
+
+    Example:
+        >>> import torch, torchvision, fxtap
+        >>> model = torchvision.models.resnet18().eval()
+        >>> x = torch.randn(2, 3, 64, 64)
+        >>> head = fxtap.cut(model, ["layer3"])  # layer4, avgpool and fc
+        >>> features = fxtap.tap(model, ["layer3"])(x)["layer3"]
+        >>> torch.equal(head(features)["output"], model(x))
+        True
+    """
+    if mode != "fx":
+        raise ValueError(f'mode must be "fx" (a cut is one FX graph), not {mode!r}')
+    request_in = _names.normalize_request(inputs)
+    request_out = _names.normalize_request(outputs)
+    if "output" in request_in:
+        raise ValueError('"output" is the model\'s output, not a value a cut can start from')
+    return Cut(unwrap(model), request_in, request_out, example)
+
+
+class Cut(nn.Module):
+    """The part of a model between named values; built by ``fxtap.cut``.
+
+    ``Cut(*values, **by_key)`` takes the cut inputs' values in order (or by key), then the model
+    inputs listed after them in ``inputs``, and returns ``dict[str, Tensor]`` of the outputs.
+    One graph is built per train/eval mode of ``model`` (the one it has at call time).
+
+    Attributes:
+        model: the user's model (shared, not copied).
+    """
+
+    def __init__(self, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.training = model.training  # the model's own flag decides the graph; no train() call changes it
+        self._inputs = inputs
+        self._outputs = outputs
+        self._example = example
+        self._splits: dict[bool, tuple[fx.GraphModule, Split]] = {}
+        self._split()  # errors now, not at the first call
+
+    @property
+    def inputs(self) -> list[str]:
+        """The argument names, in order: the cut inputs' keys, then the model inputs the rest still reads."""
+        return list(self._split()[1].inputs)
+
+    @property
+    def outputs(self) -> list[str]:
+        """The keys of the returned dict, in order."""
+        return list(self._outputs.values())
+
+    def graph_module(self) -> fx.GraphModule:
+        """The ``torch.fx.GraphModule`` of the current train/eval mode: arguments ``inputs``, returns the dict."""
+        return self._split()[0]
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        graph, found = self._split()
+        if kwargs or len(args) != len(found.inputs):
+            args = _bind(found.inputs, args, kwargs)
+        return dict(graph(*args))
+
+    def _split(self) -> tuple[fx.GraphModule, Split]:
+        training = self.model.training
+        built = self._splits.get(training)
+        if built is None:
+            built = self._build()
+            self._splits[training] = built
+        return built
+
+    def _build(self) -> tuple[fx.GraphModule, Split]:
+        model = self.model
+        analysis = _analysis.analyse(model, mode="fx", concrete_args=default_concrete_args(model))
+        traced = analysis.traced
+        assert traced is not None  # mode="fx" raises instead
+        unknown = [n for n in [*self._inputs, *self._outputs] if n not in traced.points and n != "output"]
+        if unknown:
+            message = _names.unknown_name_message(unknown, type(model).__name__, list(traced.points))
+            raise TapNameError(message + "\n  A cut starts and ends at values of the FX graph; names inside torch.nn modules are not.")
+        evidence = Evidence(traced.root, traced.graph, self._example) if self._example is not None else None
+        found = split(traced, self._inputs, self._outputs, evidence)
+        graph = fx.GraphModule(traced.root, found.graph, class_name=f"Cut{type(model).__name__}")
+        graph.meta["fxtap_input_names"] = list(found.inputs)
+        return graph, found
+
+    # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Cut:
+        result = super()._apply(fn, *args, **kwargs)
+        self._splits = {}
+        return result
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_splits"] = {}
+        return state
+
+
+def _bind(names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """The arguments in ``names`` order, from positional values then keywords."""
+    if len(args) > len(names):
+        raise TypeError(f"the cut takes {len(names)} inputs ({', '.join(names)}), got {len(args)} positional values")
+    given = dict(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise TypeError(f"the cut has no input {key!r}; its inputs are {', '.join(map(repr, names))}")
+        if key in given:
+            raise TypeError(f"the cut got two values for input {key!r}")
+        given[key] = value
+    absent = [name for name in names if name not in given]
+    if absent:
+        raise TypeError(f"the cut is missing the input{'s' if len(absent) > 1 else ''} {', '.join(map(repr, absent))}")
+    return tuple(given[name] for name in names)
+

@@ -1,0 +1,260 @@
+"""The model after ``tap()`` is the model that runs (issue #13, item 2).
+
+Each test taps a model, changes the *user's* model the way people do after building a feature
+extractor, and checks the next tapped call against the same model run eagerly (values, dtypes),
+for a traceable root and for children traced on their own under an eagerly running root.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support.truth import assert_same, hook_truth, model_fingerprint
+from torch import nn
+from torch.nn.utils import parametrize
+
+import fxtap
+from fxtap._capture.guard import LIMIT, freeze
+
+
+class Scaled(nn.Module):
+    """Traced through: reads a plain attribute, a buffer, its own parameter and ``training``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.weight = nn.Parameter(torch.randn(4, 4))
+        self.register_buffer("shift", torch.full((4,), 0.5))
+        self.alpha = 1.0
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.fc(x), self.weight) * self.alpha + self.shift
+        if self.training:
+            y = y * 2
+        return self.drop(y)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.block = Scaled()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.block(self.stem(x))))
+
+
+class EagerRoot(Net):
+    """Its own forward cannot be traced (a data-dependent branch): children are traced alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        if h.sum() > 1e9:
+            h = h * 0
+        return self.head(torch.relu(self.block(h)))
+
+
+class Symmetric(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.triu() + w.triu(1).T
+
+
+NAMES = ["stem", "block.fc", "block.add", "block", "head"]
+
+
+def _swap_block(model: nn.Module) -> None:
+    new = Scaled()
+    new.alpha = -2.0
+    model.block = new
+
+
+def _reassign_buffer(model: nn.Module) -> None:
+    model.block.shift = torch.full((4,), -3.0)
+
+
+def _reassign_parameter(model: nn.Module) -> None:
+    model.block.weight = nn.Parameter(torch.ones(4, 4))
+
+
+def _load_assign(model: nn.Module) -> None:
+    state = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+
+
+def _load_in_place(model: nn.Module) -> None:
+    model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+
+
+CHANGES: dict[str, Callable[[nn.Module], Any]] = {
+    "double": lambda m: m.double(),
+    "bfloat16": lambda m: m.bfloat16(),
+    "half": lambda m: m.half(),
+    "to_dtype": lambda m: m.to(torch.float64),
+    "reassign_buffer": _reassign_buffer,
+    "reassign_parameter": _reassign_parameter,
+    "load_state_dict_assign": _load_assign,
+    "load_state_dict_in_place": _load_in_place,
+    "parametrize_leaf": lambda m: parametrize.register_parametrization(m.block.fc, "weight", Symmetric()),
+    "parametrize_traced_through": lambda m: parametrize.register_parametrization(m.block, "weight", Symmetric()),
+    "swap_leaf": lambda m: setattr(m.block, "fc", nn.Linear(4, 4)),
+    "swap_leaf_for_inplace": lambda m: setattr(m, "stem", nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True))),
+    "swap_traced_through": _swap_block,
+    "eval_one_submodule": lambda m: m.block.eval(),
+    "train_one_dropout": lambda m: m.block.drop.train(),
+    "plain_attribute": lambda m: setattr(m.block, "alpha", 3.0),
+    "plain_attribute_int": lambda m: setattr(m.block, "alpha", 3),
+}
+DTYPES = {"double": torch.float64, "bfloat16": torch.bfloat16, "half": torch.float16, "to_dtype": torch.float64}
+
+
+def _quiet_tap(model: nn.Module, names: list[str], **options: Any) -> fxtap.Tapped:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        return fxtap.tap(model, names, keep_output=True, **options)
+
+
+def _check(tapped: fxtap.Tapped, model: nn.Module, x: torch.Tensor, exact: bool = True) -> None:
+    twin = copy.deepcopy(model)  # the same model, run eagerly from the same RNG state
+    state = torch.get_rng_state()
+    out = tapped(x)
+    torch.set_rng_state(state)
+    truth = hook_truth(twin, x)
+    for name in ["stem", "block.fc", "block", "head", "output"]:
+        assert_same(out[name], truth[name], exact=exact)
+        assert out[name].dtype == truth[name].dtype, name
+
+
+@pytest.mark.parametrize("root", [Net, EagerRoot], ids=["traced_root", "eager_root"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_change_after_tap_is_seen_on_the_next_call(change: str, root: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = root().train()  # traced in train mode: ``if self.training`` takes its first branch
+    model.block.drop.eval()  # deterministic, unless a change turns it on
+    tapped = _quiet_tap(model, NAMES)
+    x = torch.randn(3, 4)
+    _check(tapped, model, x)  # builds the graph(s) before the change
+    before = model_fingerprint(model)
+    CHANGES[change](model)
+    dtype = DTYPES.get(change, torch.float32)
+    _check(tapped, model, x.to(dtype), exact=dtype == torch.float32)
+    if change in ("double", "to_dtype"):
+        assert model_fingerprint(model)["modules"] == before["modules"]
+
+
+def test_a_graph_kept_current_does_not_rebuild_per_call() -> None:
+    model = Net().eval()
+    tapped = _quiet_tap(model, NAMES)
+    x = torch.randn(2, 4)
+    tapped(x)
+    graph = tapped.graph_module()
+    for _ in range(3):
+        tapped(x)
+    assert tapped.graph_module() is graph
+    model.half()  # read live: no rebuild needed
+    tapped(x.half())
+    assert tapped.graph_module() is graph
+    model.block.alpha = 0.25  # baked into the trace: rebuilt
+    tapped(x.half())
+    assert tapped.graph_module() is not graph
+
+
+class Args(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, scale: Any = 1, flag: Any = False, cfg: Any = None) -> torch.Tensor:
+        y = self.fc(x.float())
+        if flag is True:
+            y = y + 100
+        if cfg is not None:
+            y = y * cfg.k
+        return y * scale + x * scale
+
+
+class Cfg:
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+
+def _eager_args(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return copy.deepcopy(model)(*args, **kwargs)
+
+
+def test_cache_key_separates_int_from_float_and_bool_from_float() -> None:
+    torch.manual_seed(0)
+    model = Args()
+    tapped = _quiet_tap(model, ["fc"])
+    x = torch.arange(8).reshape(2, 4)
+    for kwargs in ({"scale": 2}, {"scale": 2.0}, {"scale": 2}, {"flag": True}, {"flag": 1.0}, {"flag": True}):
+        out = tapped(x, **kwargs)["output"]
+        expected = _eager_args(model, x, **kwargs)
+        assert out.dtype == expected.dtype, kwargs
+        assert_same(out, expected)
+    assert freeze(2) != freeze(2.0) and freeze(True) != freeze(1.0) and freeze(True) != freeze(1)
+
+
+def test_mutated_object_argument_is_seen() -> None:
+    model = Args()
+    tapped = _quiet_tap(model, ["fc"])
+    x = torch.randn(2, 4)
+    cfg = Cfg(2.0)
+    assert_same(tapped(x, cfg=cfg)["output"], _eager_args(model, x, cfg=cfg))
+    cfg.k = -5.0
+    assert_same(tapped(x, cfg=cfg)["output"], _eager_args(model, x, cfg=cfg))
+
+
+class GradBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y * 2 if torch.is_grad_enabled() else y * 3
+
+
+def test_grad_mode_branch_follows_the_call() -> None:
+    model = GradBranch()
+    tapped = _quiet_tap(model, ["fc", "mul"] if "mul" in fxtap.names(model) else ["fc"])
+    x = torch.randn(2, 4)
+    for grad in (True, False, True, False):
+        with torch.set_grad_enabled(grad):
+            assert_same(tapped(x)["output"], model(x).detach())
+
+
+class ScaleArg(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+        return self.fc(x) * sigma
+
+
+def test_graph_cache_is_bounded() -> None:
+    model = ScaleArg()
+    tapped = _quiet_tap(model, ["fc"])
+    x = torch.randn(2, 4)
+    for i in range(3 * LIMIT):
+        sigma = 1.0 + i / 7
+        assert_same(tapped(x, sigma=sigma)["output"], model(x, sigma=sigma).detach())
+    assert len(tapped._runners) <= LIMIT
+
+
+def test_tapping_changes_nothing_on_the_model() -> None:
+    model = Net()
+    before = model_fingerprint(model)
+    tapped = _quiet_tap(model, NAMES)
+    tapped(torch.randn(2, 4))
+    after = model_fingerprint(model)
+    assert after["modules"] == before["modules"] and after["hooks"] == before["hooks"] and after["training"] == before["training"]
+    assert model.block.alpha == 1.0 and type(model.block) is Scaled
