@@ -237,6 +237,38 @@ def case_memory(arch: str, batch: int, device: str) -> list[Row]:
     ]
 
 
+def case_edit(arch: str, batch: int, rounds: int, device: str) -> list[Row]:
+    """One value edited (a steering vector added to ``layer3``): fxtap.edit's graph and hooks, and a
+    hand-written forward hook returning the replacement, against the plain forward."""
+    model, x = model_and_input(arch, batch, device)
+    name = "layer3"
+    vector = torch.randn(model.get_submodule(name)[-1].conv3.out_channels, 1, 1, device=device)
+
+    def steer(value: torch.Tensor) -> torch.Tensor:
+        return value + vector
+
+    recipe_model, _ = model_and_input(arch, batch, device)  # its hook stays on: give it its own copy
+    recipe_model.load_state_dict(model.state_dict())
+    recipe_model.get_submodule(name).register_forward_hook(lambda module, args, output: steer(output))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        by_graph = fxtap.edit(model, {name: steer}, mode="fx")
+        by_hooks = fxtap.edit(model, {name: steer}, mode="hooks")
+    contenders = {
+        "plain forward": lambda: model(x),
+        "hook recipe (edit)": lambda: recipe_model(x),
+        "fxtap.edit fx": lambda: by_graph(x),
+        "fxtap.edit hooks": lambda: by_hooks(x),
+    }
+    with torch.inference_mode():
+        med, faults = measure(contenders, rounds, device)
+    base = med["plain forward"]
+    return [
+        [f"6. {arch} edit one value ({name})", n, f"{t * 1000:.1f}", f"{t / base:.3f}", "<= 1.02" if n == "fxtap.edit fx" else "", f"{faults[n]:.0f}"]
+        for n, t in med.items()
+    ]
+
+
 def case_guard(batch: int, rounds: int, device: str) -> list[Row]:
     """What keeping the graph current costs per call: the guard check (fxtap/_capture/guard.py)
     next to the whole tapped call it precedes, on resnet50 and on a 2,000-block residual MLP."""
@@ -285,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="batch 1, fewer rounds and depths: a smoke run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    parser.add_argument("--only", choices=["guard"], help="run only these rows (and print them; docs/ is left alone)")
+    parser.add_argument("--only", choices=["guard", "edit"], help="run only these rows (and print them; docs/ is left alone)")
     args = parser.parse_args(argv)
     batch = 1 if args.quick else 8
     rounds = 2 if args.quick else args.rounds
@@ -297,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         print(table(headers[:5], case_guard(batch, rounds, args.device)))
         return 0
     rows: list[Row] = []
+    if args.only == "edit":
+        from fxtap._text import table
+
+        print(table(["case", "contender", "median", "ratio", "target", "page faults/call"], case_edit("resnet50", batch, rounds, args.device)))
+        return 0
     for arch in STAGES:
         rows += case_stages(arch, batch, rounds, args.device)
         rows += case_early(arch, batch, rounds, args.device)
@@ -306,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     scale_rows, scale = case_scale(depths, rounds)
     rows += scale_rows
     rows += case_memory("resnet50", batch, args.device)
+    rows += case_edit("resnet50", batch, rounds, args.device)
     rows += case_guard(batch, rounds, args.device)
     from fxtap._text import table
 

@@ -13,6 +13,8 @@ from ._compare import compare as compare
 from ._deploy.backbone import FeatureInfo as FeatureInfo
 from ._deploy.backbone import backbone as backbone
 from ._deploy.export import export as export
+from ._edit import Edited as Edited
+from ._edit import edit as edit
 from ._errors import CutError as CutError
 from ._errors import FallbackWarning as FallbackWarning
 from ._errors import FxtapError as FxtapError
@@ -33,6 +35,7 @@ __all__ = [
     "Comparison",
     "Cut",
     "CutError",
+    "Edited",
     "FallbackWarning",
     "FeatureInfo",
     "FxtapError",
@@ -43,6 +46,7 @@ __all__ = [
     "backbone",
     "compare",
     "cut",
+    "edit",
     "export",
     "extract",
     "load_features",

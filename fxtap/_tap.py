@@ -27,6 +27,7 @@ from ._capture import (
     unwrap,
 )
 from ._capture import call_spec as _call
+from ._capture import edit_modules
 from ._capture.guard import GraphCache, freeze
 from ._capture.guard import of_runner as guard_of
 from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
@@ -68,6 +69,7 @@ def tap(
     keep_output: bool = False,
     leaf_modules: Sequence[type[nn.Module]] | None = None,
     autowrap_functions: Sequence[Callable[..., Any]] | None = None,
+    edit: Mapping[str, Any] | None = None,
 ) -> Tapped:
     """Wrap ``model`` so that calling it returns the requested intermediate values.
 
@@ -85,6 +87,9 @@ def tap(
         autowrap_functions: plain Python functions FX records as one call instead of tracing
             through them (``torch.fx.wrap``), as in torchvision's ``tracer_kwargs``: for a
             function that calls ``int()`` or branches on its arguments.
+        edit: values to replace while tapping, as for ``fxtap.edit`` (tap name -> function,
+            tensor or module). A tap of an edited name returns the value after the edit, and
+            taps downstream of an edit see the edited value.
 
     Returns:
         A ``Tapped`` module; calling it with the model's inputs returns ``dict[str, Tensor]``
@@ -105,7 +110,7 @@ def tap(
         {'c3': (1, 128, 8, 8), 'c5': (1, 512, 2, 2)}
     """
     hints = Hints.checked(leaf_modules, autowrap_functions)
-    return _tapped(model, names, mode=mode, detach=detach, keep_output=keep_output, hints=hints)
+    return _tapped(model, names, mode=mode, detach=detach, keep_output=keep_output, hints=hints, edit=edit)
 
 
 def _tapped(
@@ -117,6 +122,7 @@ def _tapped(
     keep_output: bool = False,
     warn: bool = True,
     hints: Hints = NO_HINTS,
+    edit: Mapping[str, Any] | None = None,
 ) -> Tapped:
     """``tap()`` for fxtap's own callers: ``warn=False`` when the caller reports fallbacks itself
     (``compare``'s paths column, ``export``'s error)."""
@@ -125,7 +131,8 @@ def _tapped(
     request = normalize_request(names)
     if keep_output and "output" in request.values():
         raise ValueError('the output key "output" is taken by keep_output=True; rename that tap')
-    return Tapped(unwrap(model), request, mode=mode, detach=detach, keep_output=keep_output, warn=warn, hints=hints)
+    edits = edit_modules(edit) if edit else None
+    return Tapped(unwrap(model), request, mode=mode, detach=detach, keep_output=keep_output, warn=warn, hints=hints, edits=edits)
 
 
 def names(
@@ -178,9 +185,13 @@ class Tapped(nn.Module):
         keep_output: bool,
         warn: bool = True,
         hints: Hints = NO_HINTS,
+        edits: dict[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self._edits = dict(edits or {})
+        if self._edits:  # submodules: their parameters train with the Tapped (the model's stay shared)
+            self.edits = nn.ModuleDict({f"e{i}": module for i, module in enumerate(self._edits.values())})
         self._request = request
         self._mode_arg: Mode = mode
         self._detach = detach
@@ -293,7 +304,7 @@ class Tapped(nn.Module):
         try:
             runner = build(
                 self.model, self._request, mode=self._mode_arg, concrete_args=concrete_args,
-                keep_output=self._keep_output, detach=self._detach, note=note, hints=self._hints,
+                keep_output=self._keep_output, detach=self._detach, note=note, hints=self._hints, edits=self._edits,
             )  # fmt: skip
         except TapNameError as error:
             unknown = getattr(error, "unknown", list(self._request))
@@ -379,6 +390,10 @@ def _eager_root_message(fallbacks: dict[str, tuple[str, str]], placement: Placem
     traced = len(placement.fx) if placement is not None else 0
     did = f"the model runs eagerly; {traced} of {requested} requested names come from submodules traced on their own"
     did += ", the others from forward hooks" if traced < requested else ""
+    if requested == 0 and placement is not None:  # fxtap.edit: edits only
+        graphs, hooked = len(placement.edits.fx), len(placement.edits.hooks)
+        did = f"the model runs eagerly; {graphs} of {graphs + hooked} edits are applied in graphs of submodules traced on their own"
+        did += ", the others by forward hooks" if hooked else ""
     return (
         f"fxtap: torch.fx cannot trace the forward of {root_type} itself: {reason}"
         + (f"\n  Also untraceable:{others}" if others else "")

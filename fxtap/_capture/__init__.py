@@ -19,6 +19,7 @@ from . import fx as _fx
 from . import regions as _regions
 from .analysis import Analysis, analyse
 from .call_spec import default_concrete_args, depends_on_arguments
+from .edit import as_modules as edit_modules
 from .fx import NO_HINTS, Hints, Traced, exclusive, realize
 from .hooks import HookTarget, hook_targets
 from .model import training_mode, unwrap
@@ -39,6 +40,7 @@ __all__ = [
     "build",
     "depends_on_arguments",
     "describe",
+    "edit_modules",
     "exclusive",
     "hook_targets",
     "locate",
@@ -128,6 +130,7 @@ def build(
     keep_output: bool,
     detach: bool,
     note: str = "",
+    edits: dict[str, nn.Module] | None = None,
     hints: Hints = NO_HINTS,
 ) -> Runner:
     """Trace ``model`` for one call spec, place every requested name, and return the runner
@@ -137,12 +140,17 @@ def build(
         TapNameError: a name does not exist (``error.unknown``: the names the model has not;
             ``error.eager_root``: whether the model's own forward runs eagerly).
         TraceFailedError: ``mode="fx"`` and some code cannot be traced.
+
+    ``edits`` (name -> module, see ``edit.as_modules``) replace values: in the graph where it
+    holds them, else by forward hooks on module outputs; ``placement.edits`` says which.
     """
     with _fx.gc_paused():  # building allocates a few objects per node: see gc_paused
         analysis = analyse(model, mode=mode, concrete_args=concrete_args, hints=hints)
-        placement = place(analysis, request, mode=mode, note=note)
+        placement = place(analysis, request, mode=mode, note=note, edits=edits or {})
         graph = None
         if analysis.traced is not None and mode != "hooks":
             leaves = frozenset(placement.leaves.values())
-            graph = _fx.build(analysis.traced, placement.fx, keep_output=keep_output, detach=detach, run_modules=leaves)
+            graph = _fx.build(
+                analysis.traced, placement.fx, keep_output=keep_output, detach=detach, run_modules=leaves, edits=placement.edits.fx
+            )
     return make_runner(placement, graph, keep_output=keep_output, detach=detach)

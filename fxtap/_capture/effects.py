@@ -33,7 +33,7 @@ from torch import fx
 
 from . import names as _names
 
-__all__ = ["aliased", "draws_random", "may_draw", "opaque_function", "written"]
+__all__ = ["aliased", "draws_random", "inplace", "may_draw", "opaque_function", "written"]
 
 # Results that may be (a view of) an argument although no schema says so: Python-level code,
 # attribute reads, and ops that return their input unchanged in some modes (dropout in eval).
@@ -84,6 +84,11 @@ def written(node: fx.Node) -> list[fx.Node]:
     if _name(node) in _RUNNING_STATS and not any(_equals(_bound(node, flag), False) for flag in ("training", "use_input_stats")):
         found += [n for stat in ("running_mean", "running_var") for n in _nodes(_bound(node, stat))]
     return list(dict.fromkeys(found))
+
+
+def inplace(node: fx.Node) -> bool:
+    """Whether ``node`` is an in-place op: its result is its first argument, written (``x.relu_()``, ``x += y``)."""
+    return node.target in _INPLACE_OPERATORS or _inplace_by_name(node)
 
 
 def aliased(node: fx.Node) -> list[fx.Node]:

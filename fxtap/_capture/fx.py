@@ -40,7 +40,8 @@ from .codegen import (
     with_fixed,
 )
 from .model import attribute_paths, preserved, stand_in
-from .prune import from_torch_nn, plan
+from . import edit as _edit
+from .prune import from_torch_nn, plan, written_after
 from .state import random_calls_recorded, rebinding_checked
 
 __all__ = ["NO_HINTS", "Hints", "Made", "TapPoint", "Traced", "build", "exclusive", "gc_paused", "realize", "trace"]
@@ -418,32 +419,61 @@ def trace(
 
 
 def build(
-    traced: Traced, request: dict[str, str], *, keep_output: bool, detach: bool, run_modules: frozenset[str] = frozenset()
+    traced: Traced,
+    request: dict[str, str],
+    *,
+    keep_output: bool,
+    detach: bool,
+    run_modules: frozenset[str] = frozenset(),
+    edits: dict[str, nn.Module] | None = None,
 ) -> fx.GraphModule:
     """A ``GraphModule`` computing only ``request`` (``{tap name: output key}``), returning a dict.
 
-    Every name in ``request`` must be in ``traced.points``. Calls of the leaf modules in
-    ``run_modules`` are kept too: hooks inside them capture other requested values.
+    Every name in ``request`` and ``edits`` must be in ``traced.points``. Calls of the leaf
+    modules in ``run_modules`` are kept too: hooks inside them capture other requested values.
+    ``edits`` (name -> module) replace values by the module's result (``_edit.insert``); a tap
+    of an edited name, or downstream of one, sees the edited value.
     """
     with gc_paused():
-        return _build(traced, request, keep_output=keep_output, detach=detach, run_modules=run_modules)
+        return _build(traced, request, keep_output=keep_output, detach=detach, run_modules=run_modules, edits=edits or {})
 
 
 def _build(
-    traced: Traced, request: dict[str, str], *, keep_output: bool, detach: bool, run_modules: frozenset[str]
+    traced: Traced,
+    request: dict[str, str],
+    *,
+    keep_output: bool,
+    detach: bool,
+    run_modules: frozenset[str],
+    edits: dict[str, nn.Module],
 ) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     old_output = graph.graph_copy(traced.graph, env)
-    points = {key: traced.points[name] for name, key in request.items()}
-    values: dict[str, Argument] = {key: fx.node.map_arg(p.value, env.__getitem__) for key, p in points.items()}
-    moments = {key: env[p.moment] for key, p in points.items()}
     for node in list(graph.nodes):
         if node.op == "output":
             graph.erase_node(node)
-    wanted = [(node, moments[key]) for key, value in values.items() for node in _nodes_of([value])]
-    wanted += [(n, n) for n in graph.nodes if n.op == "call_module" and n.target in run_modules]
-    decided = plan(graph, traced.root, wanted, _nodes_of([old_output]) if keep_output else [])
+    points = {key: _copied(traced.points[name], env) for name, key in request.items()}
+    root, inserted = traced.root, None
+    if edits:
+        position = {node: i for i, node in enumerate(graph.nodes)}
+        inserted = _edit.insert(graph, traced.root, {n: _copied(traced.points[n], env) for n in edits}, edits)
+        root = inserted.root
+        keys = {key: _edit.order_key(position, p.moment, p.kind, p.name) for key, p in points.items()}
+        points = {key: _moved(p, inserted.remap(p.value, keys[key])) for key, p in points.items()}
+        old_output = inserted.end(old_output)
+    values: dict[str, Argument] = {key: p.value for key, p in points.items()}
+    moments = {key: p.moment for key, p in points.items()}
+    ends = _nodes_of([old_output]) if keep_output else []
+    decided = _plan(graph, root, values, moments, ends, run_modules)
+    if inserted is not None:  # a tensor handed in as an edit: copied where a kept in-place op would write into it
+        kept_patches = [n for n in inserted.patches if n in decided.kept]
+        copies = _edit.protect(graph, kept_patches, lambda node: written_after(graph, root, node, decided.kept))
+        if copies:
+            values = {key: fx.node.map_arg(v, lambda n: copies.get(n, n)) for key, v in values.items()}
+            moments = {key: copies.get(m, m) for key, m in moments.items()}
+            old_output = fx.node.map_arg(old_output, lambda n: copies.get(n, n))
+            decided = _plan(graph, root, values, moments, _nodes_of([old_output]) if keep_output else [], run_modules)
     for node in reversed(list(graph.nodes)):
         if node not in decided.kept:
             graph.erase_node(node)
@@ -462,12 +492,39 @@ def _build(
     for node in graph.nodes:
         node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
     graph.lint()
-    module = fx.GraphModule(traced.root, graph, class_name=f"Tapped{type(traced.root).__name__}")
+    module = fx.GraphModule(root, graph, class_name=f"Tapped{type(traced.root).__name__}")  # root: the model and its edit modules
     if traced.source is not None:
         called = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
         read = {str(n.target) for n in traced.graph.nodes if n.op == "get_attr"}
         module.meta["fxtap_guard"] = _guard.watch(traced.source, traced.inlined, called, traced.reads_grad_mode, read)
     return module
+
+
+def _plan(
+    graph: fx.Graph,
+    root: nn.Module,
+    values: dict[str, Argument],
+    moments: dict[str, fx.Node],
+    ends: list[fx.Node],
+    run_modules: frozenset[str],
+) -> Any:
+    wanted = [(node, moments[key]) for key, value in values.items() for node in _nodes_of([value])]
+    wanted += [(n, n) for n in graph.nodes if n.op == "call_module" and n.target in run_modules]
+    return plan(graph, root, wanted, ends)
+
+
+def _copied(point: TapPoint, env: dict[fx.Node, fx.Node]) -> TapPoint:
+    """``point`` with the nodes of the graph copy."""
+    return point._replace(value=fx.node.map_arg(point.value, env.__getitem__), moment=env[point.moment])
+
+
+def _moved(point: TapPoint, value: Argument) -> TapPoint:
+    """``point`` read as ``value``: after an edit, the tap is taken after the edit's last node."""
+    if value is point.value:
+        return point
+    position = {node: i for i, node in enumerate(point.moment.graph.nodes)}
+    latest = max([point.moment, *_nodes_of([value])], key=position.__getitem__)
+    return point._replace(value=value, moment=latest)
 
 
 def _snapshot_of(snapshots: dict[tuple[fx.Node, fx.Node], fx.Node], moment: fx.Node) -> Any:

@@ -17,10 +17,11 @@ from torch.utils.hooks import RemovableHandle
 
 from .._values import copy_value
 from . import names as _names
+from .edit import Patch
 from .hazards import mark_fxtap_hook
 from .model import ModelPaths
 
-__all__ = ["CallLog", "HookTarget", "alias_hints", "aliases", "capture", "hook_targets", "module_paths", "nearest_module"]
+__all__ = ["CallLog", "HookTarget", "alias_hints", "aliases", "capture", "hook_targets", "module_paths", "nearest_module", "unapplied_edits_message"]
 
 
 class HookTarget(NamedTuple):
@@ -124,8 +125,14 @@ class CallLog:
         thread: the thread of the tapped call; hooks ignore other threads' calls of the model.
     """
 
-    def __init__(self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int) -> None:
+    def __init__(
+        self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int, edits: dict[str, tuple[HookTarget, Any]]
+    ) -> None:
         self.values: dict[str, Any] = {}
+        self._edits = {(t.path, t.call_index): fn for t, fn in edits.values()}
+        self.edited: set[tuple[str, int]] = set()  # (path, call index) of the edits applied
+        self.edited_in_graphs: set[str] = set()  # names edited by the graphs of submodules (_regions)
+        self.stopped = False  # the forward was cut short once every value was captured
         self.calls: dict[str, int] = {}
         self.served: dict[str, int] = {}  # calls of modules served by their own graph (_regions)
         self._wanted = {(t.path, t.call_index): t.name for t in targets.values()}
@@ -140,31 +147,48 @@ class CallLog:
         if self._stop and len(self.values) == self._expected:
             raise _StopForward
 
-    def hook(self, path: str) -> Callable[[nn.Module, Any, Any], None]:
-        def record(module: nn.Module, args: Any, output: Any) -> None:
+    def hook(self, path: str) -> Callable[[nn.Module, Any, Any], Any]:
+        def record(module: nn.Module, args: Any, output: Any) -> Any:
             if threading.get_ident() != self.thread:
-                return  # another thread's call of the same model: not ours
+                return None  # another thread's call of the same model: not ours
             index = self.calls.get(path, 0)
             self.calls[path] = index + 1
+            edit = self._edits.get((path, index))
+            if edit is not None:
+                self.edited.add((path, index))
+                output = edit(output)  # the forward hook's return value replaces the module's output
+                if isinstance(edit, Patch):
+                    output = copy_value(output)  # never let eager code write into the user's tensor
             name = self._wanted.get((path, index))
             if name is not None:
                 self.add(name, copy_value(output) if self._copy else output)
+            return output if edit is not None else None
 
         return mark_fxtap_hook(record)
 
 
 @contextmanager
 def capture(
-    root: nn.Module, targets: dict[str, HookTarget], *, copy: bool = True, stop_when_done: bool = False, extra: int = 0
+    root: nn.Module,
+    targets: dict[str, HookTarget],
+    *,
+    copy: bool = True,
+    stop_when_done: bool = False,
+    extra: int = 0,
+    edits: dict[str, tuple[HookTarget, Any]] | None = None,
 ) -> Iterator[CallLog]:
     """Hook the modules of ``targets`` for the duration of the ``with`` block.
+
+    ``edits`` (name -> (target, module)): the hook returns ``module(output)`` for that call, so
+    the rest of the model sees the replacement; a captured name edited too gets the new value.
 
     The handles are removed in ``finally``, whatever happens. With ``stop_when_done`` the forward
     is cut short (a private exception, swallowed here) as soon as every target is captured,
     and ``extra`` more values arrived through ``add``.
     """
-    paths = {t.path for t in targets.values()}
-    state = CallLog(targets, copy, stop_when_done, extra)
+    edits = edits or {}
+    paths = {t.path for t in targets.values()} | {t.path for t, _ in edits.values()}
+    state = CallLog(targets, copy, stop_when_done, extra, edits)
     handles: list[RemovableHandle] = []
     try:
         for path in sorted(paths):
@@ -172,7 +196,7 @@ def capture(
         try:
             yield state
         except _StopForward:
-            pass
+            state.stopped = True
     finally:
         for handle in handles:
             handle.remove()
@@ -196,4 +220,23 @@ def missing_calls_message(targets: dict[str, HookTarget], state: CallLog, owner:
     return (
         f"{owner}: these names were not produced by this call: {', '.join(parts)}.{why}\n"
         "  A module's later calls are named path_1, path_2, ...; see docs/names.md."
+    )
+
+
+def unapplied_edits_message(
+    edits: dict[str, tuple[HookTarget, Any]], state: CallLog, owner: str, in_graphs: list[str] | None = None
+) -> str:
+    """Which edits found no call to edit in a forward that ran to its end ("" when none): hook
+    edits, and ``in_graphs``, the edits of submodules' own graphs."""
+    if state.stopped:
+        return ""  # the forward stopped once the taps were captured: later edits had nothing to change
+    missing = [t for t, _ in edits.values() if (t.path, t.call_index) not in state.edited]
+    parts = [f"{t.name!r} (call {t.call_index + 1} of {t.path!r}, which ran {state.calls.get(t.path, 0)} time(s))" for t in missing]
+    parts += [repr(name) for name in in_graphs or [] if name not in state.edited_in_graphs]
+    if not parts:
+        return ""
+    return (
+        f"{owner}: these edits found no call to edit in this forward: {', '.join(parts)}.\n"
+        "  A forward hook edits a module's output only when the module is called as a module (not its "
+        "weights used by another module's code); a module's later calls are named path_1, path_2, ...; see docs/names.md."
     )

@@ -19,6 +19,9 @@ from . import hooks as _hooks
 from . import names as _names
 from . import regions as _regions
 from .analysis import Analysis
+from .edit_placement import EditPlacement
+from .edit_placement import from_regions as edits_in_regions
+from .edit_placement import place as place_edits
 
 __all__ = ["Placement", "place"]
 
@@ -50,6 +53,7 @@ class Placement:
     leaves: dict[str, str] = field(default_factory=dict)
     fallbacks: Fallbacks = field(default_factory=dict)
     regions: list[_regions.Region] = field(default_factory=list)
+    edits: EditPlacement = field(default_factory=EditPlacement)  # how each edit is applied
 
     @property
     def eager_root(self) -> bool:
@@ -73,30 +77,37 @@ class Placement:
                 "its own forward cannot be traced, so it runs eagerly (see Tapped.report()).\n  Tap a traceable submodule "
                 "instead: fxtap.tap(model.get_submodule(path), names), or make the forward traceable (docs/fallback.md)."
             )
-        if self.hooks:
-            detail = "; ".join(f"{name!r}: {self.reasons[name]}" for name in self.hooks)
+        if self.hooks or self.edits.hooks:
+            hooked = {name: self.reasons[name] for name in self.hooks} | {n: self.edits.reasons[n] for n in self.edits.hooks}
+            detail = "; ".join(f"{name!r}: {reason}" for name, reason in hooked.items())
             return (
-                f"some are captured by hooks ({detail}).\n"
+                f"some are captured or edited by hooks ({detail}).\n"
                 "  Hooks cannot be exported. Tap names outside that code, or make it traceable (docs/fallback.md)."
             )
         return ""
 
 
-def place(analysis: Analysis, request: dict[str, str], *, mode: str, note: str = "") -> Placement:
+def place(
+    analysis: Analysis, request: dict[str, str], *, mode: str, note: str = "", edits: dict[str, nn.Module] | None = None
+) -> Placement:
     """Give each requested name a path, or raise ``TapNameError`` for names that do not exist.
+    ``edits`` (name -> edit module) are placed alike (``edit_placement``).
 
     Raises:
         TapNameError: some names do not exist (in ``mode="fx"``: or only hooks could reach them);
-            its ``unknown`` and ``eager_root`` attributes are for the caller's hints.
+            its ``unknown`` and ``eager_root`` attributes are for the caller's hints; or some edit
+            cannot be applied.
     """
     if analysis.traced is None and mode == "auto":
-        return _place_under_eager_root(analysis, request)
+        return _place_under_eager_root(analysis, request, edits or {})
     try:
-        return _place_on_graph(analysis, request, mode=mode, note=note)
+        placement = _place_on_graph(analysis, request, mode=mode, note=note)
     except _Unknown as error:
         known = set(analysis.names())
         error.unknown = [name for name in request if name not in known]  # for the caller's hints
         raise
+    placement.edits = place_edits(analysis, edits or {}, mode=mode)
+    return placement
 
 
 class _Unknown(TapNameError):
@@ -131,15 +142,16 @@ def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, n
     return placement
 
 
-def _place_under_eager_root(analysis: Analysis, request: dict[str, str]) -> Placement:
-    """The root runs eagerly; traceable children holding requested names are traced on their own."""
+def _place_under_eager_root(analysis: Analysis, request: dict[str, str], edits: dict[str, nn.Module]) -> Placement:
+    """The root runs eagerly; traceable children holding requested or edited names are traced on their own."""
     model = analysis.model
-    found = _regions.resolve(model, list(request), analysis.fallbacks[""], hints=analysis.hints)
+    found = _regions.resolve(model, list(request) + [n for n in edits if n not in request], analysis.fallbacks[""], hints=analysis.hints)
+    placed_edits = edits_in_regions(found, edits, request)  # edit-only names leave what is captured
     if found.unknown:
         available = found.available + [p for p, _ in model.named_modules() if p and p not in found.available]
         message = _names.unknown_name_message(found.unknown, type(model).__name__, available)
         raise _Unknown("\n".join([message, *_hooks.alias_hints(model, found.unknown)]), found.unknown, eager_root=True)
-    placement = Placement(request, analysis, fallbacks=found.fallbacks, regions=found.regions)
+    placement = Placement(request, analysis, fallbacks=found.fallbacks, regions=found.regions, edits=placed_edits)
     placement.fx = {name: request[name] for name in found.fx}
     placement.hooks = found.hooks
     placement.reasons = {name: "" for name in found.fx}

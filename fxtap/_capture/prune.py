@@ -25,6 +25,7 @@ are taken to share storage with their inputs.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -34,7 +35,7 @@ from torch import fx, nn
 from . import effects as _effects
 from . import names as _names
 
-__all__ = ["Plan", "facts", "from_torch_nn", "may_change_state", "plan"]
+__all__ = ["Plan", "facts", "from_torch_nn", "may_change_state", "plan", "same_tensor", "written_after"]
 
 _GUARDS = frozenset({torch._assert, getattr(torch, "_assert_async", torch._assert), torch.fx._symbolic_trace._assert_is_none})
 
@@ -209,6 +210,37 @@ class _Ops:
         raise AssertionError(f"expected a kept node at or before {moment}, found none")
 
 
+def written_after(graph: fx.Graph, root: nn.Module, node: fx.Node, kept: Iterable[fx.Node]) -> bool:
+    """Whether a node of ``kept`` after ``node`` writes into storage that ``node``'s value may share."""
+    return _Ops(graph, root).overwritten(node, node, set(kept))
+
+
+def same_tensor(graph: fx.Graph, root: nn.Module) -> Any:
+    """A function giving, for a node, the nodes that are the same tensor object: an in-place
+    op's result and the tensor it wrote into (``x.relu_()``, ``x += y``, ``ReLU(inplace=True)``)."""
+    ops = _Ops(graph, root)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(node: fx.Node) -> fx.Node:
+        while node in parent:
+            node = parent[node]
+        return node
+
+    for node in ops.nodes:
+        inplace = node.op in ("call_function", "call_method") and _effects.inplace(node)
+        if node.op == "call_module":
+            inplace = getattr(ops._module(node), "inplace", False) is True
+        if inplace and node.target is not operator.setitem:
+            for source in _first_input(node):
+                a, b = find(node), find(source)
+                if a is not b:
+                    parent[a] = b
+    for node in ops.nodes:
+        groups.setdefault(find(node), []).append(node)
+    return lambda node: groups.get(find(node), [node])
+
+
 _PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 
 
@@ -218,8 +250,9 @@ def from_torch_nn(module: nn.Module) -> bool:
 
 
 def _opaque(module: nn.Module) -> bool:
-    """A leaf whose code fxtap cannot see: assume it may return or write into its inputs."""
-    return not from_torch_nn(module)
+    """A leaf whose code fxtap cannot see: assume it may return or write into its inputs.
+    (fxtap's own tensor edit is known: it returns a tensor of its own and writes nothing.)"""
+    return not from_torch_nn(module) and not getattr(module, "_fxtap_pure", False)
 
 
 def may_change_state(module: nn.Module) -> bool:

@@ -26,12 +26,14 @@ import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
+from .._errors import FxtapError
 from .._values import copy_value, detach_value
 from . import analysis as _plan
 from . import fx as _fx
 from . import guard as _guard
 from . import hooks as _hooks
 from . import names as _names
+from .edit import Patch
 from .hazards import is_fxtap_hook
 from .model import ModelPaths, stand_in
 
@@ -187,31 +189,45 @@ class Region:
     opaque: dict[str, tuple[str, str]] = field(default_factory=dict)  # local leaves chosen at tap() time
     hookable: dict[str, _hooks.HookTarget] = field(default_factory=dict)  # wanted names that are calls of inner modules
     failed: str = ""  # why the last call could not use a graph
+    edits: dict[str, nn.Module] = field(default_factory=dict)  # global name -> edit, inserted in the graph of that call
     hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
     _graphs: _guard.GraphCache[_Graph | _NoGraph] = field(default_factory=_guard.GraphCache)
 
     def __post_init__(self) -> None:
         self.reserved = self.paths.reserved  # names a later module call's suffix skips
 
-    def run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any], _Graph] | None:
-        """The module's output, the graph's values by local name, and the graph; ``None`` when
-        no graph fits this call."""
+    def run(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], replay: _names.Replay
+    ) -> tuple[Any, dict[str, Any], _Graph, dict[str, str]] | None:
+        """The module's output, the graph's values by local name, the graph and this call's
+        global names (``replay`` names the call); ``None`` when no graph fits this call."""
         template, tensors = _call_template(args, kwargs)
-        key = (self.module.training, template.key())
+        built = self._graph(template, ())
+        if built is None:
+            return None
+        names = replay.call(built.naming)
+        # the edits of this call (a later call of the module has other names): a graph of their own
+        local = tuple((n, g) for n, g in names.items() if n and g in self.edits)
+        if local:
+            built = self._graph(template, local)
+            if built is None:
+                return None
+        values = built.module(*tensors)
+        output = pytree.tree_unflatten(values["output"], built.structure)
+        return output, {local: values[k] for local, k in built.keys.items()}, built, names
+
+    def _graph(self, template: _Template, edits: tuple[tuple[str, str], ...]) -> _Graph | None:
+        key = (self.module.training, template.key(), edits)
         built = self._graphs.lookup(key)
         if built is None:
             with _fx.exclusive():  # concurrent first calls build once
                 built = self._graphs.lookup(key)
                 if built is None:
-                    built = self._build(template) or _NoGraph()
+                    built = self._build(template, {local: self.edits[name] for local, name in edits}) or _NoGraph()
                     self._graphs.put(key, built, built.module.meta.get("fxtap_guard") if isinstance(built, _Graph) else None)
-        if isinstance(built, _NoGraph):
-            return None
-        values = built.module(*tensors)
-        output = pytree.tree_unflatten(values["output"], built.structure)
-        return output, {local: values[k] for local, k in built.keys.items()}, built
+        return None if isinstance(built, _NoGraph) else built
 
-    def _build(self, template: _Template) -> _Graph | None:
+    def _build(self, template: _Template, edits: dict[str, nn.Module]) -> _Graph | None:
         # the submodules that were opaque when the names were placed stay opaque, so that names
         # placed on hooks inside them are still hooked (a list argument may make them traceable)
         spec: list[Any] = []
@@ -221,12 +237,12 @@ class Region:
             self.failed = f"{self.path!r} cannot be traced for this call: {analysis.fallbacks[''][1]}"
             return None
         inner = sorted({local for local in self.wanted.values() if local})  # "" is the output itself
-        missing = [local for local in inner if local not in analysis.traced.points]
+        missing = [local for local in [*inner, *edits] if local not in analysis.traced.points]
         if missing:
             self.failed = f"{self.path!r} traced for this call has no {', '.join(map(repr, missing))}"
             return None
         keys = {local: f"v{i}" for i, local in enumerate(inner)}  # a local name may be "output"
-        graph = _fx.build(analysis.traced, keys, keep_output=True, detach=False, run_modules=self.keep)
+        graph = _fx.build(analysis.traced, keys, keep_output=True, detach=False, run_modules=self.keep, edits=edits)
         inlined = {_names.join(self.path, p): n for p, n in analysis.traced.inlined.items()}
         return _Graph(graph, keys, inlined, analysis.traced.naming, spec[0] if spec else None)
 
@@ -422,12 +438,13 @@ def _dispatcher(region: Region, original: Callable[..., Any], state: _hooks.Call
         count += 1
         state.served[region.path] = count
         current = replay
-        result = region.run(args, kwargs) if current is not None else None
+        result = region.run(args, kwargs, current) if current is not None else None
         if current is None or result is None:
             replay = None  # later calls cannot be named without this call's graph: they run eagerly too
             return _eager(region, original, state, own, keep, args, kwargs)
-        output, values, graph = result
-        names = current.call(graph.naming)
+        output, values, graph, names = result
+        output = _edit_output(region, names[""], output)
+        state.edited_in_graphs.update(name for name in names.values() if name in region.edits)
         for path, calls in graph.inlined.items():  # keep hook call numbering right for later calls
             state.calls[path] = state.calls.get(path, 0) + calls
         shared = _storages((output, args, kwargs))
@@ -451,18 +468,41 @@ def _eager(
     kwargs: dict[str, Any],
 ) -> Any:
     """Run a call that no graph fits: names of inner module calls still come from hooks."""
-    if region.root is None or not region.hookable:
+    edits = _hookable_edits(region, own)
+    if region.root is None or not (region.hookable or edits):
         output = original(*args, **kwargs)
     else:
-        with _hooks.capture(region.root, region.hookable) as inner:
+        with _hooks.capture(region.root, region.hookable, edits=edits) as inner:
             inner.calls.update(state.calls)  # number calls across the whole forward, not from here
             output = original(*args, **kwargs)
         for path, calls in inner.calls.items():
             state.calls[path] = max(state.calls.get(path, 0), calls)
         for name, value in inner.values.items():
             keep(name, value)
+        state.edited_in_graphs.update(n for n, (t, _) in edits.items() if (t.path, t.call_index) in inner.edited)
+    output = _edit_output(region, own, output)
+    if own in region.edits:
+        state.edited_in_graphs.add(own)
     keep(own, copy_value(output))
     return output
+
+
+def _edit_output(region: Region, name: str, output: Any) -> Any:
+    """The module's own output, edited when this call's name is edited (as a forward hook would)."""
+    edit = region.edits.get(name)
+    if edit is None:
+        return output
+    return copy_value(edit(output)) if isinstance(edit, Patch) else edit(output)
+
+
+def _hookable_edits(region: Region, own: str) -> dict[str, tuple[_hooks.HookTarget, nn.Module]]:
+    """The region's edits for a call that runs eagerly: inner module calls go to hooks; an op
+    inside cannot be edited without the graph, and fxtap never drops an edit silently."""
+    names = [name for name in region.edits if name != own and not name.startswith(region.path + "_")]
+    targets, ops = _hooks.hook_targets(region.root or region.module, names, region.paths)
+    if ops:
+        raise FxtapError(f"cannot apply the edits {', '.join(map(repr, ops))}: {region.failed or 'no graph fits this call'}")
+    return {name: (target, region.edits[name]) for name, target in targets.items() if target.path != region.path}
 
 
 def _storages(value: Any) -> set[int]:

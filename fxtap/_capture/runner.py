@@ -48,6 +48,12 @@ class Runner:
         hooks = self.placement.hooks
         return {name: detach_value(values[name]) if self._detach else values[name] for name in hooks}
 
+    def _unapplied(self, model: nn.Module, captured: _hooks.CallLog, in_graphs: list[str]) -> None:
+        """An edit that found no call to edit is an error, as a tap that found none is."""
+        message = _hooks.unapplied_edits_message(self.placement.edits.hooks, captured, type(model).__name__, in_graphs)
+        if message:
+            raise MissingCallError(message)
+
     def _missing(self, model: nn.Module, captured: _hooks.CallLog, expected: set[str]) -> None:
         if expected <= set(captured.values):
             return
@@ -81,8 +87,9 @@ class HookedGraphRunner(GraphRunner):
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
-        with _hooks.capture(model, hooks) as captured:
+        with _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured:
             from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
+        self._unapplied(model, captured, [])
         self._missing(model, captured, set(hooks))
         hooked = self._hooked(captured.values)
         out = {key: hooked[name] if name in hooks else from_graph[key] for name, key in self.placement.request.items()}
@@ -100,9 +107,10 @@ class EagerRunner(Runner):
         # Cutting the forward short skips what its rest would do to state (buffers, the RNG):
         # only when nothing in the model may change state (prune.may_change_state).
         stop_early = not self._keep_output and not may_change_state(model)
-        with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=len(placement.fx)) as captured:
+        with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=len(placement.fx), edits=placement.edits.hooks) as captured:
             with _regions.serve(placement.regions, captured, detach=self._detach):
                 output = model(*args, **kwargs)
+        self._unapplied(model, captured, list(placement.edits.fx))
         self._missing(model, captured, set(hooks) | set(placement.fx))
         hooked = self._hooked(captured.values)
         out = {key: hooked[name] if name in hooks else captured.values[name] for name, key in placement.request.items()}
@@ -115,6 +123,6 @@ def make_runner(placement: Placement, graph: fx.GraphModule | None, *, keep_outp
     """The runner for a placement: graph only, graph with hooks, or the eager forward."""
     if graph is None:
         return EagerRunner(placement, keep_output=keep_output, detach=detach)
-    if placement.hooks:
+    if placement.hooks or placement.edits.hooks:
         return HookedGraphRunner(graph, placement, keep_output=keep_output, detach=detach)
     return GraphRunner(graph, placement, keep_output=keep_output, detach=detach)

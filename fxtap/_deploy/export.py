@@ -48,6 +48,7 @@ def export(
     dynamic_batch: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-5,
+    edit: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the taps of ``model`` as one deployable graph, and check the file against eager.
 
@@ -68,6 +69,8 @@ def export(
             within ``|a - e| <= atol + rtol * max|e|`` (the largest value of that output).
         rtol: relative tolerance (other runtimes' float32 kernels add in another order; the
             rounding error grows with the size of the values summed).
+        edit: values replaced in the written graph, as for ``fxtap.edit``; every edit must be
+            on the FX path (TorchScript cannot script a Python function edit: use pt2 or ONNX).
 
     Returns:
         ``path`` as a ``Path``, once the written file was loaded and matched eager.
@@ -94,7 +97,7 @@ def export(
     args = _as_args(example_input)
     if names is None and not isinstance(model, Cut):
         raise ValueError("names is None: pass the tap names to export (None is for a fxtap.Cut, which knows its outputs)")
-    graph = model.graph_module() if isinstance(model, Cut) else _fx_graph(model, names or [])
+    graph = model.graph_module() if isinstance(model, Cut) else _fx_graph(model, names or [], edit)
     with torch.no_grad():
         outputs = dict(graph(*args))
     writer = {"onnx": _write_onnx, "pt2": _write_pt2, "torchscript": _write_torchscript}[fmt]
@@ -145,10 +148,12 @@ def _remove_written(path: Path, before: list[tuple[int, int, int] | None]) -> No
             file.unlink()
 
 
-def _fx_graph(model: nn.Module, names: Mapping[str, str] | Sequence[str]) -> fx.GraphModule:
+def _fx_graph(model: nn.Module, names: Mapping[str, str] | Sequence[str], edit: Mapping[str, Any] | None = None) -> fx.GraphModule:
     """The pruned graph of the taps, or an ``FxtapError`` naming the code that keeps them out of one graph."""
-    tapped = _tapped(model, names, mode="auto", warn=False)  # export raises instead, naming the same code
+    tapped = _tapped(model, names, mode="auto", warn=False, edit=edit)  # export raises instead, naming the same code
     placement = tapped._placement(tapped._spec)
+    if placement.edits.hooks and not placement.hooks:
+        return tapped.graph_module()  # raises, naming the edits that hooks apply
     owner = type(model).__name__
     if placement.eager_root and not placement.hooks:  # an untraceable root whose children fxtap traces one call at a time
         raise FxtapError(

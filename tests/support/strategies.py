@@ -57,6 +57,7 @@ class _Recorder:
     values: dict[str, Any] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    edits: dict[str, Any] = field(default_factory=dict)  # op name -> fn: the line's value becomes fn(value)
 
     def name(self, full: str) -> str:
         k = self.counts.get(full, 0)
@@ -75,6 +76,9 @@ def _op(module: nn.Module, op: str, value: torch.Tensor) -> torch.Tensor:
     recorder = _RECORDING.get()
     if recorder is not None and module._code == "traced":
         name = recorder.name(f"{module._scope}.{op}" if module._scope else op)
+        edit = recorder.edits.get(name)
+        if edit is not None:
+            value = edit(value)  # as if the edit were written in this line
         recorder.values[name] = value.detach().clone()
         recorder.order.append(name)
     return value
@@ -221,15 +225,15 @@ class Inplace(nn.Module):
             t = self.act(t)
         elif self.how == "+=":
             t += other
-            _op(self, "add", t)
+            t = _op(self, "add", t)
         elif self.how == "add_":
-            _op(self, "add_", t.add_(other))
+            t = _op(self, "add_", t.add_(other))
         elif self.how == "F.relu":
-            _op(self, "relu", F.relu(t, inplace=True))
+            t = _op(self, "relu", F.relu(t, inplace=True))
         elif self.how == "relu_":
-            _op(self, "relu_", t.relu_())
+            t = _op(self, "relu_", t.relu_())
         else:
-            _op(self, "mul_", t.mul_(0.5))
+            t = _op(self, "mul_", t.mul_(0.5))
         return h if self.via == "view" else t
 
 
@@ -729,3 +733,43 @@ def case_truth(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], 
     values = {**modules, **recorder.values}
     module_names = [n for n in modules if n != "output"]
     return Truth(values, module_names, list(recorder.values), recorder.order, hook_only)
+
+
+def edited_truth(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], edits: dict[str, Any], *, seed: int = 0
+) -> tuple[Any, dict[str, Any]]:
+    """Run ``model`` eagerly with ``edits`` (name -> fn) applied, without fxtap: a module call's
+    edit is a plain forward hook returning ``fn(output)``; an op's edit is applied by the model's
+    own code in the op's line (``_op``). Returns the output and every value after its edit."""
+    recorder = _Recorder(edits={n: f for n, f in edits.items()})
+    counts: dict[str, int] = {}
+    values: dict[str, Any] = {}
+
+    def make(path: str) -> Any:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            k = counts.get(path, 0)
+            counts[path] = k + 1
+            name = path if k == 0 else f"{path}_{k}"
+            fn = edits.get(name)
+            result = output if fn is None else fn(output)
+            values[name] = _clone(result)
+            return None if fn is None else result
+
+        return hook
+
+    handles = [m.register_forward_hook(make(p)) for p, m in model.named_modules() if p]
+    token = _RECORDING.set(recorder)
+    try:
+        seed_rng(seed)
+        output = model(*args, **kwargs)
+    finally:
+        _RECORDING.reset(token)
+        for handle in handles:
+            handle.remove()
+    return output, {**values, **recorder.values}
+
+
+def _clone(value: Any) -> Any:
+    from .truth import _clone as clone  # namedtuples and dataclasses too
+
+    return clone(value)

@@ -78,9 +78,10 @@ def test_public_api() -> None:
         + ["FeatureInfo", "backbone", "export"]
         + ["Comparison", "compare"]
         + ["Cut", "CutError", "cut"]
+        + ["Edited", "edit"]
     )
     for name in fxtap.__all__:
-        assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._extract", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare", "fxtap._surgery.cut")
+        assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._extract", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare", "fxtap._surgery.cut", "fxtap._edit")
 
 
 def test_import_does_not_import_tabulate() -> None:

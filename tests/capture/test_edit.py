@@ -1,0 +1,189 @@
+"""``fxtap.edit`` and ``tap(..., edit=)`` on small models: placement, errors, copies, export."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxtap
+from fxtap._values import copy_value
+from support.truth import assert_unchanged, model_fingerprint
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return self.out(h + x)
+
+
+class InplaceAfter(nn.Module):
+    """``fc``'s output is later written in place (``relu_``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h.relu_()
+        return h * 2
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gate = Gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gate(self.fc(x))
+
+
+class Gate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # a branch on a tensor's value: torch.fx cannot trace it
+            return torch.relu(self.inner(x))
+        return torch.relu(self.inner(-x))
+
+
+def _quiet_edit(model: nn.Module, edits: dict, **options) -> fxtap.Edited:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        return fxtap.edit(model, edits, **options)
+
+
+def test_edit_callable_matches_code_with_the_edit_written_in() -> None:
+    model, x = Block(), torch.randn(2, 4)
+    edited = fxtap.edit(model, {"add": lambda v: v * 3})
+    torch.testing.assert_close(edited(x), model.out((model.fc(x) + x) * 3), rtol=0, atol=0)
+    assert edited.mode == "fx" and edited.paths == {"add": "fx"}
+
+
+def test_edit_leaves_the_model_unchanged_also_after_an_error() -> None:
+    model, x = Untraceable(), torch.randn(2, 4)
+    before = model_fingerprint(model)
+
+    def boom(value: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+    edited = _quiet_edit(model, {"gate.inner": boom, "fc": torch.zeros(4)})
+    with pytest.raises(RuntimeError, match="boom"):
+        edited(x)
+    assert_unchanged(before, model)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # no routed forward left behind
+
+
+def test_edit_tensor_that_cannot_broadcast_names_the_edit_at_first_call() -> None:
+    edited = fxtap.edit(Block(), {"fc": torch.zeros(3)})
+    with pytest.raises(fxtap.FxtapError, match=r"edit 'fc': a tensor of shape \(3,\) cannot replace a value of shape \(2, 4\)"):
+        edited(torch.randn(2, 4))
+
+
+def test_edit_functional_op_in_untraceable_code_is_refused_with_the_nearest_module() -> None:
+    with pytest.raises(fxtap.TapNameError, match=r"(?s)cannot edit 'gate.relu'.*runs eagerly.*nearest module whose output can be edited is 'gate'"):
+        _quiet_edit(Untraceable(), {"gate.relu": torch.relu})
+
+
+def test_edit_unknown_name_suggests_close_ones() -> None:
+    with pytest.raises(fxtap.TapNameError, match="fcc"):
+        fxtap.edit(Block(), {"fcc": torch.relu})
+
+
+def test_edit_of_module_in_untraceable_code_uses_a_hook() -> None:
+    model, x = Untraceable(), torch.randn(2, 4)
+    edited = _quiet_edit(model, {"gate.inner": lambda v: v + 1, "fc": lambda v: v * 2})
+    h = model.fc(x) * 2
+    expected = torch.relu(model.gate.inner(h if h.sum() > 0 else -h) + 1)
+    torch.testing.assert_close(edited(x), expected, rtol=0, atol=0)
+    assert edited.paths == {"gate.inner": "hook", "fc": "fx"} and edited.mode == "mixed"
+    assert "control flow" in edited.report()  # the reason gate runs eagerly
+    with pytest.raises(fxtap.FxtapError, match="gate.inner"):
+        edited.graph_module()
+
+
+def test_edit_mode_fx_refuses_hooks() -> None:
+    with pytest.raises((fxtap.TraceFailedError, fxtap.TapNameError)):
+        fxtap.edit(Untraceable(), {"gate.inner": torch.relu}, mode="fx")
+
+
+def test_edit_rejects_bad_edits() -> None:
+    with pytest.raises(TypeError, match="edit 'fc'"):
+        fxtap.edit(Block(), {"fc": 3})
+    with pytest.raises(ValueError, match="empty"):
+        fxtap.edit(Block(), {})
+    with pytest.raises(ValueError, match="mode"):
+        fxtap.edit(Block(), {"fc": torch.relu}, mode="graph")  # type: ignore[arg-type]
+
+
+def test_edit_module_trains_while_the_model_is_shared() -> None:
+    model, x = Block(), torch.randn(2, 4)
+    adapter = nn.Linear(4, 4)
+    edited = fxtap.edit(model, {"fc": adapter})
+    own = {id(p) for p in edited.parameters()}
+    assert {id(p) for p in adapter.parameters()} <= own and {id(p) for p in model.parameters()} <= own
+    edited(x).sum().backward()
+    expected = torch.autograd.grad(model.out(adapter(model.fc(x)) + x).sum(), adapter.weight)[0]
+    torch.testing.assert_close(adapter.weight.grad, expected)
+
+
+def test_edit_tap_of_edited_name_returns_the_value_after_the_edit() -> None:
+    model, x = Block(), torch.randn(2, 4)
+    taps = fxtap.tap(model, ["fc", "add"], edit={"fc": torch.ones(4)})(x)
+    torch.testing.assert_close(taps["fc"], torch.ones(2, 4))
+    torch.testing.assert_close(taps["add"], torch.ones(2, 4) + x)
+
+
+def test_edit_patch_is_copied_only_where_an_inplace_op_writes_into_it() -> None:
+    x, patch = torch.randn(2, 4), torch.randn(2, 4)
+    saved = patch.clone()
+    written = fxtap.edit(InplaceAfter(), {"fc": patch})
+    torch.testing.assert_close(written(x), saved.relu() * 2)
+    torch.testing.assert_close(patch, saved, rtol=0, atol=0)  # the user's tensor is never written
+    assert copy_value.__name__ in written.graph_module().code
+    read_only = fxtap.edit(Block(), {"fc": patch})
+    assert copy_value.__name__ not in read_only.graph_module().code
+    hooked = _quiet_edit(InplaceAfter(), {"fc": patch}, mode="hooks")
+    hooked(x)
+    torch.testing.assert_close(patch, saved, rtol=0, atol=0)
+
+
+def test_edit_exports_and_compiles() -> None:
+    model, x = Block().eval(), torch.randn(2, 4)
+    edited = fxtap.edit(model, {"add": lambda v: v * 0.5, "fc": torch.ones(4)})
+    expected = edited(x)
+    exported = torch.export.export(edited, (x,))
+    torch.testing.assert_close(exported.module()(x), expected)
+    compiled = torch.compile(edited, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), expected)
+
+
+def test_export_writes_edited_graph(tmp_path) -> None:
+    model, x = Block().eval(), torch.randn(2, 4)
+    path = fxtap.export(model, ["out"], x, tmp_path / "edited.pt2", edit={"add": lambda v: v * 0.5})
+    loaded = torch.export.load(path).module()
+    torch.testing.assert_close(loaded(x)["out"], model.out((model.fc(x) + x) * 0.5))
+    pytest.importorskip("onnxruntime")
+    onnx = fxtap.export(model, ["out"], x, tmp_path / "edited.onnx", edit={"add": lambda v: v * 0.5, "fc": torch.ones(4)})
+    assert onnx.exists()  # fxtap.export checked the file against the graph, with a dynamic batch
+    with pytest.raises(fxtap.FxtapError, match="gate.inner"):
+        fxtap.export(Untraceable().eval(), ["fc"], x, tmp_path / "no.pt2", edit={"gate.inner": F.relu})
+
+
+def test_edit_prunes_like_taps() -> None:
+    model = InplaceAfter()
+    tapped = fxtap.tap(model, ["fc"], edit={"fc": lambda v: v + 1})
+    code = tapped.graph_module().code
+    assert "relu_" not in code and "mul" not in code  # nothing after the tap runs
