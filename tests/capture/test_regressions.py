@@ -265,3 +265,39 @@ def test_unknown_name_under_an_eager_root_gets_no_other_mode_hint_for_existing_n
     message = str(caught.value)
     assert message.startswith("no tap named 'a_1.fc', 'nope' in _EagerRoot")
     assert "train mode only" not in message
+
+
+class _TuplePair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), x
+
+
+class _PairUser(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = _TuplePair()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pair(x)
+        if isinstance(p, tuple):  # a proxy is no tuple: the trace takes the other branch
+            return p[0] * p[1]
+        return p["u"] - p["v"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: an opaque leaf's output is a proxy while tracing, so code that tells its type apart with "
+    "isinstance takes the wrong branch (here: a user hook makes 'pair' opaque)",
+)
+def test_opaque_leaf_output_checked_with_isinstance() -> None:
+    torch.manual_seed(0)
+    model = _PairUser().eval()
+    model.pair.register_forward_hook(lambda module, inputs, output: None)
+    x = torch.randn(2, 4)
+    with quiet_fallbacks():
+        out = fxtap.tap(model, ["pair.a"], keep_output=True)(x)
+    assert_same(out["output"], model(x))
