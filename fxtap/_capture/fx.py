@@ -44,7 +44,7 @@ from . import edit as _edit
 from .prune import from_torch_nn, plan, written_after
 from .state import random_calls_recorded, rebinding_checked
 
-__all__ = ["NO_HINTS", "Hints", "Made", "TapPoint", "Traced", "build", "exclusive", "gc_paused", "realize", "trace"]
+__all__ = ["NO_HINTS", "Hints", "Made", "TapPoint", "Traced", "build", "copy_without_output", "exclusive", "gc_paused", "realize", "trace"]
 
 # torch.fx patches ``nn.Module.__call__``/``__getattr__`` on the class while it traces and puts
 # back what it found when it is done: two traces overlapping in time would put back each other's
@@ -447,12 +447,7 @@ def _build(
     run_modules: frozenset[str],
     edits: dict[str, nn.Module],
 ) -> fx.GraphModule:
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    old_output = graph.graph_copy(traced.graph, env)
-    for node in list(graph.nodes):
-        if node.op == "output":
-            graph.erase_node(node)
+    graph, env, old_output = copy_without_output(traced)
     points = {key: _copied(traced.points[name], env) for name, key in request.items()}
     root, inserted = traced.root, None
     if edits:
@@ -525,6 +520,18 @@ def _moved(point: TapPoint, value: Argument) -> TapPoint:
     position = {node: i for i, node in enumerate(point.moment.graph.nodes)}
     latest = max([point.moment, *_nodes_of([value])], key=position.__getitem__)
     return point._replace(value=value, moment=latest)
+
+
+def copy_without_output(traced: Traced) -> tuple[fx.Graph, dict[fx.Node, fx.Node], Argument]:
+    """A copy of the traced graph without its output node: the copy, old node -> new node, and
+    what the output node returned (in the copy's nodes)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    old_output = graph.graph_copy(traced.graph, env)
+    for node in list(graph.nodes):
+        if node.op == "output":
+            graph.erase_node(node)
+    return graph, env, old_output
 
 
 def _snapshot_of(snapshots: dict[tuple[fx.Node, fx.Node], fx.Node], moment: fx.Node) -> Any:

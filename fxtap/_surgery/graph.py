@@ -53,12 +53,7 @@ def split(traced: _fx.Traced, inputs: dict[str, str], outputs: dict[str, str], e
             lists their tap names), or a cut input is not one tensor, or an in-place write after
             the cut cannot be reproduced.
     """
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    old_output = graph.graph_copy(traced.graph, env)
-    for node in list(graph.nodes):
-        if node.op == "output":
-            graph.erase_node(node)
+    graph, env, old_output = _fx.copy_without_output(traced)
     order = {n: i for i, n in enumerate(graph.nodes)}
     before = facts(graph, traced.root)  # alias classes of the model's own graph
     names = _Names(traced, env, order)
