@@ -83,25 +83,19 @@ def describe(model: nn.Module, *, train: bool = False, mode: str = "auto", hints
             graph_names = {n: ("", "") for n in found.available}  # kinds and types below, as hooks see them
             known = set(found.available)
             ordered = found.available + [path for path in analysis.names() if path not in known]
-    targets, _ = hook_targets(model, [n for n in ordered if n not in graph_names])
+    # one pass over the model's paths for every name whose kind hooks decide (a module call or not)
+    targets, _ = hook_targets(model, [n for n in ordered if not graph_names.get(n, ("", ""))[0]])
     infos = []
     for name in ordered:
-        if name in graph_names:
-            kind, module_type = graph_names[name]
-            if not kind:
-                kind, module_type = _kind_of(model, name)
-            infos.append(NameInfo(name, kind, module_type, "fx"))
-        else:
-            target = targets.get(name)
-            module_type = type(model.get_submodule(target.path)).__name__ if target is not None else ""
+        target = targets.get(name)
+        module_type = type(model.get_submodule(target.path)).__name__ if target is not None else ""
+        if name not in graph_names:
             infos.append(NameInfo(name, "module", module_type, "hook"))
+        elif graph_names[name][0]:
+            infos.append(NameInfo(name, *graph_names[name], "fx"))
+        else:  # found by a child's own trace: a module call, or an op
+            infos.append(NameInfo(name, "module" if target is not None else "op", module_type, "fx"))
     return infos
-
-
-def _kind_of(model: nn.Module, name: str) -> tuple[str, str]:
-    """Kind and module type of a name that a child's own trace found: a module call, or an op."""
-    target = hook_targets(model, [name])[0].get(name)
-    return ("module", type(model.get_submodule(target.path)).__name__) if target is not None else ("op", "")
 
 
 def locate(model: nn.Module, name: str, *, concrete_args: dict[str, Any] | None = None) -> Located | None:
