@@ -158,8 +158,6 @@ def names(
     return [info.name for info in describe(model, train=train, mode=mode, hints=hints)]
 
 
-
-
 class Tapped(nn.Module):
     """A model wrapped to return intermediate values; built by ``fxtap.tap``.
 
@@ -197,7 +195,8 @@ class Tapped(nn.Module):
         self._detach = detach
         self._keep_output = keep_output
         self._hints = hints
-        self._warned: set[str] = set() if warn else _EVERYTHING
+        self._warn = warn  # False: the caller reports fallbacks itself
+        self._warned: set[str] = set()  # paths already warned about, once per Tapped
         self._runners: GraphCache[Runner] = GraphCache()  # guarded, bounded: see _capture/guard.py
         self._build_lock = threading.Lock()
         self._calls = _call.CallSpecs(model)
@@ -356,7 +355,7 @@ class Tapped(nn.Module):
 
     # -- the only place fxtap warns ----------------------------------------------------------------
     def _warn_fallbacks(self, fallbacks: dict[str, tuple[str, str]], placement: Placement | None) -> None:
-        if self._mode_arg != "auto":
+        if self._mode_arg != "auto" or not self._warn:
             return
         if "" in fallbacks:
             if "" not in self._warned:
@@ -369,17 +368,6 @@ class Tapped(nn.Module):
                 _warn(_opaque_message(path, module_type, reason))
 
 
-class _Everything(set[str]):
-    """A set that holds every string: a Tapped that never warns has warned about everything."""
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-    def add(self, item: str) -> None:
-        pass
-
-
-_EVERYTHING = _Everything()
 _SILENCE = "See Tapped.report(); silence with mode=\"hooks\" or warnings.filterwarnings('ignore', category=fxtap.FallbackWarning)."
 
 
