@@ -13,6 +13,7 @@ import gc
 import inspect
 import math
 import operator
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -142,6 +143,17 @@ class _Proxy(fx.Proxy):
     def __setitem__(self, key: Any, value: Any) -> None:
         self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # read by isinstance(p, C) when C is not a Proxy class
+        return _hazards.type_read(self, sys._getframe(1))
+
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        return _Attribute(self, k)
+
+
+class _Attribute(fx.proxy.Attribute, _Proxy):
+    """``p.attr`` of a traced value: its type is checked as the value's is."""
+
 
 def _inplace_dunder(op: Any) -> Any:
     def method(self: _Proxy, other: Any) -> fx.Proxy:
@@ -218,6 +230,8 @@ class _TapTracer(fx.Tracer):
         """Also an object FX cannot write as a literal (torchvision's ``LevelMapper``, which
         ``MultiScaleRoIAlign`` caches on itself at its first call) when it is an attribute of one
         of the model's modules: a ``get_attr`` of that path, as FX does for parameters."""
+        if isinstance(a, fx.Proxy):  # the most common argument, before torch.fx's isinstance checks
+            return a.node
         try:
             with _hazards.tracer_internals():  # torch.fx stores tensor constants on the root: not the model's write
                 return super().create_arg(a)

@@ -8,12 +8,19 @@ as a cache) would run once, at trace time, and never again. ``watching`` makes e
 ``Hazard`` in the forward that does it, so that ``analysis.analyse`` makes that module an opaque
 leaf (it runs eagerly, through ``__call__``) and says why.
 
+Code that tells a traced value's type apart (``isinstance(p, tuple)`` on what an opaque leaf
+returned, ``isinstance(h, torch.Tensor)``) would see a Proxy, not the tuple, dict, dataclass or
+tensor that the model sees, and the graph would hold the branch taken for a Proxy: ``type_read``
+(the ``__class__`` that ``isinstance`` reads) makes that a hazard of the forward that asked.
+
 The patches are installed for the duration of a trace only, and act only in the tracing thread:
 any other thread gets the original functions.
 """
 
 from __future__ import annotations
 
+import dis
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-__all__ = ["Hazard", "global_hooks", "is_fxtap_hook", "mark_fxtap_hook", "user_hooks", "watching"]
+__all__ = ["Hazard", "global_hooks", "is_fxtap_hook", "mark_fxtap_hook", "type_read", "user_hooks", "watching"]
 
 
 class Hazard(RuntimeError):
@@ -171,3 +178,80 @@ def _recording(original: Callable[[], bool]) -> Callable[[], bool]:
         return original()
 
     return is_grad_enabled
+
+
+# modules whose code inspects values on the model's behalf: a type check made there was asked by
+# the frame that called them (``isinstance(p, nn.Parameter)`` runs ``_ParameterMeta.__instancecheck__``)
+_PASS_THROUGH = ("torch.nn.parameter", "abc", "typing")
+# torch itself (torch.fx's machinery, ``nn.Module.__setattr__``, the Python side of operators)
+# and fxtap's tracer, which inspect every value they are handed: not the model's own decisions
+_INTERNAL = ("torch.", "fxtap.")
+
+
+def type_read(proxy: Any, frame: Any) -> type:
+    """The ``__class__`` of a Proxy of the tracer of this thread's trace, read by the code of
+    ``frame``: ``isinstance`` reads it when the Proxy's own type is not the class asked for.
+
+    Asked by the model's code, that is a hazard: the value is a tuple, a dict, a dataclass or a
+    tensor when the model runs, and the graph would hold the branch taken for a Proxy. Asked by
+    torch.fx or fxtap (which inspect every value they record), it is the Proxy's type.
+    """
+    own = type(proxy)
+    tracer = _STATE.tracer
+    if tracer is None or _STATE.internal or proxy.__dict__.get("tracer") is not tracer:
+        return own
+    module = frame.f_globals.get("__name__", "")
+    while module in _PASS_THROUGH and frame.f_back is not None:
+        frame = frame.f_back
+        module = frame.f_globals.get("__name__", "")
+    if module.startswith(_INTERNAL) or module == "torch" or not _inspects_type(frame.f_code, frame.f_lasti):
+        return own  # e.g. torch's C argument parser, which checks every argument's type for a SymInt
+    hazard = Hazard(
+        f"checks the type of {_what(proxy)} (isinstance, in {frame.f_code.co_filename}:{frame.f_lineno}), which is a Proxy "
+        "while tracing, so a graph would hold the branch taken for a Proxy, not for the value the model sees"
+    )
+    tracer.found(hazard)
+    raise hazard
+
+
+def _what(proxy: Any) -> str:
+    node = proxy.__dict__.get("_node") if "root" in proxy.__dict__ else proxy.__dict__.get("node")
+    if node is None:  # an attribute of a traced value, not recorded yet
+        return f"the attribute {proxy.__dict__.get('attr')!r} of a traced value"
+    if node.op == "call_module":
+        return f"the output of {node.target!r}"
+    if node.op == "placeholder":
+        return f"the input {str(node.target).lstrip('*')!r}"
+    return f"a traced value ({node.op} {getattr(node.target, '__name__', node.target)})"
+
+
+_TYPE_CHECKS = frozenset({"isinstance", "issubclass"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _inspects_type(code: Any, lasti: int) -> bool:
+    """Whether the instruction at ``lasti`` of ``code`` reads a type: a call of the builtin
+    ``isinstance`` (or ``issubclass``), or ``x.__class__``. A C function called there that
+    checks its arguments' types (torch's argument parser) is no type check of the model's.
+    When the bytecode around the call is not understood (a conditional expression among the
+    arguments), it is taken as a type check: the caller then runs eagerly, which is always right.
+    """
+    instructions = list(dis.get_instructions(code))
+    at = next((i for i, ins in enumerate(instructions) if ins.offset == lasti), None)
+    if at is None:
+        return True
+    call = instructions[at]
+    if call.opname == "LOAD_ATTR":
+        return call.argval == "__class__"
+    if not call.opname.startswith("CALL") or call.arg is None:
+        return True
+    need = call.arg + 1  # the arguments and the callable, pushed before the call
+    for ins in reversed(instructions[:at]):
+        if ins.opname in ("PRECALL", "KW_NAMES", "NOP", "CACHE"):
+            continue
+        if ins.is_jump_target or "JUMP" in ins.opname:
+            return True
+        need -= dis.stack_effect(ins.opcode, ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None, jump=False)
+        if need <= 0:
+            return ins.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST") and ins.argval in _TYPE_CHECKS
+    return True

@@ -288,11 +288,6 @@ class _PairUser(nn.Module):
         return p["u"] - p["v"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: an opaque leaf's output is a proxy while tracing, so code that tells its type apart with "
-    "isinstance takes the wrong branch (here: a user hook makes 'pair' opaque)",
-)
 def test_opaque_leaf_output_checked_with_isinstance() -> None:
     torch.manual_seed(0)
     model = _PairUser().eval()

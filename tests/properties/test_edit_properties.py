@@ -10,6 +10,7 @@ parameters and of the edit modules' parameters. A tensor handed in as an edit is
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -50,6 +51,8 @@ def _map(value: Any, fn: Any) -> Any:
         return tuple(_map(v, fn) for v in value)
     if isinstance(value, list):
         return [_map(v, fn) for v in value]
+    if dataclasses.is_dataclass(value):
+        return type(value)(**{f.name: _map(getattr(value, f.name), fn) for f in dataclasses.fields(value)})
     return {k: _map(v, fn) for k, v in value.items()}
 
 

@@ -21,7 +21,8 @@ dict valued submodules; a submodule called with a keyword input; when asked for 
 buffers written in place and read later (``Stateful``: an EMA, a counter, a queue); and, when asked for, code that
 torch.fx cannot trace (a branch on a tensor, a data-dependent loop, ``int(x.shape[0])``) or
 whose semantics a graph cannot hold (a grad-mode or autocast context in forward, a user hook
-that changes a block's input or output), nested at random depth, possibly in the root's own
+that changes a block's input or output, code that tells apart by ``isinstance`` what a hooked
+module returned), nested at random depth, possibly in the root's own
 ``forward``.
 
 In-place ops only ever write into a tensor that a ``Linear`` (or a ``Sequential`` ending in one)
@@ -293,6 +294,46 @@ class PairUse(nn.Module):
         return _op(self, "sub", p["u"] - p["v"])
 
 
+class HookedPair(Pair):
+    """A ``Pair`` (or, ``how="tensor"``, one tensor) with a user hook that scales what it returns,
+    keeping its type: in a graph it is one opaque step, whose output is a Proxy while tracing."""
+
+    def __init__(self, a: nn.Module, b: nn.Module, how: str) -> None:
+        super().__init__(a, b, how)
+        self.register_forward_hook(_steer_pair)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.how == "tensor":
+            return _op(self, "add", self.a(x) + self.b(x))
+        return super().forward(x)
+
+
+def _steer_pair(module: nn.Module, inputs: Any, output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output * 0.5
+    if isinstance(output, dict):
+        return {key: value * 0.5 for key, value in output.items()}
+    if isinstance(output, PairData):
+        return PairData(output.u * 0.5, output.v * 0.5)
+    return type(output)(*(value * 0.5 for value in output)) if isinstance(output, PairTuple) else tuple(v * 0.5 for v in output)
+
+
+class TypedPairUse(PairUse, Untraceable):
+    """Tells apart what an opaque module returned by its type (``isinstance``): while tracing it
+    is a Proxy, so no graph can hold this code (the class of the ``test_opaque_leaf_output_checked_
+    with_isinstance`` regression): it runs eagerly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pair(x)
+        if isinstance(p, torch.Tensor):
+            return _op(self, "neg", -p)
+        if isinstance(p, tuple):
+            return _op(self, "mul", p[0] * p[1])
+        if isinstance(p, PairData):
+            return _op(self, "sub", p.u - p.v)
+        return _op(self, "sub", p["u"] - p["v"])
+
+
 class Mix(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -493,7 +534,7 @@ class RootKw(_Root):
 # -- specs ------------------------------------------------------------------------------------------------
 LEAVES = ("linear", "tanh", "relu", "gelu", "layernorm", "batchnorm", "dropout", "identity")
 COMPOSITES = ("seq", "stack", "router", "residual", "concat", "arith", "view", "repeat", "inplace", "train", "pair", "mix")
-UNTRACEABLE = ("gate", "loop", "intshape", "ctx", "hooked")  # the last two: semantics a graph cannot hold
+UNTRACEABLE = ("gate", "loop", "intshape", "ctx", "hooked", "typedpair")  # the last three: semantics a graph cannot hold
 
 
 @dataclass(frozen=True)
@@ -550,6 +591,7 @@ def build_block(spec: Spec) -> nn.Module:
         "intshape": lambda: IntShape(kids[0]),
         "ctx": lambda: Ctx(kids[0], how),
         "hooked": lambda: Hooked(kids[0], how),
+        "typedpair": lambda: TypedPairUse(HookedPair(kids[0], kids[1], how)),
     }
     return simple[kind]()
 
@@ -564,10 +606,11 @@ _HOW = {
     "state": ("ema", "counter", "last", "queue"),
     "ctx": ("no_grad", "set_grad_enabled", "enable_grad", "autocast"),
     "hooked": ("forward", "pre", "kwargs"),
+    "typedpair": ("tuple", "dict", "namedtuple", "dataclass", "tensor"),
 }
 _ARITY = {
     "state": 1, "router": 2, "residual": 1, "concat": 2, "arith": 2, "repeat": 1, "train": 2, "pair": 2,
-    "mix": 2, "gate": 2, "loop": 1, "intshape": 1, "ctx": 1, "hooked": 1,
+    "mix": 2, "gate": 2, "loop": 1, "intshape": 1, "ctx": 1, "hooked": 1, "typedpair": 2,
 }  # fmt: skip
 _INPLACE_HOW = ("act", "+=", "add_", "F.relu", "relu_", "mul_")
 _INPLACE_VIA = ("none", "identity", "dropout", "view")
@@ -655,7 +698,7 @@ def _annotate(model: nn.Module) -> None:
         if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             code[path], call = parent, "fx"  # never called: its children are called by its owner
         elif parent == "traced":
-            code[path], call = ("opaque" if isinstance(module, (Untraceable, Hooked)) else "traced"), "fx"
+            code[path], call = ("opaque" if isinstance(module, (Untraceable, Hooked, HookedPair)) else "traced"), "fx"
         elif parent == "opaque":
             code[path], call = "opaque", "hook"
         elif isinstance(module, Untraceable):
