@@ -139,12 +139,20 @@ def build(
     holds them, else by forward hooks on module outputs; ``placement.edits`` says which.
     """
     with _fx.gc_paused():  # building allocates a few objects per node: see gc_paused
-        analysis = analyse(model, mode=mode, concrete_args=concrete_args, hints=hints)
-        placement = place(analysis, request, mode=mode, note=note, edits=edits or {})
-        graph = None
-        if analysis.traced is not None and mode != "hooks":
+        # FX writes the code of the graph it builds anyway: the traced graph's code is written
+        # (and a failure blamed on a module, which then falls back) only when that fails
+        for write_code in (False, True):
+            analysis = analyse(model, mode=mode, concrete_args=concrete_args, hints=hints, write_code=write_code)
+            placement = place(analysis, request, mode=mode, note=note, edits=edits or {})
+            graph = None
+            if analysis.traced is None or mode == "hooks":
+                break
             leaves = frozenset(placement.leaves.values())
-            graph = _fx.build(
-                analysis.traced, placement.fx, keep_output=keep_output, detach=detach, run_modules=leaves, edits=placement.edits.fx
-            )
+            try:
+                graph = _fx.build(
+                    analysis.traced, placement.fx, keep_output=keep_output, detach=detach, run_modules=leaves, edits=placement.edits.fx
+                )
+                break
+            except _fx.Unwritten:
+                continue
     return make_runner(placement, graph, keep_output=keep_output, detach=detach)

@@ -61,12 +61,15 @@ def analyse(
     concrete_args: dict[str, Any] | None,
     fallbacks: dict[str, tuple[str, str]] | None = None,
     hints: _fx.Hints = _fx.NO_HINTS,
+    write_code: bool = True,
 ) -> Analysis:
     """Trace ``model``; in ``mode="auto"`` make each untraceable submodule a leaf and retry.
 
     Args:
         fallbacks: submodules to keep opaque from the start (path -> (type, reason)), so that a
             new trace of the same model puts the same names on hooks.
+
+        write_code: see ``fx.trace``.
 
     Raises:
         TraceFailedError: in ``mode="fx"``, naming the untraceable submodule.
@@ -77,7 +80,7 @@ def analyse(
     leaves: dict[str, nn.Module] = {path: model.get_submodule(path) for path in fallbacks}
     while True:
         try:
-            traced = _fx.trace(model, leaves=frozenset(leaves.values()), concrete_args=concrete_args, hints=hints)
+            traced = _fx.trace(model, leaves=frozenset(leaves.values()), concrete_args=concrete_args, hints=hints, write_code=write_code)
             return Analysis(model, traced, fallbacks, hints)
         except TraceFailedError as error:
             if mode == "fx":

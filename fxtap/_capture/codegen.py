@@ -10,7 +10,8 @@ FX writes a graph as Python source. Three things break that source, and each has
   (``split_fixed``, ``with_fixed``);
 - attribute paths that are not valid Python (a submodule named ``in``), or any other failure of
   code generation: ``check_code`` raises ``CodeError``, which ``fx.trace`` turns into a trace
-  failure, so that code falls back like any other.
+  failure, so that code falls back like any other. (``tap()`` writes only the code of the graph
+  it builds, and checks each traced graph's code only when that fails: ``fx.Unwritten``.)
 """
 
 from __future__ import annotations
@@ -136,10 +137,11 @@ def _writable(target: str) -> bool:
     )
 
 
-def check_code(graph: fx.Graph, root: nn.Module) -> None:
+def check_code(graph: fx.Graph, root: nn.Module, *, write: bool = True) -> None:
     """Fail like a trace does when FX cannot write the graph's code (a submodule named ``in``:
     ``nn.ModuleDict({"in": ...})``), blaming the module whose code reads that path, so that it
-    falls back like any other untraceable code."""
+    falls back like any other untraceable code. ``write=False`` checks the attribute paths only,
+    not the whole generated code."""
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and not _writable(str(node.target)):
             scope = node.meta.get("fxtap_scope", "")
@@ -147,6 +149,8 @@ def check_code(graph: fx.Graph, root: nn.Module) -> None:
             what = "a Python keyword" if keyword.iskeyword(bad) else "not writable as an attribute name"
             reason = f"SyntaxError: its code would name {str(node.target)!r}, and {bad!r} is {what}"
             raise CodeError(scope, type(root.get_submodule(scope)).__name__, reason)
+    if not write:
+        return
     try:
         compile(graph.python_code(root_module="self").src, "<fxtap>", "exec")
     except Exception as error:  # any other failure of FX's code generation

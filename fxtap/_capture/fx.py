@@ -45,7 +45,7 @@ from . import edit as _edit
 from .prune import from_torch_nn, plan, written_after
 from .state import random_calls_recorded, rebinding_checked
 
-__all__ = ["NO_HINTS", "Hints", "Made", "TapPoint", "Traced", "build", "copy_without_output", "exclusive", "gc_paused", "realize", "trace"]
+__all__ = ["NO_HINTS", "Hints", "Made", "TapPoint", "Traced", "Unwritten", "build", "copy_without_output", "exclusive", "gc_paused", "realize", "trace"]
 
 # torch.fx patches ``nn.Module.__call__``/``__getattr__`` on the class while it traces and puts
 # back what it found when it is done: two traces overlapping in time would put back each other's
@@ -131,6 +131,12 @@ class Traced:
     naming: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, key, name) of every name handed out
     source: nn.Module | None = None  # the user's module that was traced (``root`` is fxtap's stand-in of it)
     reads_grad_mode: bool = False  # the traced code read torch.is_grad_enabled(): the graph holds one branch
+    code_checked: bool = True  # False: FX's code of the graph was not written yet (trace(write_code=False))
+
+
+class Unwritten(Exception):
+    """FX could not write the code of a graph built from a trace whose code was not checked
+    (``trace(write_code=False)``): trace again with ``write_code=True``, which blames the module."""
 
 
 class _Proxy(fx.Proxy):
@@ -384,8 +390,13 @@ def trace(
     leaves: frozenset[nn.Module] = frozenset(),
     concrete_args: dict[str, Any] | None = None,
     hints: Hints = NO_HINTS,
+    write_code: bool = True,
 ) -> Traced:
     """Trace ``model`` and name every node.
+
+    ``write_code=False`` checks the attribute paths that FX's code names, but does not write the
+    graph's whole code (``codegen.check_code``): ``build`` then raises ``Unwritten`` where FX
+    cannot write the code of the graph it builds, and the caller traces again with ``True``.
 
     Raises:
         TraceFailedError: tracing failed; ``.module`` names the innermost submodule whose
@@ -412,7 +423,7 @@ def trace(
             _hazards.watching(tracer),
         ):
             graph = tracer.trace(root, concrete_args=concrete_args)
-            check_code(graph, root)
+            check_code(graph, root, write=write_code)
     except TraceFailedError:
         raise
     except CodeError as error:
@@ -429,7 +440,7 @@ def trace(
         where = f"submodule {path!r} ({kind})" if path else f"the forward of {kind} itself"
         raise TraceFailedError(f"torch.fx cannot trace {where}: {hazard}", module=path, module_type=kind, reason=str(hazard))
     source = getattr(type(model), "_fxtap_source", model)
-    return Traced(graph, root, tracer.points, tracer.inlined, tracer.naming, source, tracer.reads_grad_mode)
+    return Traced(graph, root, tracer.points, tracer.inlined, tracer.naming, source, tracer.reads_grad_mode, write_code)
 
 
 def build(
@@ -501,7 +512,12 @@ def _build(
     for node in graph.nodes:
         node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
     graph.lint()
-    module = fx.GraphModule(root, graph, class_name=f"Tapped{type(traced.root).__name__}")  # root: the model and its edit modules
+    try:
+        module = fx.GraphModule(root, graph, class_name=f"Tapped{type(traced.root).__name__}")  # root: the model and its edit modules
+    except Exception as error:
+        if traced.code_checked:
+            raise
+        raise Unwritten(summary(error)) from error
     if traced.source is not None:
         called = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
         read = {str(n.target) for n in traced.graph.nodes if n.op == "get_attr"}

@@ -90,6 +90,41 @@ def test_keyword_named_submodule_is_named_in_the_warning_and_fx_mode_error() -> 
         fxtap.tap(Holder(), ["pre"], mode="fx")
 
 
+class Gain(float):
+    """A float whose repr is no Python: FX writes constants with repr, so its code cannot compile."""
+
+    def __repr__(self) -> str:
+        return f"Gain<{float(self)}>"
+
+
+class GainUser(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+        self.head = nn.Linear(2, 2)
+        self.gain = Gain(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(x) * self.gain)
+
+
+def test_graph_whose_code_fx_cannot_write_falls_back() -> None:
+    # tap() writes only the built graph's code; when FX cannot write it, it traces again, checking
+    # each traced graph's code, and the code to blame (here the root's) runs eagerly
+    torch.manual_seed(0)
+    model = GainUser()
+    x = torch.randn(3, 2)
+    with pytest.warns(fxtap.FallbackWarning, match=r"cannot trace the forward of GainUser itself: SyntaxError"):
+        tapped = fxtap.tap(model, ["fc", "head"], keep_output=True)
+    out = tapped(x)
+    assert_same(out["fc"], model.fc(x))
+    assert_same(out["output"], model(x))
+    with pytest.raises(fxtap.TraceFailedError, match="cannot write the code of the forward of GainUser itself"):
+        fxtap.tap(model, ["head"], mode="fx")
+    # a graph that needs no unwritable code is written: "fc" alone does not read the constant
+    assert fxtap.tap(model, ["fc"], mode="fx")(x)["fc"].equal(model.fc(x))
+
+
 class Returns(nn.Module):
     def __init__(self, make: Any) -> None:
         super().__init__()
