@@ -97,8 +97,9 @@ def watch(
     """The guard of a trace of ``source`` that traced through the modules at ``inlined`` (paths,
     the root included implicitly), calls the leaf modules at ``called`` and reads the top-level
     parameters or buffers ``attributes``."""
-    through = _unique([source, *(source.get_submodule(p) for p in inlined if p)])
-    leaves = _unique([m for p in called if (m := _find(source, p)) is not None])
+    at = dict(source.named_modules(remove_duplicate=False))  # path -> module, every path (one walk, not one per path)
+    through = _unique([source, *(at[p] for p in inlined if p)])
+    leaves = _unique([m for p in called if (m := at.get(p)) is not None])
     known: dict[type, bool] = {}
     # a module whose code mentions ``training`` may read a descendant's flag (``self.drop.training``)
     moded = _unique([d for m in through if _reads_training(type(m), known) for d in m.modules()])
@@ -108,7 +109,7 @@ def watch(
     inside = {id(m) for m in through}
     for path in called:  # a leaf called from further up (``self.blocks[0].fc(x)``): guard the way to it
         parent_path, _, name = path.rpartition(".")
-        parent = _find(source, parent_path)
+        parent = at.get(parent_path)
         if parent is not None and id(parent) not in inside:
             slots += watch_paths(source, [path])._slots()
     plain = [
@@ -119,7 +120,7 @@ def watch(
     ]
     for target in attributes:  # parameters and buffers the graph reads (get_attr): by identity, with the plain values
         owner_path, _, name = target.rpartition(".")
-        owner = _find(source, owner_path)
+        owner = at.get(owner_path)
         for registry in (owner._parameters, owner._buffers) if owner is not None else ():
             if name in registry:
                 plain.append((registry, name, registry[name]))
@@ -168,13 +169,6 @@ def _mentions(code: Any, word: str) -> bool:
     if word in code.co_names or word in code.co_consts:
         return True
     return any(_mentions(const, word) for const in code.co_consts if hasattr(const, "co_names"))
-
-
-def _find(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _unique(modules: list[nn.Module]) -> list[nn.Module]:

@@ -44,6 +44,8 @@ def hook_targets(
 
     ``paths``: ``root``'s module paths and other attribute paths, when the caller has them.
     """
+    if not names:  # the common case of a graph holding every name: no walk over the model
+        return {}, []
     if paths is None:
         paths = ModelPaths.of(root)
     module_set = paths.modules - aliases(root).keys()  # a second name of a module is not a name of its calls

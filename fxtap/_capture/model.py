@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -66,15 +67,16 @@ def preserved(model: nn.Module) -> Iterator[None]:
     proxies must not stay on the user's modules.
     """
     saved = {
-        module: (dict(module.__dict__), {r: dict(getattr(module, r, {})) for r in _REGISTRIES})
+        module: (dict(module.__dict__), {r: dict(module.__dict__.get(r) or {}) for r in _REGISTRIES})
         for module in model.modules()
     }
-    # containers the code may fill in place (timm levit's ``attention_bias_cache`` dict)
+    # containers the code may fill in place (timm levit's ``attention_bias_cache`` dict); the
+    # registries are restored above
     contents = {
         id(value): (value, _contents(value))
         for module in saved
-        for value in module.__dict__.values()
-        if type(value) in (dict, list, set)
+        for key, value in module.__dict__.items()
+        if type(value) in (dict, list, set) and key not in _REGISTRIES
     }
     try:
         yield
@@ -82,7 +84,7 @@ def preserved(model: nn.Module) -> Iterator[None]:
         for module, (attributes, registries) in saved.items():
             _restore(module.__dict__, attributes)
             for name, entries in registries.items():
-                registry = getattr(module, name, None)
+                registry = module.__dict__.get(name)
                 if registry is not None:
                     _restore(registry, entries)
         for container, before in contents.values():
@@ -92,7 +94,7 @@ def preserved(model: nn.Module) -> Iterator[None]:
 
 def _restore(current: dict[str, Any], saved: dict[str, Any]) -> None:
     # compare by identity: ``==`` on a leftover proxy would record a graph node, not compare
-    if current.keys() != saved.keys() or any(current[k] is not v for k, v in saved.items()):
+    if not _same_items(current, saved):
         # what fxtap installs for the span of a call (another thread's tapped call may be
         # running meanwhile) belongs to that call, not to this trace: leave it as it is now
         installed = {k: v for k, v in current.items() if _installed(v)}
@@ -101,24 +103,31 @@ def _restore(current: dict[str, Any], saved: dict[str, Any]) -> None:
         current.update(installed)
 
 
+def _same_items(current: dict[str, Any], saved: dict[str, Any]) -> bool:
+    """Whether ``current`` holds the same keys, in the same order, bound to the same objects."""
+    return len(current) == len(saved) and all(map(operator.is_, current, saved)) and all(map(operator.is_, current.values(), saved.values()))
+
+
 def _installed(value: Any) -> bool:
     return bool(getattr(type(value), "fxtap_installed", False))
 
 
-def _contents(container: Any) -> list[Any]:
-    return list(container.items()) if isinstance(container, dict) else list(container)
+def _contents(container: Any) -> tuple[list[Any], list[Any]]:
+    """A container's items: keys and values of a dict, the items of a list or set (and no values)."""
+    if isinstance(container, dict):
+        return list(container), list(container.values())
+    return list(container), []
 
 
-def _changed(now: list[Any], before: list[Any]) -> bool:
-    return len(now) != len(before) or any(
-        (a[0] is not b[0] or a[1] is not b[1]) if isinstance(a, tuple) else a is not b for a, b in zip(now, before)
-    )
+def _changed(now: tuple[list[Any], list[Any]], before: tuple[list[Any], list[Any]]) -> bool:
+    return any(len(a) != len(b) or not all(map(operator.is_, a, b)) for a, b in zip(now, before))
 
 
-def _refill(container: Any, items: list[Any]) -> None:
+def _refill(container: Any, contents: tuple[list[Any], list[Any]]) -> None:
+    items, values = contents
     container.clear()
     if isinstance(container, dict):
-        container.update(items)
+        container.update(zip(items, values))
     elif isinstance(container, list):
         container.extend(items)
     else:
