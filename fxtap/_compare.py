@@ -18,6 +18,7 @@ its own copy of the inputs (a model that writes into its input cannot change the
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import random
@@ -289,9 +290,21 @@ def _pairs(a: Any, b: Any) -> list[tuple[Any, Any]] | None:
     """Leaf pairs of two values of the same structure (None when the structures differ)."""
     if a is _ABSENT or b is _ABSENT:
         return None
-    leaves_a, spec_a = pytree.tree_flatten(a)
-    leaves_b, spec_b = pytree.tree_flatten(b)
+    leaves_a, spec_a = pytree.tree_flatten(_opened(a))
+    leaves_b, spec_b = pytree.tree_flatten(_opened(b))
     return list(zip(leaves_a, leaves_b, strict=True)) if spec_a == spec_b else None
+
+
+def _opened(value: Any) -> Any:
+    """``value`` with each dataclass instance opened into its class and its fields: pytree keeps a
+    dataclass whole, and ``==`` on one compares its tensors (ambiguous for more than one element)."""
+
+    def leaf(item: Any) -> Any:
+        if dataclasses.is_dataclass(item) and not isinstance(item, type):
+            return (type(item), {f.name: _opened(getattr(item, f.name)) for f in dataclasses.fields(item)})
+        return item
+
+    return pytree.tree_map(leaf, value)
 
 
 def _max_diff(a: Any, b: Any) -> float:

@@ -28,7 +28,7 @@ from typing import Any
 from torch import fx
 
 from .._capture import fx as _fx
-from .._capture.prune import facts, plan
+from .._capture.prune import facts, plan, written_after
 from .._errors import CutError
 from .._values import copy_value
 from .shapes import Evidence
@@ -79,20 +79,25 @@ def split(traced: _fx.Traced, inputs: dict[str, str], outputs: dict[str, str], e
             graph.erase_node(node)
     _check_aliases(graph, traced, cut, before, order, walk.needed, names)
     wanted = [(v, _present(m, walk.needed, order, graph)) for v, m in wanted]
-    decided = plan(graph, traced.root, wanted + [(c.placeholder, c.placeholder) for c in cut], end_reads)
+    # the cut reads each input through a copy, which later in-place writes change as they change
+    # the value in the model (outputs read at the end included); a copy nothing writes into goes
+    clones = _clone_inputs(graph, cut)
+    wanted = [(clones.get(v, v), clones.get(m, m)) for v, m in wanted]
+    end_reads = [clones.get(n, n) for n in end_reads]
+    results = {key: (fx.node.map_arg(v, lambda n: clones.get(n, n)), clones.get(m, m)) for key, (v, m) in results.items()}
+    decided = plan(graph, traced.root, wanted, end_reads)
     for node in reversed(list(graph.nodes)):
         if node not in decided.kept and node.op != "placeholder":
             graph.erase_node(node)
+    back = _drop_unwritten_clones(graph, traced, clones, decided.kept)
+    results = {key: (fx.node.map_arg(v, lambda n: back.get(n, n)), back.get(m, m)) for key, (v, m) in results.items()}
     for node in [n for n in graph.nodes if n.op == "placeholder" and not n.users]:
         if not any(node is c.placeholder for c in cut):
             graph.erase_node(node)  # a model input that only pruned code read
     snapshots: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
     for (node, moment), anchor in decided.copies.items():
-        if node.op == "placeholder" and any(node is c.placeholder for c in cut):
-            _copy_input(graph, node)
-        else:
-            with graph.inserting_after(anchor):
-                snapshots[(node, moment)] = graph.call_function(copy_value, (node,))
+        with graph.inserting_after(anchor):
+            snapshots[(node, moment)] = graph.call_function(copy_value, (node,))
     graph.output({key: fx.node.map_arg(value, functools.partial(_snapshot, snapshots, moment)) for key, (value, moment) in results.items()})
     for node in graph.nodes:
         node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
@@ -389,12 +394,28 @@ def _present(moment: fx.Node, needed: set[fx.Node], order: dict[fx.Node, int], g
     return earlier[-1] if earlier else next(iter(graph.nodes))
 
 
-def _copy_input(graph: fx.Graph, placeholder: fx.Node) -> None:
-    """The graph writes into this cut input in place: work on a copy, never the caller's tensor."""
+def _clone_inputs(graph: fx.Graph, cut: list[_Input]) -> dict[fx.Node, fx.Node]:
+    """Make every use of each cut input read a copy of it (placeholder -> copy): the caller's
+    tensor is never written into, and the copy changes as the model's value does."""
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):
-        copy = graph.call_method("clone", (placeholder,))
-    placeholder.replace_all_uses_with(copy, delete_user_cb=lambda u: u is not copy)
+    clones: dict[fx.Node, fx.Node] = {}
+    for c in cut:
+        with graph.inserting_after(last):
+            clone = graph.call_method("clone", (c.placeholder,))
+        c.placeholder.replace_all_uses_with(clone, delete_user_cb=lambda u, clone=clone: u is not clone)
+        clones[c.placeholder] = clone
+    return clones
+
+
+def _drop_unwritten_clones(graph: fx.Graph, traced: _fx.Traced, clones: dict[fx.Node, fx.Node], kept: set[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Read the cut input itself where no kept node writes into its copy (copy -> placeholder)."""
+    back: dict[fx.Node, fx.Node] = {}
+    for placeholder, clone in clones.items():
+        if clone.graph is graph and clone in kept and not written_after(graph, traced.root, clone, kept):
+            clone.replace_all_uses_with(placeholder)
+            graph.erase_node(clone)
+            back[clone] = placeholder
+    return back
 
 
 def _nodes_of(value: Any) -> list[fx.Node]:

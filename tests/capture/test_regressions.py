@@ -7,6 +7,7 @@ the mark goes (with any matching exclusion in tests/strategies.py or tests/test_
 
 from __future__ import annotations
 
+import dataclasses
 
 import pytest
 import torch
@@ -296,3 +297,67 @@ def test_opaque_leaf_output_checked_with_isinstance() -> None:
     with quiet_fallbacks():
         out = fxtap.tap(model, ["pair.a"], keep_output=True)(x)
     assert_same(out["output"], model(x))
+
+
+@dataclasses.dataclass
+class _UV:
+    u: torch.Tensor
+    v: torch.Tensor
+
+
+class _DataPair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> _UV:
+        return _UV(self.a(x), x * 2)
+
+
+class _DataPairUser(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = _DataPair()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.pair(x)
+        return p.u - p.v
+
+
+def test_compare_checks_a_dataclass_value_field_by_field() -> None:
+    # found by the thorough property run (a hooked module returning a dataclass): compare
+    # compared the two dataclass values with ==, which compares their tensors and raised
+    torch.manual_seed(0)
+    model = _DataPairUser().eval()
+    model.pair.register_forward_hook(lambda module, inputs, output: None)
+    x = torch.randn(3, 4)
+    with quiet_fallbacks():
+        result = fxtap.compare(model, ["pair", "pair.a"], x)
+    assert result.ok, str(result)
+    assert [row.vs_truth for row in result.rows] == [0.0, 0.0]
+
+
+class _ReluThroughView(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prod = nn.Linear(8, 8)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.prod(x)
+        self.act(h.view(-1, 2, 4))  # writes into h through a view
+        return h
+
+
+def test_cut_output_read_at_the_end_sees_in_place_writes_into_the_cut_input() -> None:
+    # found by the thorough property run: the cut copied its input before the in-place ReLU
+    # (so that the caller's tensor stays unchanged) but returned the uncopied input as the output
+    torch.manual_seed(0)
+    model = nn.Sequential(_ReluThroughView()).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        h = model[0].prod(x)
+        given = h.clone()
+        out = fxtap.cut(model, ["0.prod"], ["output"])(given)
+        assert_same(out["output"], model(x))
+    assert_same(given, h)  # the caller's tensor is not written into
