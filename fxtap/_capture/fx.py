@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import fx, nn
 from torch.fx.node import Argument
-from torch.nn.utils import parametrize
 
 from .._errors import TraceFailedError, summary
 from .._values import copy_value, detach_value, holds_tensor
@@ -42,7 +41,7 @@ from .codegen import (
 )
 from .model import attribute_paths, preserved, stand_in
 from . import edit as _edit
-from .prune import from_torch_nn, plan, written_after
+from .prune import from_torch_nn, own_class, plan, written_after
 from .state import random_calls_recorded, rebinding_checked
 
 __all__ = ["NO_HINTS", "Hints", "Made", "TapPoint", "Traced", "Unwritten", "build", "copy_without_output", "exclusive", "gc_paused", "realize", "trace"]
@@ -175,12 +174,9 @@ for _op in ["iadd", "iand", "ifloordiv", "ilshift", "imod", "imul", "imatmul", "
 def is_standard_leaf(module: nn.Module) -> bool:
     """torch.fx's own leaf rule: modules from ``torch.nn`` itself, except the containers.
 
-    A parametrized module's class is made in ``torch.nn.utils.parametrize``: judge the class
-    it was made from (a parametrized user block is still the user's code, traced through)."""
-    if parametrize.is_parametrized(module):
-        made_from = type(module).__bases__[0]
-        return made_from.__module__.startswith(("torch.nn", "torch.ao.nn")) and not issubclass(made_from, _CONTAINERS)
-    return from_torch_nn(module) and not isinstance(module, _CONTAINERS)
+    A parametrized module is judged by the class it was made from (``prune.own_class``): a
+    parametrized user block is still the user's code, traced through."""
+    return from_torch_nn(module) and not issubclass(own_class(module), _CONTAINERS)
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

@@ -31,11 +31,12 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from . import effects as _effects
 from . import names as _names
 
-__all__ = ["Plan", "facts", "from_torch_nn", "may_change_state", "plan", "same_tensor", "written_after"]
+__all__ = ["Plan", "facts", "from_torch_nn", "may_change_state", "own_class", "plan", "same_tensor", "written_after"]
 
 _GUARDS = frozenset({torch._assert, getattr(torch, "_assert_async", torch._assert), torch.fx._symbolic_trace._assert_is_none})
 
@@ -245,8 +246,17 @@ _PASS_THROUGH = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._Drop
 
 
 def from_torch_nn(module: nn.Module) -> bool:
-    """Whether ``module``'s class is ``torch.nn``'s own (code fxtap knows), not user code."""
-    return type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
+    """Whether ``module``'s class is ``torch.nn``'s own (code fxtap knows), not user code.
+
+    A parametrized module's class is made in ``torch.nn.utils.parametrize``: the class it was
+    made from decides (a parametrized user block is still the user's code)."""
+    return own_class(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
+
+
+def own_class(module: nn.Module) -> type:
+    """``module``'s class, or for a parametrized module the class it was made from."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
 
 
 def _opaque(module: nn.Module) -> bool:
