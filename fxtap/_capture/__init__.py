@@ -22,7 +22,7 @@ from .call_spec import default_concrete_args, depends_on_arguments
 from .edit import as_modules as edit_modules
 from .fx import NO_HINTS, Hints, Traced, exclusive, realize
 from .hooks import HookTarget, hook_targets
-from .model import training_mode, unwrap
+from .model import in_mode, unwrap
 from .names import normalize_request
 from .placement import Placement, place
 from .runner import Runner, make_runner
@@ -71,18 +71,20 @@ def describe(model: nn.Module, *, train: bool = False, mode: str = "auto", hints
     """Every tap name of ``model`` in train or eval mode, in graph order (FX names first, then
     the names only hooks reach), with the non-tensor arguments at their defaults."""
     model = unwrap(model)
-    with training_mode(model, train):  # the engine never warns: its callers decide what to say
-        analysis = analyse(model, mode=mode, concrete_args=default_concrete_args(model), hints=hints)
-        if analysis.traced is not None or mode != "auto":
-            graph_names: dict[str, tuple[str, str]] = (
-                {n: (p.kind, p.module_type) for n, p in analysis.traced.points.items()} if analysis.traced is not None else {}
-            )
-            ordered = analysis.names()
-        else:
-            found = _regions.resolve(model, [], analysis.fallbacks[""], everything=True, hints=hints)
-            graph_names = {n: ("", "") for n in found.available}  # kinds and types below, as hooks see them
-            known = set(found.available)
-            ordered = found.available + [path for path in analysis.names() if path not in known]
+    if model.training != train or any(m.training != train for m in model.modules()):
+        model = in_mode(model, train)  # the user's model keeps its mode: another thread may be running it
+    # the engine never warns: its callers decide what to say
+    analysis = analyse(model, mode=mode, concrete_args=default_concrete_args(model), hints=hints)
+    if analysis.traced is not None or mode != "auto":
+        graph_names: dict[str, tuple[str, str]] = (
+            {n: (p.kind, p.module_type) for n, p in analysis.traced.points.items()} if analysis.traced is not None else {}
+        )
+        ordered = analysis.names()
+    else:
+        found = _regions.resolve(model, [], analysis.fallbacks[""], everything=True, hints=hints)
+        graph_names = {n: ("", "") for n in found.available}  # kinds and types below, as hooks see them
+        known = set(found.available)
+        ordered = found.available + [path for path in analysis.names() if path not in known]
     # one pass over the model's paths for every name whose kind hooks decide (a module call or not)
     targets, _ = hook_targets(model, [n for n in ordered if not graph_names.get(n, ("", ""))[0]])
     infos = []

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-__all__ = ["ModelPaths", "attribute_paths", "hook_counts", "preserved", "stand_in", "training_mode", "unwrap"]
+__all__ = ["ModelPaths", "attribute_paths", "hook_counts", "in_mode", "preserved", "stand_in", "training_mode", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -132,6 +132,28 @@ def _refill(container: Any, contents: tuple[list[Any], list[Any]]) -> None:
         container.extend(items)
     else:
         container.update(items)
+
+
+def in_mode(model: nn.Module, train: bool) -> nn.Module:
+    """``model`` as ``model.train(train)`` would make it, without changing it (another thread may
+    be running it): a twin of its module tree, each module a shallow copy with its own attribute
+    dict and child registry, sharing parameters, buffers and hooks; a module found twice in the
+    tree is one twin. The twin's own ``train`` runs (a model may override it to keep parts frozen)."""
+    twins: dict[int, nn.Module] = {}
+
+    def twin(module: nn.Module) -> nn.Module:
+        found = twins.get(id(module))
+        if found is not None:
+            return found
+        copy = object.__new__(type(module))
+        copy.__dict__.update(module.__dict__)
+        twins[id(module)] = copy
+        copy.__dict__["_modules"] = {name: None if child is None else twin(child) for name, child in module._modules.items()}
+        return copy
+
+    made = twin(model)
+    made.train(train)
+    return made
 
 
 @contextmanager

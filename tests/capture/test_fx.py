@@ -145,6 +145,35 @@ def test_names_leaves_mode_unchanged() -> None:
     assert not model.training and not model.fc.training
 
 
+_SEEN: list[bool] = []  # the mode of the watched model, each time _WatchesMode's forward ran
+_WATCHED: list[nn.Module] = []
+
+
+class _WatchesMode(nn.Module):
+    """Records, while it runs, the mode of a model other code may be running meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _SEEN.append(_WATCHED[0].training)  # plain Python: runs while tracing
+        h = self.fc(x)
+        return h * 2 if self.training else h
+
+
+def test_names_in_the_other_mode_never_shows_it_on_the_model() -> None:
+    # names(train=True) traces the model in train mode; another thread running the model
+    # meanwhile must still see it in eval mode (it was flipped for the span of the trace)
+    model = nn.Sequential(_WatchesMode()).eval()
+    _WATCHED[:] = [model]
+    _SEEN.clear()
+    names = fxtap.names(model, train=True)
+    assert "0.mul" in names and "0.mul" not in fxtap.names(model)
+    assert _SEEN and not any(_SEEN)
+    assert not model.training and not model[0].training
+
+
 def test_model_unchanged_and_parameters_shared() -> None:
     model = InplaceZoo().eval()
     before = model_fingerprint(model)
