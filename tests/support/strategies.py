@@ -687,7 +687,8 @@ def _annotate(model: nn.Module) -> None:
     on their own: the root's, and then each untraceable child's in turn) or ``"opaque"`` (an
     untraceable leaf of a graph, and everything inside it). A call from traced code is a graph
     node (``"fx"``); a call from opaque code is hooked; a call from eager code is traced on its
-    own (``"fx"``) unless the callee is a ``torch.nn`` leaf or untraceable itself (``"hook"``).
+    own (``"fx"``) unless the callee is a ``torch.nn`` leaf or untraceable itself, or has user
+    forward hooks, which may change its output after its graph ran (``"hook"``).
     """
     code = {"": "eager" if model.untraceable else "traced"}
     model._scope, model._code, model._call = "", code[""], "fx"
@@ -706,6 +707,8 @@ def _annotate(model: nn.Module) -> None:
         else:
             standard = type(module).__module__.startswith("torch.nn") and not isinstance(module, nn.Sequential)
             code[path], call = ("opaque", "hook") if standard else ("traced", "fx")
+            if module._forward_hooks:  # traced on its own, but its output is what the user's forward hooks made of it
+                call = "hook"
         module._scope, module._code, module._call = path, code[path], call
 
 
