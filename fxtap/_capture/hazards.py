@@ -243,8 +243,8 @@ def _inspects_type(code: Any, lasti: int) -> bool:
     call = instructions[at]
     if call.opname == "LOAD_ATTR":
         return call.argval == "__class__"
-    if not call.opname.startswith("CALL") or call.arg is None:
-        return True
+    if call.opname not in ("PRECALL", "CALL") or call.arg is None:
+        return True  # (a specialized PRECALL makes the call itself: lasti is either)
     need = call.arg + 1  # the arguments and the callable, pushed before the call
     for ins in reversed(instructions[:at]):
         if ins.opname in ("PRECALL", "KW_NAMES", "NOP", "CACHE"):
