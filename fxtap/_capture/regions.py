@@ -510,7 +510,7 @@ def _storages(value: Any) -> set[int]:
 
     def visit(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            found.add(v.untyped_storage().data_ptr())
+            found.add(v.untyped_storage()._cdata)  # the storage itself: also for the fake tensors of torch.export
         return v
 
     fx.node.map_aggregate(value, visit)

@@ -1,0 +1,212 @@
+"""torch.export as the second frontend: one graph for a model whose own forward FX cannot trace.
+
+When the root's ``forward`` cannot be traced symbolically (every Hugging Face model), the model
+runs eagerly, with the children that hold requested names traced on their own (``regions``) and
+hooks for the rest (``runner.EagerRunner``). That call, names and all, is plain Python around
+torch ops, which non-strict ``torch.export`` can record: ``ExportRunner`` exports *the tapped call
+itself* (a wrapper whose forward is ``EagerRunner``'s, returning the dict of requested values),
+with the call's actual arguments. Every name therefore means exactly what it means in mixed mode,
+by construction: the same hooks, the same region graphs and the same naming (``names.Replay``)
+run while export records them, and a value that the eager code would overwrite in place is the
+same copy (hooks and regions copy what they capture) in the exported graph.
+
+The first call with a new input signature runs as in mixed mode and then exports; later calls
+with that signature run the exported graph, whose parameters and buffers are the model's own
+tensors. Export is refused, and mixed mode stays, when it would not be the same computation:
+user or global hooks (a graph would bake in what they do), a forward that writes Python
+attributes (a graph cannot), autocast or inference mode at the call, arguments that are not
+tensors or simple values, or any exception from ``torch.export``. A guard (``guard.watch`` over
+every module, parameter and buffer) rebuilds the graph when the model changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .._errors import summary
+from . import fx as _fx
+from . import guard as _guard
+from .hazards import global_hooks, user_hooks
+from .model import preserved
+from .placement import Placement
+from .runner import EagerRunner
+
+__all__ = ["ExportRunner", "applies"]
+
+
+def applies(placement: Placement, mode: str) -> bool:
+    """Whether ``placement`` may run as one exported graph: the root runs eagerly in
+    ``mode="auto"`` and no edit is asked for (edits stay on the paths that apply them today)."""
+    return mode == "auto" and placement.eager_root and not placement.edits.fx and not placement.edits.hooks
+
+
+class _Entry(NamedTuple):
+    """The exported graph for one input signature, or why there is none."""
+
+    module: nn.Module | None  # ``ExportedProgram.module()``: takes the model's arguments, returns the dict
+    reason: str  # why there is no graph ("" when there is one)
+
+
+class ExportRunner(EagerRunner):
+    """Mixed mode for the first call of each input signature, one exported graph after it."""
+
+    def __init__(self, placement: Placement, *, keep_output: bool, detach: bool) -> None:
+        super().__init__(placement, keep_output=keep_output, detach=detach)
+        self._graphs: _guard.GraphCache[_Entry] = _guard.GraphCache()
+        self._last: _Entry | None = None  # what the last call ran
+        self._told: set[str] = set()  # notices already handed to the façade
+
+    def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        key = _signature(args, kwargs)
+        if isinstance(key, str):
+            self._last = _Entry(None, key)
+            return super().run(model, args, kwargs)
+        entry = self._graphs.lookup(key)
+        if entry is None:
+            with _fx.exclusive():  # concurrent first calls export once
+                entry = self._graphs.lookup(key)
+                if entry is None:
+                    # the whole forward, so that every region graph the export will run exists
+                    out = self._run(model, args, kwargs, stop_early=False)
+                    entry = self._export(model, args, kwargs)
+                    self._graphs.put(key, entry, _model_guard(model))
+                    self._last = entry
+                    return out
+        self._last = entry
+        if entry.module is None:
+            return super().run(model, args, kwargs)
+        return dict(entry.module(*args, **kwargs))
+
+    # -- what the last call did ------------------------------------------------------------------
+    @property
+    def exported(self) -> bool:
+        """Whether the last call ran an exported graph."""
+        return self._last is not None and self._last.module is not None
+
+    @property
+    def mode(self) -> str:
+        return "export" if self.exported else self.placement.mode
+
+    def path(self, name: str) -> str:
+        return "export" if self.exported else self.placement.path(name)
+
+    def reason(self, name: str) -> str:
+        root_type, why = self.placement.fallbacks[""]
+        if self.exported:
+            return f"one torch.export graph (torch.fx cannot trace {root_type} itself: {why})"
+        reason = self.placement.reasons.get(name, "")
+        failed = self._last.reason if self._last is not None else ""
+        return f"{reason}; {failed}" if reason and failed else reason or failed
+
+    def notice(self) -> str:
+        if self._last is None:
+            return ""
+        root_type, why = self.placement.fallbacks[""]
+        if self._last.module is not None:
+            said = "fxtap: torch.fx cannot trace the forward of {} itself: {}\n  What fxtap did: it captured the model with " \
+                "torch.export (non-strict) as one graph for calls like this one; the names and values are those of mixed mode"
+            message = said.format(root_type, why)
+        else:
+            message = f"fxtap: {self._last.reason}\n  What fxtap did: the model keeps running eagerly (mixed mode) for calls like this one"
+        if message in self._told:
+            return ""
+        self._told.add(message)
+        return message
+
+    # -- building --------------------------------------------------------------------------------
+    def _export(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
+        refused = _refusal(model)
+        if refused:
+            return _Entry(None, f"torch.export not tried: {refused}")
+        devices = sorted({t.device.index or 0 for t in _tensors(model, args, kwargs) if t.device.type == "cuda"})
+        try:
+            # export may draw from the RNG while it traces: the user's generator must not notice
+            with torch.random.fork_rng(devices=devices), preserved(model):
+                call = _Call(self, model)
+                program = torch.export.export(call, args, kwargs, strict=False)
+        except Exception as error:  # the one place the export frontend decides to fall back
+            return _Entry(None, f"torch.export failed: {summary(error)}")
+        written = call.__dict__["_written"]
+        if written:
+            return _Entry(None, f"torch.export not used: the forward writes the attribute {written} (Python-side state that a graph cannot record)")
+        return _Entry(program.module(), "")
+
+
+class _Call(nn.Module):
+    """What torch.export records: the tapped call itself, returning the dict of requested values."""
+
+    def __init__(self, runner: ExportRunner, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model  # a submodule: the graph reads the model's own parameters and buffers
+        self.__dict__["_runner"] = runner
+        self.__dict__["_written"] = ""  # an attribute the forward rebinds (torch.export's own writes do not count)
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        before = _attributes(self.model)
+        out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)
+        self.__dict__["_written"] = _written(before)
+        return out  # type: ignore[no-any-return]
+
+
+_SIMPLE = (type(None), bool, int, float, str)
+
+
+def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
+    """The key of the graph for this call (shapes, dtypes, devices, simple values, the grad mode),
+    or why no exported graph serves it."""
+    if torch.is_inference_mode_enabled():
+        return "torch.export not used: the call runs in inference mode"
+    if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+        return "torch.export not used: the call runs under autocast"
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    items: list[Hashable] = []
+    for leaf in leaves:
+        if type(leaf) in (torch.Tensor, nn.Parameter):
+            items.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.layout, leaf.requires_grad))
+        elif type(leaf) in _SIMPLE:
+            items.append((type(leaf).__name__, leaf))
+        else:
+            return f"torch.export not used: an argument is a {type(leaf).__name__}, not a tensor or a simple value"
+    return (str(spec), tuple(items), torch.is_grad_enabled())
+
+
+def _refusal(model: nn.Module) -> str:
+    """Why the model must not be exported as it is ("" when it may)."""
+    found = global_hooks()
+    if found:
+        return f"global module hooks are registered ({found}), and a graph would bake in what they do"
+    for path, module in model.named_modules():
+        hooks = user_hooks(module)
+        if hooks:
+            return f"{hooks} registered on {path or 'the model itself'!r}, and a graph would bake in what they do"
+    return ""
+
+
+def _attributes(model: nn.Module) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    return [(path, module.__dict__, dict(module.__dict__)) for path, module in model.named_modules()]
+
+
+def _written(before: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
+    """The first module attribute the traced forward rebound or added ("" when none)."""
+    for path, now, then in before:
+        for key in now.keys() | then.keys():
+            if key != "forward" and now.get(key, _written) is not then.get(key, _written):
+                return repr(f"{path}.{key}" if path else key)
+    return ""
+
+
+def _tensors(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    leaves = pytree.tree_leaves((args, kwargs))
+    return [t for t in [*leaves, *model.parameters(), *model.buffers()] if isinstance(t, torch.Tensor)]
+
+
+def _model_guard(model: nn.Module) -> _guard.Guard:
+    """Every module, parameter and buffer: an exported graph traced through all of them."""
+    paths = [path for path, _ in model.named_modules() if path]
+    state = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
+    return _guard.watch(model, paths, [], False, state)
