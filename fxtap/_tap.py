@@ -248,11 +248,7 @@ class Tapped(nn.Module):
         spec = self._calls.spec(args, kwargs, checked=self._spec)
         runner = self._runner(spec)
         self._last_spec = spec
-        out = runner.run(self.model, args, kwargs)
-        notice = runner.notice()  # torch.export used, or failed, for this kind of call
-        if notice and self._mode_arg == "auto" and self._warn:
-            _warn(notice)
-        return out
+        return runner.run(self.model, args, kwargs)
 
     def graph_module(self) -> fx.GraphModule:
         """The ``torch.fx.GraphModule`` that computes every requested value in the current mode.
@@ -386,6 +382,11 @@ def _eager_root_message(fallbacks: dict[str, tuple[str, str]], placement: Placem
     traced = len(placement.fx) if placement is not None else 0
     did = f"the model runs eagerly; {traced} of {requested} requested names come from submodules traced on their own"
     did += ", the others from forward hooks" if traced < requested else ""
+    if requested and placement is not None and not placement.edits.fx and not placement.edits.hooks:
+        did += (
+            ". After the first call with each input signature, fxtap exports that call with torch.export (non-strict)"
+            " and runs it as one graph, same names and values; Tapped.mode is \"export\" then, or says why not"
+        )
     if requested == 0 and placement is not None:  # fxtap.edit: edits only
         graphs, hooked = len(placement.edits.fx), len(placement.edits.hooks)
         did = f"the model runs eagerly; {graphs} of {graphs + hooked} edits are applied in graphs of submodules traced on their own"

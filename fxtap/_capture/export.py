@@ -48,8 +48,42 @@ def applies(placement: Placement, mode: str) -> bool:
 class _Entry(NamedTuple):
     """The exported graph for one input signature, or why there is none."""
 
-    module: nn.Module | None  # ``ExportedProgram.module()``: takes the model's arguments, returns the dict
+    module: nn.Module | None  # ``ExportedProgram.module()``: takes the model's arguments, returns the tensors
     reason: str  # why there is no graph ("" when there is one)
+    outputs: _Outputs | None = None  # how the dict is rebuilt around the graph's tensors
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if self.module is None or self.outputs is None:
+            raise AssertionError("expected an exported graph, found none")
+        return self.outputs.rebuild(self.module(*args, **kwargs))
+
+
+class _Outputs(NamedTuple):
+    """The dict a call returns, split into what the graph computes (tensors) and constants of the
+    signature (a dtype, a size, ``None``), which torch.export cannot return and bakes in anyway."""
+
+    spec: pytree.TreeSpec
+    constants: tuple[Any, ...]  # per leaf: the constant, or _COMPUTED
+
+    @classmethod
+    def split(cls, value: Any) -> tuple[_Outputs, list[Any]]:
+        leaves, spec = pytree.tree_flatten(value)
+        computed = [leaf for leaf in leaves if isinstance(leaf, _TRACED)]
+        for leaf in leaves:
+            if not isinstance(leaf, (*_TRACED, *_CONSTANTS)):
+                raise TypeError(f"a tapped value holds a {type(leaf).__name__}, which torch.export cannot return")
+        constants = tuple(_COMPUTED if isinstance(leaf, _TRACED) else leaf for leaf in leaves)
+        return cls(spec, constants), computed
+
+    def rebuild(self, computed: list[Any]) -> dict[str, Any]:
+        values = iter(computed)
+        leaves = [next(values) if c is _COMPUTED else c for c in self.constants]
+        return pytree.tree_unflatten(leaves, self.spec)  # type: ignore[no-any-return]
+
+
+_COMPUTED: Any = object()
+_TRACED = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)
+_CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
 class ExportRunner(EagerRunner):
@@ -59,7 +93,6 @@ class ExportRunner(EagerRunner):
         super().__init__(placement, keep_output=keep_output, detach=detach)
         self._graphs: _guard.GraphCache[_Entry] = _guard.GraphCache()
         self._last: _Entry | None = None  # what the last call ran
-        self._told: set[str] = set()  # notices already handed to the façade
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         key = _signature(args, kwargs)
@@ -80,7 +113,7 @@ class ExportRunner(EagerRunner):
         self._last = entry
         if entry.module is None:
             return super().run(model, args, kwargs)
-        return dict(entry.module(*args, **kwargs))
+        return entry(args, kwargs)
 
     # -- what the last call did ------------------------------------------------------------------
     @property
@@ -103,21 +136,6 @@ class ExportRunner(EagerRunner):
         failed = self._last.reason if self._last is not None else ""
         return f"{reason}; {failed}" if reason and failed else reason or failed
 
-    def notice(self) -> str:
-        if self._last is None:
-            return ""
-        root_type, why = self.placement.fallbacks[""]
-        if self._last.module is not None:
-            said = "fxtap: torch.fx cannot trace the forward of {} itself: {}\n  What fxtap did: it captured the model with " \
-                "torch.export (non-strict) as one graph for calls like this one; the names and values are those of mixed mode"
-            message = said.format(root_type, why)
-        else:
-            message = f"fxtap: {self._last.reason}\n  What fxtap did: the model keeps running eagerly (mixed mode) for calls like this one"
-        if message in self._told:
-            return ""
-        self._told.add(message)
-        return message
-
     # -- building --------------------------------------------------------------------------------
     def _export(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
         refused = _refusal(model)
@@ -131,10 +149,10 @@ class ExportRunner(EagerRunner):
                 program = torch.export.export(call, args, kwargs, strict=False)
         except Exception as error:  # the one place the export frontend decides to fall back
             return _Entry(None, f"torch.export failed: {summary(error)}")
-        written = call.__dict__["_written"]
+        written = call.__dict__["_found"].written
         if written:
             return _Entry(None, f"torch.export not used: the forward writes the attribute {written} (Python-side state that a graph cannot record)")
-        return _Entry(program.module(), "")
+        return _Entry(program.module(), "", call.__dict__["_found"].outputs)
 
 
 class _Call(nn.Module):
@@ -143,14 +161,25 @@ class _Call(nn.Module):
     def __init__(self, runner: ExportRunner, model: nn.Module) -> None:
         super().__init__()
         self.model = model  # a submodule: the graph reads the model's own parameters and buffers
-        self.__dict__["_runner"] = runner
-        self.__dict__["_written"] = ""  # an attribute the forward rebinds (torch.export's own writes do not count)
+        # torch.export puts back the plain attribute values of the modules it traced: what the
+        # forward learns goes to an object of its own, which export leaves alone
+        self.__dict__["_runner"], self.__dict__["_found"] = runner, _Found()
 
-    def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def forward(self, *args: Any, **kwargs: Any) -> list[Any]:
+        found: _Found = self.__dict__["_found"]
         before = _attributes(self.model)
         out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)
-        self.__dict__["_written"] = _written(before)
-        return out  # type: ignore[no-any-return]
+        found.written = _written(before)
+        found.outputs, computed = _Outputs.split(out)
+        return computed
+
+
+class _Found:
+    """What the traced forward found: an attribute it rebinds (torch.export's own writes do not
+    count) and the structure of its output."""
+
+    written = ""
+    outputs: _Outputs | None = None
 
 
 _SIMPLE = (type(None), bool, int, float, str)

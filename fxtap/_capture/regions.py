@@ -124,7 +124,9 @@ def _call_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Temp
 
     positional = tuple(slot(a) for a in args)
     keywords = tuple((k, slot(v)) for k, v in kwargs.items())
-    types = tuple(type(t).__name__ for t in inputs)
+    # a tensor is a tensor (torch.export's fake tensors too: the exported call reuses the graphs
+    # that the eager call just before it built and checked, see export.py)
+    types = tuple("Tensor" if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
     return _Template(positional, keywords, len(inputs), types), inputs
 
 

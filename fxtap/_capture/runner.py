@@ -55,10 +55,6 @@ class Runner:
     def reason(self, name: str) -> str:
         return self.placement.reasons.get(name, "")
 
-    def notice(self) -> str:
-        """Something the façade should warn about once, learnt during a call ("" when nothing)."""
-        return ""
-
     def _hooked(self, values: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
         return {name: detach_value(values[name]) if self._detach else values[name] for name in hooks}
