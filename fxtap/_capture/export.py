@@ -51,6 +51,10 @@ class _Entry(NamedTuple):
     module: nn.Module | None  # ``ExportedProgram.module()``: takes the model's arguments, returns the tensors
     reason: str  # why there is no graph ("" when there is one)
     outputs: _Outputs | None = None  # how the dict is rebuilt around the graph's tensors
+    shapes: _Shapes | None = None  # which input shapes the graph serves
+
+    def fits(self, leaves: list[Any]) -> bool:
+        return self.shapes is None or self.shapes.fit(leaves)
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if self.module is None or self.outputs is None:
@@ -91,7 +95,9 @@ class ExportRunner(EagerRunner):
 
     def __init__(self, placement: Placement, *, keep_output: bool, detach: bool) -> None:
         super().__init__(placement, keep_output=keep_output, detach=detach)
-        self._graphs: _guard.GraphCache[_Entry] = _guard.GraphCache()
+        # per input structure (ranks, dtypes, simple values), the graphs built so far: each
+        # serves the shapes it was exported for (dynamic dimensions within their range)
+        self._graphs: _guard.GraphCache[list[_Entry]] = _guard.GraphCache()
         self._last: _Entry | None = None  # what the last call ran
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -99,21 +105,30 @@ class ExportRunner(EagerRunner):
         if isinstance(key, str):
             self._last = _Entry(None, key)
             return super().run(model, args, kwargs)
-        entry = self._graphs.lookup(key)
+        leaves = pytree.tree_leaves((args, kwargs))
+        entry = self._find(key, leaves)
         if entry is None:
             with _fx.exclusive():  # concurrent first calls export once
-                entry = self._graphs.lookup(key)
+                entry = self._find(key, leaves)
                 if entry is None:
                     # the whole forward, so that every region graph the export will run exists
                     out = self._run(model, args, kwargs, stop_early=False)
                     entry = self._export(model, args, kwargs)
-                    self._graphs.put(key, entry, _model_guard(model))
+                    shelf = self._graphs.lookup(key)
+                    if shelf is None:
+                        shelf = []
+                        self._graphs.put(key, shelf, _model_guard(model))
+                    shelf[:] = [entry, *shelf][:_guard.LIMIT]  # newest first
                     self._last = entry
                     return out
         self._last = entry
         if entry.module is None:
             return super().run(model, args, kwargs)
         return entry(args, kwargs)
+
+    def _find(self, key: Hashable, leaves: list[Any]) -> _Entry | None:
+        shelf = self._graphs.lookup(key)  # None when the model changed since (the guard)
+        return next((entry for entry in shelf if entry.fits(leaves)), None) if shelf else None
 
     # -- what the last call did ------------------------------------------------------------------
     @property
@@ -145,14 +160,83 @@ class ExportRunner(EagerRunner):
         try:
             # export may draw from the RNG while it traces: the user's generator must not notice
             with torch.random.fork_rng(devices=devices), preserved(model):
-                call = _Call(self, model)
-                program = torch.export.export(call, args, kwargs, strict=False)
+                call, program = _exported(self, model, args, kwargs)
         except Exception as error:  # the one place the export frontend decides to fall back
             return _Entry(None, f"torch.export failed: {summary(error)}")
         written = call.__dict__["_found"].written
         if written:
             return _Entry(None, f"torch.export not used: the forward writes the attribute {written} (Python-side state that a graph cannot record)")
-        return _Entry(program.module(), "", call.__dict__["_found"].outputs)
+        module = program.module()
+        leaves = pytree.tree_leaves((args, kwargs))
+        shapes = _Shapes.of(module, program, leaves)
+        if not shapes.fit(leaves):  # sizes related by expressions fxtap does not solve: this call's shapes only
+            shapes = _Shapes.exact(leaves)
+        return _Entry(module, "", call.__dict__["_found"].outputs, shapes)
+
+
+def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Call, Any]:
+    """The program of the tapped call: every tensor dimension dynamic where torch.export can keep
+    it so (``Dim.AUTO``: it specializes the rest), else with this call's static shapes."""
+    dims = pytree.tree_map(lambda v: dict.fromkeys(range(v.dim()), torch.export.Dim.AUTO) if isinstance(v, torch.Tensor) else None, (args, kwargs))
+    try:
+        call = _Call(runner, model)
+        spec = {"args": dims[0], "kwargs": dims[1]} if kwargs else {"args": dims[0]}
+        return call, torch.export.export(call, args, kwargs, dynamic_shapes=spec, strict=False)
+    except Exception:  # noqa: BLE001 - a static export may still work; its error is the one reported
+        call = _Call(runner, model)
+        return call, torch.export.export(call, args, kwargs, strict=False)
+
+
+class _Shapes(NamedTuple):
+    """The input shapes an exported graph serves: per input leaf, per dimension, a size or a
+    symbol (with its range); a symbol means the same size wherever it appears."""
+
+    dims: tuple[tuple[Any, ...] | None, ...]  # per leaf: its dimensions, None for a non-tensor
+    ranges: dict[Any, tuple[int, float]]  # symbol -> (lowest, highest) size
+    guards: Any  # the graph's own guard function (torch.export's), also checked
+
+    @classmethod
+    def of(cls, module: nn.Module, program: Any, leaves: list[Any]) -> _Shapes:
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(leaves):
+            return cls.exact(leaves)
+        dims: list[tuple[Any, ...] | None] = []
+        for node in placeholders:
+            value = node.meta.get("val")
+            if not isinstance(value, torch.Tensor):
+                dims.append(None)
+                continue
+            dims.append(tuple(d if isinstance(d, int) else d.node.expr for d in value.shape))
+        ranges = {symbol: (int(r.lower), float(r.upper)) for symbol, r in program.range_constraints.items()}
+        return cls(tuple(dims), ranges, getattr(module, "_guards_fn", None))
+
+    @classmethod
+    def exact(cls, leaves: list[Any]) -> _Shapes:
+        return cls(tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in leaves), {}, None)
+
+    def fit(self, leaves: list[Any]) -> bool:
+        if len(leaves) != len(self.dims):
+            return False
+        bound: dict[Any, int] = {}
+        for leaf, dims in zip(leaves, self.dims):
+            if dims is None:
+                continue
+            if leaf.dim() != len(dims):
+                return False
+            for size, dim in zip(leaf.shape, dims):
+                if isinstance(dim, int):
+                    if size != dim:
+                        return False
+                elif dim not in self.ranges or bound.setdefault(dim, size) != size:
+                    return False  # an expression of symbols, or a symbol of two sizes
+                elif not self.ranges[dim][0] <= size <= self.ranges[dim][1]:
+                    return False
+        if self.guards is not None:
+            try:
+                self.guards(*leaves)
+            except Exception:  # noqa: BLE001 - torch.export's guard failed: another graph
+                return False
+        return True
 
 
 class _Call(nn.Module):
@@ -196,7 +280,7 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
     items: list[Hashable] = []
     for leaf in leaves:
         if type(leaf) in (torch.Tensor, nn.Parameter):
-            items.append((tuple(leaf.shape), leaf.dtype, leaf.device, leaf.layout, leaf.requires_grad))
+            items.append((leaf.dim(), leaf.dtype, leaf.device, leaf.layout, leaf.requires_grad))  # sizes: _Shapes
         elif type(leaf) in _SIMPLE:
             items.append((type(leaf).__name__, leaf))
         else:
