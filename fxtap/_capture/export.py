@@ -166,7 +166,7 @@ class ExportRunner(EagerRunner):
         written = call.__dict__["_found"].written
         if written:
             return _Entry(None, f"torch.export not used: the forward writes the attribute {written} (Python-side state that a graph cannot record)")
-        module = program.module()
+        module = _pruned(program.module())
         leaves = pytree.tree_leaves((args, kwargs))
         shapes = _Shapes.of(module, program, leaves)
         if not shapes.fit(leaves):  # sizes related by expressions fxtap does not solve: this call's shapes only
@@ -185,6 +185,15 @@ def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwa
     except Exception:  # noqa: BLE001 - a static export may still work; its error is the one reported
         call = _Call(runner, model)
         return call, torch.export.export(call, args, kwargs, strict=False)
+
+
+def _pruned(module: Any) -> Any:
+    """The graph without what no requested value needs (the rest of the forward, copies of values
+    not asked for). torch.fx's own rule keeps every op that writes into a tensor or draws from the
+    RNG (state the eager forward changes); torch.export's guard function is kept too."""
+    module.graph.eliminate_dead_code(is_impure_node=lambda node: node.op == "call_module" or node.is_impure())
+    module.recompile()
+    return module
 
 
 class _Shapes(NamedTuple):
