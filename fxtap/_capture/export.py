@@ -112,8 +112,10 @@ class ExportRunner(EagerRunner):
                 entry = self._find(key, leaves)
                 if entry is None:
                     # the whole forward, so that every region graph the export will run exists
+                    before = _attributes(model)
                     out = self._run(model, args, kwargs, stop_early=False)
-                    entry = self._export(model, args, kwargs)
+                    written = _written(before)  # seen eagerly already: no export to try
+                    entry = _Entry(None, _WRITES.format(written)) if written else self._export(model, args, kwargs)
                     shelf = self._graphs.lookup(key)
                     if shelf is None:
                         shelf = []
@@ -161,12 +163,12 @@ class ExportRunner(EagerRunner):
             # export may draw from the RNG while it traces: the user's generator must not notice
             with torch.random.fork_rng(devices=devices), preserved(model):
                 call, program = _exported(self, model, args, kwargs)
+                module = _pruned(program.module())  # its code may not compile (a submodule named ``in``)
         except Exception as error:  # the one place the export frontend decides to fall back
             return _Entry(None, f"torch.export failed: {summary(error)}")
         written = call.__dict__["_found"].written
         if written:
-            return _Entry(None, f"torch.export not used: the forward writes the attribute {written} (Python-side state that a graph cannot record)")
-        module = _pruned(program.module())
+            return _Entry(None, _WRITES.format(written))
         leaves = pytree.tree_leaves((args, kwargs))
         shapes = _Shapes.of(module, program, leaves)
         if not shapes.fit(leaves):  # sizes related by expressions fxtap does not solve: this call's shapes only
@@ -182,7 +184,9 @@ def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwa
         call = _Call(runner, model)
         spec = {"args": dims[0], "kwargs": dims[1]} if kwargs else {"args": dims[0]}
         return call, torch.export.export(call, args, kwargs, dynamic_shapes=spec, strict=False)
-    except Exception:  # noqa: BLE001 - a static export may still work; its error is the one reported
+    except Exception as error:  # noqa: BLE001 - a static export may still work; its error is the one reported
+        if "data-dependent" in str(error) or "data dependent" in str(error):
+            raise  # a branch on a value: static sizes do not help, and another try costs as much
         call = _Call(runner, model)
         return call, torch.export.export(call, args, kwargs, strict=False)
 
@@ -276,6 +280,7 @@ class _Found:
 
 
 _SIMPLE = (type(None), bool, int, float, str)
+_WRITES = "torch.export not used: the forward writes the attribute {} (Python-side state that a graph cannot record)"
 
 
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
