@@ -56,10 +56,10 @@ class _Entry(NamedTuple):
     def fits(self, leaves: list[Any]) -> bool:
         return self.shapes is None or self.shapes.fit(leaves)
 
-    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
         if self.module is None or self.outputs is None:
             raise AssertionError("expected an exported graph, found none")
-        return self.outputs.rebuild(self.module(*args, **kwargs))
+        return self.outputs.rebuild(self.module(*tensors))
 
 
 class _Outputs(NamedTuple):
@@ -105,11 +105,11 @@ class ExportRunner(EagerRunner):
         if isinstance(key, str):
             self._last = _Entry(None, key)
             return super().run(model, args, kwargs)
-        leaves = pytree.tree_leaves((args, kwargs))
-        entry = self._find(key, leaves)
+        tensors = _tensor_leaves(args, kwargs)  # the graph's inputs (the rest of the arguments is in the key)
+        entry = self._find(key, tensors)
         if entry is None:
             with _fx.exclusive():  # concurrent first calls export once
-                entry = self._find(key, leaves)
+                entry = self._find(key, tensors)
                 if entry is None:
                     # the whole forward, so that every region graph the export will run exists
                     before = _attributes(model)
@@ -126,7 +126,7 @@ class ExportRunner(EagerRunner):
         self._last = entry
         if entry.module is None:
             return super().run(model, args, kwargs)
-        return entry(args, kwargs)
+        return entry(tensors)
 
     def _find(self, key: Hashable, leaves: list[Any]) -> _Entry | None:
         shelf = self._graphs.lookup(key)  # None when the model changed since (the guard)
@@ -169,26 +169,26 @@ class ExportRunner(EagerRunner):
         written = call.__dict__["_found"].written
         if written:
             return _Entry(None, _WRITES.format(written))
-        leaves = pytree.tree_leaves((args, kwargs))
-        shapes = _Shapes.of(module, program, leaves)
-        if not shapes.fit(leaves):  # sizes related by expressions fxtap does not solve: this call's shapes only
-            shapes = _Shapes.exact(leaves)
+        tensors = _tensor_leaves(args, kwargs)
+        shapes = _Shapes.of(module, program, tensors)
+        if not shapes.fit(tensors):  # sizes related by expressions fxtap does not solve: this call's shapes only
+            shapes = _Shapes.exact(tensors)
         return _Entry(module, "", call.__dict__["_found"].outputs, shapes)
 
 
 def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Call, Any]:
     """The program of the tapped call: every tensor dimension dynamic where torch.export can keep
     it so (``Dim.AUTO``: it specializes the rest), else with this call's static shapes."""
-    dims = pytree.tree_map(lambda v: dict.fromkeys(range(v.dim()), torch.export.Dim.AUTO) if isinstance(v, torch.Tensor) else None, (args, kwargs))
+    tensors = tuple(_tensor_leaves(args, kwargs))
+    dims = tuple(dict.fromkeys(range(t.dim()), torch.export.Dim.AUTO) for t in tensors)
     try:
-        call = _Call(runner, model)
-        spec = {"args": dims[0], "kwargs": dims[1]} if kwargs else {"args": dims[0]}
-        return call, torch.export.export(call, args, kwargs, dynamic_shapes=spec, strict=False)
+        call = _Call(runner, model, args, kwargs)
+        return call, torch.export.export(call, tensors, dynamic_shapes={"args": dims}, strict=False)
     except Exception as error:  # noqa: BLE001 - a static export may still work; its error is the one reported
         if "data-dependent" in str(error) or "data dependent" in str(error):
             raise  # a branch on a value: static sizes do not help, and another try costs as much
-        call = _Call(runner, model)
-        return call, torch.export.export(call, args, kwargs, strict=False)
+        call = _Call(runner, model, args, kwargs)
+        return call, torch.export.export(call, tensors, strict=False)
 
 
 def _pruned(module: Any) -> Any:
@@ -255,15 +255,20 @@ class _Shapes(NamedTuple):
 class _Call(nn.Module):
     """What torch.export records: the tapped call itself, returning the dict of requested values."""
 
-    def __init__(self, runner: ExportRunner, model: nn.Module) -> None:
+    def __init__(self, runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super().__init__()
         self.model = model  # a submodule: the graph reads the model's own parameters and buffers
         # torch.export puts back the plain attribute values of the modules it traced: what the
         # forward learns goes to an object of its own, which export leaves alone
         self.__dict__["_runner"], self.__dict__["_found"] = runner, _Found()
+        self.__dict__["_found"].call = pytree.tree_flatten((args, kwargs))
 
-    def forward(self, *args: Any, **kwargs: Any) -> list[Any]:
+    def forward(self, *args: torch.Tensor) -> list[Any]:
+        """Takes the call's tensors alone (its other arguments are fixed: they are in the key)."""
         found: _Found = self.__dict__["_found"]
+        given = iter(args)
+        leaves, spec = found.call
+        args, kwargs = pytree.tree_unflatten([next(given) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
         before = _attributes(self.model)
         out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)
         found.written = _written(before)
@@ -277,6 +282,7 @@ class _Found:
 
     written = ""
     outputs: _Outputs | None = None
+    call: tuple[list[Any], pytree.TreeSpec]  # the leaves of the arguments, and their structure
 
 
 _SIMPLE = (type(None), bool, int, float, str)
@@ -325,6 +331,10 @@ def _written(before: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
             if key != "forward" and now.get(key, _written) is not then.get(key, _written):
                 return repr(f"{path}.{key}" if path else key)
     return ""
+
+
+def _tensor_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    return [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
 
 
 def _tensors(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
