@@ -320,15 +320,28 @@ def _refusal(model: nn.Module) -> str:
     return ""
 
 
-def _attributes(model: nn.Module) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
-    return [(path, module.__dict__, dict(module.__dict__)) for path, module in model.named_modules()]
+_Snapshot = list[tuple[str, dict[str, Any], dict[str, Any], dict[str, list[Any]]]]
 
 
-def _written(before: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
-    """The first module attribute the traced forward rebound or added ("" when none)."""
-    for path, now, then in before:
+def _attributes(model: nn.Module) -> _Snapshot:
+    """Every module's attributes, and the items of those that are lists, dicts or sets (a cache)."""
+    return [
+        (path, m.__dict__, dict(m.__dict__), {k: _items(v) for k, v in m.__dict__.items() if type(v) in (list, dict, set)})
+        for path, m in model.named_modules()
+    ]
+
+
+def _items(container: Any) -> list[Any]:
+    return [x for pair in container.items() for x in pair] if isinstance(container, dict) else list(container)
+
+
+def _written(before: _Snapshot) -> str:
+    """The first module attribute the forward rebound, added, or filled ("" when none)."""
+    for path, now, then, contents in before:
         for key in now.keys() | then.keys():
-            if key != "forward" and now.get(key, _written) is not then.get(key, _written):
+            value = now.get(key, _written)
+            changed = key in contents and (len(_items(value)) != len(contents[key]) or any(a is not b for a, b in zip(_items(value), contents[key])))
+            if key != "forward" and (value is not then.get(key, _written) or changed):
                 return repr(f"{path}.{key}" if path else key)
     return ""
 

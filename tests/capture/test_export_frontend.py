@@ -262,3 +262,23 @@ def test_export_graph_rebuilt_for_new_shapes_and_swapped_modules() -> None:
     with torch.no_grad():
         model.inner.fc2.weight.mul_(2)  # an in-place update: the graph reads the model's own tensors
     assert_same(tapped(x)["inner.fc2"], hook_truth(model, x)["inner.fc2"])
+
+
+def test_export_refused_when_forward_fills_a_cache() -> None:
+    class Caching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.seen: list[int] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 0:
+                self.seen.append(x.shape[0])  # Python-side state, filled in place
+            return self.fc(x)
+
+    model = EagerRoot(Caching())
+    tapped = _tap(model, ["inner.fc"])
+    for _ in range(3):
+        tapped(torch.randn(2, 2))
+    assert model.inner.seen == [2, 2, 2]
+    assert "writes the attribute 'inner.seen'" in tapped.report()

@@ -220,8 +220,8 @@ TRANSFORMERS = [
         _tokens(),
         "export",
     ),
-    Case("transformers/ViTModel", _hf("ViTModel", "ViTConfig", image_size=32, patch_size=8, **_TINY), _image(32), "mixed", slow=True),
-    Case("transformers/CLIPVisionModel", _hf("CLIPVisionModel", "CLIPVisionConfig", image_size=32, patch_size=8, **_TINY), _image(32), "mixed", slow=True),
+    Case("transformers/ViTModel", _hf("ViTModel", "ViTConfig", image_size=32, patch_size=8, **_TINY), _image(32), "export", slow=True),
+    Case("transformers/CLIPVisionModel", _hf("CLIPVisionModel", "CLIPVisionConfig", image_size=32, patch_size=8, **_TINY), _image(32), "export", slow=True),
     Case(
         "transformers/LlamaModel",
         _hf("LlamaModel", "LlamaConfig", vocab_size=100, num_key_value_heads=1, max_position_embeddings=64, use_cache=False, **_TINY),
@@ -232,7 +232,7 @@ TRANSFORMERS = [
         "transformers/T5EncoderModel",
         _hf("T5EncoderModel", "T5Config", vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2),
         _tokens(),
-        "mixed",
+        "export",
         slow=True,
     ),
     Case(
@@ -248,7 +248,7 @@ TRANSFORMERS = [
             max_source_positions=16,
         ),
         _whisper_features,
-        "mixed",
+        "export",
         slow=True,
         note="16 mel bins, 32 frames",
     ),
