@@ -282,3 +282,23 @@ def test_export_refused_when_forward_fills_a_cache() -> None:
         tapped(torch.randn(2, 2))
     assert model.inner.seen == [2, 2, 2]
     assert "writes the attribute 'inner.seen'" in tapped.report()
+
+
+def test_export_graph_gradients_equal_eager() -> None:
+    torch.manual_seed(0)
+    model = EagerRoot(toy_models.InplaceZoo())
+    twin = copy.deepcopy(model)
+    tapped = _tap(model, ["inner.fc2", "inner.add"])
+    x = torch.randn(3, 4)
+    tapped(x)
+    out = tapped(x)
+    assert tapped.mode == "export"
+    (out["inner.fc2"].sum() + out["inner.add"].pow(2).sum()).backward()
+    a = torch.relu(twin.inner.fc1(x))  # the same computation by hand, out of place
+    b = twin.inner.fc2(a)
+    (b.sum() + (b + a).pow(2).sum()).backward()
+    for (name, mine), (_, theirs) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        if theirs.grad is None:
+            assert mine.grad is None or not mine.grad.any(), name
+        else:
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-6, atol=1e-6, msg=name)
