@@ -120,7 +120,9 @@ class ExportRunner(EagerRunner):
                     if shelf is None:
                         shelf = []
                         self._graphs.put(key, shelf, _model_guard(model))
-                    shelf[:] = [entry, *shelf][:_guard.LIMIT]  # newest first
+                    shelf.insert(0, entry)  # newest first; a refusal without shapes serves every call
+                    if sum(e.module is not None for e in shelf) == _MAX_GRAPHS:  # sizes export could not keep dynamic
+                        shelf.append(_Entry(None, f"torch.export not used: {_MAX_GRAPHS} graphs for other sizes of these inputs exist already"))
                     self._last = entry
                     return out
         self._last = entry
@@ -286,6 +288,7 @@ class _Found:
 
 
 _SIMPLE = (type(None), bool, int, float, str)
+_MAX_GRAPHS = 4  # exported graphs per input structure; calls of other sizes run in mixed mode
 _WRITES = "torch.export not used: the forward writes the attribute {} (Python-side state that a graph cannot record)"
 
 

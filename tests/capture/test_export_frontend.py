@@ -302,3 +302,26 @@ def test_export_graph_gradients_equal_eager() -> None:
             assert mine.grad is None or not mine.grad.any(), name
         else:
             torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_export_graphs_per_input_kind_are_bounded() -> None:
+    class SizeBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for k in range(10):
+                if x.shape[0] == k:  # torch.export specializes the size: one graph per batch size
+                    return self.fc(x) * k
+            return self.fc(x)
+
+    model = EagerRoot(SizeBranch())
+    tapped = _tap(model, ["inner.fc", "inner"])
+    for batch in (2, 3, 4, 5, 6, 7, 2, 6):
+        x = torch.randn(batch, 2)
+        for _ in range(2):
+            out = tapped(x)
+            assert_same(out["inner"], model.inner.fc(x) * batch)
+        assert tapped.mode == ("export" if batch in (2, 3, 4, 5) else "hooks"), (batch, tapped.report())
+    assert "4 graphs for other sizes of these inputs exist already" in tapped.report()

@@ -38,7 +38,7 @@ class EagerRoot(nn.Module):
         return args[0]
 
 
-@settings(max_examples=25, print_blob=True)
+@settings(max_examples=15, print_blob=True)
 @given(case=cases(), data=st.data())
 def test_property_export_values_equal_fx_values(case: Case, data: st.DataObject) -> None:
     model, args, kwargs = case.build()
