@@ -101,6 +101,8 @@ class ExportRunner(EagerRunner):
         self._last: _Entry | None = None  # what the last call ran
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if torch.compiler.is_compiling():  # torch.compile traces the tapped call itself: mixed mode, as before
+            return super().run(model, args, kwargs)
         key = _signature(args, kwargs)
         if isinstance(key, str):
             self._last = _Entry(None, key)
