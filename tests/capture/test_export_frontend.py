@@ -116,7 +116,7 @@ def test_export_hf_values_equal_eager_and_mixed(name: str) -> None:
     module_paths = {p for p, _ in model.named_modules()}
     with quiet_fallbacks():
         ops = [n for n in fxtap.names(model) if n not in module_paths]
-    wanted = [n for n in truth if n != "output"] + ops  # every module call (later ones too) and every op
+    wanted = list(dict.fromkeys([n for n in truth if n != "output"] + ops))  # every module call (later ones too) and every op
     before, attributes = model_fingerprint(model), _attributes(model)
     tapped = _tap(model, wanted, keep_output=True)
     mixed = tapped(*args, **kwargs)
