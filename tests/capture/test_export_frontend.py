@@ -325,3 +325,21 @@ def test_export_graphs_per_input_kind_are_bounded() -> None:
             assert_same(out["inner"], model.inner.fc(x) * batch)
         assert tapped.mode == ("export" if batch in (2, 3, 4, 5) else "hooks"), (batch, tapped.report())
     assert "4 graphs for other sizes of these inputs exist already" in tapped.report()
+
+
+def test_export_train_and_eval_graphs_follow_the_mode() -> None:
+    torch.manual_seed(0)
+    model = EagerRoot(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4)))
+    tapped = _tap(model, ["inner.1", "inner.2"])
+    x = torch.randn(3, 4)
+    for training in (False, True, False, True):
+        model.train(training)
+        for _ in range(2):
+            torch.manual_seed(7)
+            out = tapped(x)
+            torch.manual_seed(7)
+            truth = hook_truth(model, x)
+            assert_same(out["inner.1"], truth["inner.1"])
+            assert_same(out["inner.2"], truth["inner.2"])
+        assert tapped.mode == "export"
+    assert not torch.equal(out["inner.1"], model.inner[0](x))  # train mode: dropout did drop
