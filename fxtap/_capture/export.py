@@ -21,8 +21,11 @@ every module, parameter and buffer) rebuilds the graph when the model changes.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from typing import Any, NamedTuple
+import sys
+import threading
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple, TextIO
 
 import torch
 import torch.utils._pytree as pytree
@@ -165,7 +168,7 @@ class ExportRunner(EagerRunner):
         devices = sorted({t.device.index or 0 for t in _tensors(model, args, kwargs) if t.device.type == "cuda"})
         try:
             # export may draw from the RNG while it traces: the user's generator must not notice
-            with torch.random.fork_rng(devices=devices), preserved(model):
+            with torch.random.fork_rng(devices=devices), preserved(model), _quiet():
                 call, program = _exported(self, model, args, kwargs)
                 module = _pruned(program.module())  # its code may not compile (a submodule named ``in``)
         except Exception as error:  # the one place the export frontend decides to fall back
@@ -193,6 +196,34 @@ def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwa
             raise  # a branch on a value: static sizes do not help, and another try costs as much
         call = _Call(runner, model, args, kwargs)
         return call, torch.export.export(call, tensors, strict=False)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Nothing that torch.export writes to stderr from this thread reaches it: a failed try
+    prints its partial graph and logs symbolic-shape warnings (torch's log handlers write to
+    ``sys.stderr``), and fxtap reports the failure itself, in one line of ``report()``. Other
+    threads write as usual."""
+    muted = _Muted(sys.stderr, threading.get_ident())
+    sys.stderr = muted
+    try:
+        yield
+    finally:
+        if sys.stderr is muted:  # unless someone replaced it meanwhile
+            sys.stderr = muted.stream
+
+
+class _Muted:
+    """A stderr that drops what one thread writes."""
+
+    def __init__(self, stream: TextIO, thread: int) -> None:
+        self.stream, self.thread = stream, thread
+
+    def write(self, text: str) -> int:
+        return len(text) if threading.get_ident() == self.thread else self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
 
 
 def _pruned(module: Any) -> Any:
