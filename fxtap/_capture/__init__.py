@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from . import export as _export
 from . import fx as _fx
 from . import regions as _regions
 from .analysis import Analysis, analyse
@@ -157,4 +158,6 @@ def build(
                 break
             except _fx.Unwritten:
                 continue
+    if graph is None and _export.applies(placement, mode):  # one torch.export graph from the first call on, if it exports
+        return _export.ExportRunner(placement, keep_output=keep_output, detach=detach)
     return make_runner(placement, graph, keep_output=keep_output, detach=detach)
