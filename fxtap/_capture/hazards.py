@@ -226,6 +226,11 @@ def _what(proxy: Any) -> str:
 
 
 _TYPE_CHECKS = frozenset({"isinstance", "issubclass"})
+# how a call by position is spelled: PRECALL/CALL (3.11), CALL (3.12 and later; 3.13 pushes a NULL
+# with the callable, which LOAD_GLOBAL's stack effect counts), CALL_FUNCTION and CALL_METHOD (3.10); any other
+# call (``f(*args)``) is judged from the instructions before it, or taken as a check
+_CALLS = frozenset({"PRECALL", "CALL", "CALL_FUNCTION", "CALL_METHOD"})
+_KEYWORD_CALLS = frozenset({"CALL_KW", "CALL_FUNCTION_KW"})
 
 
 @functools.lru_cache(maxsize=4096)
@@ -243,7 +248,9 @@ def _inspects_type(code: Any, lasti: int) -> bool:
     call = instructions[at]
     if call.opname == "LOAD_ATTR":
         return call.argval == "__class__"
-    if call.opname not in ("PRECALL", "CALL") or call.arg is None:
+    if call.opname in _KEYWORD_CALLS:
+        return False  # isinstance and issubclass take no keywords
+    if call.opname not in _CALLS or call.arg is None:
         return True  # (a specialized PRECALL makes the call itself: lasti is either)
     need = call.arg + 1  # the arguments and the callable, pushed before the call
     for ins in reversed(instructions[:at]):
