@@ -34,6 +34,7 @@ from .codegen import (
     Made,
     as_argument,
     check_code,
+    for_torchscript,
     materialize,
     realize,
     split_fixed,
@@ -484,8 +485,7 @@ def _build(
     if detach:
         outputs = {key: graph.call_function(detach_value, (v,)) for key, v in outputs.items()}
     graph.output(outputs)
-    for node in graph.nodes:
-        node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
+    for_torchscript(graph)
     graph.lint()
     module = fx.GraphModule(root, graph, class_name=f"Tapped{type(traced.root).__name__}")  # root: the model and its edit modules
     if traced.source is not None:
