@@ -14,9 +14,9 @@ edits (if any) went into the model's whole graph as ``tap`` puts them (``edits.p
    value: the error lists those by tap name.
 4. **Alias check.** An in-place write after the cut into storage that a cut input shares with
    something the cut does not run is refused: the cut could not reproduce it.
-5. **Prune** with ``prune.plan`` (as ``tap`` does): outputs that a later in-place op overwrites
-   are copied at their moment, and a cut input that the graph writes into is copied first, so
-   the caller's tensor is never changed.
+5. **Prune** with ``prune.plan`` (as ``tap`` does): a cut input that the graph may write into is
+   copied first (the caller's tensor is never changed, and outputs read the copy), and outputs
+   that a later in-place op overwrites are copied at their moment.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import fx, nn
 
 from .._capture import fx as _fx
 from .._capture.codegen import for_torchscript
-from .._capture.prune import facts, plan
+from .._capture.prune import facts, plan, written_after
 from .._errors import CutError
 from .._values import copy_value
 from . import edits as _edits
@@ -92,7 +92,7 @@ def split(
         if node not in walk.needed:
             graph.erase_node(node)
     _check_aliases(graph, traced, root, cut, before, order, walk.needed, names)
-    copies = edited.protect(graph)
+    copies = {**edited.protect(graph), **_copy_written_inputs(graph, root, cut)}
     wanted = [(copies.get(v, v), _present(copies.get(m, m), walk.needed | set(copies.values()), order, graph)) for v, m in wanted]
     end_reads = [copies.get(n, n) for n in end_reads]
     results = {key: (fx.node.map_arg(value, lambda n: copies.get(n, n)), copies.get(m, m)) for key, (value, m) in results.items()}
@@ -248,12 +248,21 @@ def _present(moment: fx.Node, needed: set[fx.Node], order: dict[fx.Node, int], g
     return earlier[-1] if earlier else next(iter(graph.nodes))
 
 
-def _copy_input(graph: fx.Graph, placeholder: fx.Node) -> None:
+def _copy_written_inputs(graph: fx.Graph, root: nn.Module, cut: list[_Input]) -> dict[fx.Node, fx.Node]:
+    """Copy, before anything runs, each cut input that an in-place op of the cut may write into,
+    so that outputs read the copy as it is at their moment (the model's ``output``: after the
+    write), and the caller's tensor is never changed. Returns each placeholder -> its copy."""
+    kept = set(graph.nodes)
+    return {c.placeholder: _copy_input(graph, c.placeholder) for c in cut if written_after(graph, root, c.placeholder, kept)}
+
+
+def _copy_input(graph: fx.Graph, placeholder: fx.Node) -> fx.Node:
     """The graph writes into this cut input in place: work on a copy, never the caller's tensor."""
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(last):
         copy = graph.call_method("clone", (placeholder,))
     placeholder.replace_all_uses_with(copy, delete_user_cb=lambda u: u is not copy)
+    return copy
 
 
 def _nodes_of(value: Any) -> list[fx.Node]:

@@ -222,3 +222,32 @@ def test_cut_exports_with_dynamic_batch_onnx_names_torchscript_and_compile(tmp_p
         warnings.simplefilter("ignore")
         compiled = torch.compile(cut, fullgraph=True, backend="eager")
         assert torch.equal(compiled(*args)["logits"], taps["output"])
+
+
+class _WrittenThroughAView(nn.Module):
+    """``h`` is written in place through a view after the cut, and returned: the cut must return
+    the written value (it returned the caller's unwritten tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.aux = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.lin(x)
+        self.act(h.view(-1, 2, 2))
+        return h, self.aux(x)
+
+
+def test_cut_output_reads_a_cut_input_after_the_cut_writes_into_it() -> None:
+    torch.manual_seed(0)
+    model = _WrittenThroughAView().eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = model(x)
+        given = fxtap.tap(model, ["lin", "aux"])(x)
+        kept = given["lin"].clone()
+        out = fxtap.cut(model, ["aux", "lin"])(given["aux"], given["lin"])["output"]
+    assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+    assert torch.equal(given["lin"], kept)  # the caller's tensor is not the one written
