@@ -93,9 +93,11 @@ def split(
             graph.erase_node(node)
     _check_aliases(graph, traced, root, cut, before, order, walk.needed, names)
     copies = {**edited.protect(graph), **_copy_written_inputs(graph, root, cut)}
-    wanted = [(copies.get(v, v), _present(copies.get(m, m), walk.needed | set(copies.values()), order, graph)) for v, m in wanted]
+    ran = walk.needed | set(copies.values())
+    at = {m: _copied_moment(copies, _present(copies.get(m, m), ran, order, graph)) for m in [m for _, m in wanted] + [m for _, m in results.values()]}
+    wanted = [(copies.get(v, v), at[m]) for v, m in wanted]
     end_reads = [copies.get(n, n) for n in end_reads]
-    results = {key: (fx.node.map_arg(value, lambda n: copies.get(n, n)), copies.get(m, m)) for key, (value, m) in results.items()}
+    results = {key: (fx.node.map_arg(value, lambda n: copies.get(n, n)), at[m]) for key, (value, m) in results.items()}
     decided = plan(graph, root, wanted + [(c.placeholder, c.placeholder) for c in cut], end_reads)
     for node in reversed(list(graph.nodes)):
         if node not in decided.kept and node.op != "placeholder":
@@ -246,6 +248,11 @@ def _present(moment: fx.Node, needed: set[fx.Node], order: dict[fx.Node, int], g
         return moment
     earlier = [n for n in graph.nodes if n in order and order[n] <= order[moment]]
     return earlier[-1] if earlier else next(iter(graph.nodes))
+
+
+def _copied_moment(copies: dict[fx.Node, fx.Node], moment: fx.Node) -> fx.Node:
+    """A moment that is a copied cut input is its copy's (values are read from the copy, after it)."""
+    return copies.get(moment, moment)
 
 
 def _copy_written_inputs(graph: fx.Graph, root: nn.Module, cut: list[_Input]) -> dict[fx.Node, fx.Node]:

@@ -14,7 +14,7 @@ import inspect
 import warnings
 
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from support import cuts
 from support.strategies import Case, case_truth, cases, edited_truth
@@ -49,6 +49,11 @@ def test_property_cut_equals_truth(case: Case, data: st.DataObject) -> None:
     for name in outputs:
         assert_same(out[name], truth.values[name])
     assert_same(given, kept)
+
+
+# each example builds two cuts and runs the model three times: 50 in the default run, the
+# "thorough" profile's own count otherwise (HYPOTHESIS_PROFILE=thorough)
+EDIT_EXAMPLES = settings.default.max_examples if settings.default.max_examples > 200 else 50
 
 
 class _Gain(nn.Module):
@@ -92,6 +97,7 @@ def _as_fn(edit: object) -> object:
     return edit
 
 
+@settings(max_examples=EDIT_EXAMPLES)
 @given(case=cases(train=False), data=st.data())
 def test_property_cut_with_edits_equals_edited_truth(case: Case, data: st.DataObject) -> None:
     """Edits at or after the cut point (some on the cut input itself, which applies to the value

@@ -251,3 +251,25 @@ def test_cut_output_reads_a_cut_input_after_the_cut_writes_into_it() -> None:
         out = fxtap.cut(model, ["aux", "lin"])(given["aux"], given["lin"])["output"]
     assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
     assert torch.equal(given["lin"], kept)  # the caller's tensor is not the one written
+
+
+class _ActAfterBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prod = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.prod(x))
+
+
+def test_cut_output_named_like_its_written_input_is_the_value_before_the_write() -> None:
+    torch.manual_seed(0)
+    model = _ActAfterBlock().eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        given = fxtap.tap(model, ["prod.1"])(x)["prod.1"]
+        expected = fxtap.tap(model, ["prod"], keep_output=True)(x)
+        out = fxtap.cut(model, ["prod.1"], ["output", "prod"])(given)
+    assert torch.equal(out["prod"], expected["prod"]) and torch.equal(out["output"], expected["output"])
+    assert out["prod"].min() < 0  # taken before the in-place ReLU
