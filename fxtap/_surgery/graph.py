@@ -181,7 +181,7 @@ def _outputs(
             results[key] = (value, None)  # type: ignore[assignment]
             continue
         value, moment = edited.point(name)
-        value = fx.node.map_arg(value, lambda n, moment=moment: _after_cut(n, moment, cut, order))
+        value = fx.node.map_arg(value, functools.partial(_read_at, moment, cut, order))
         wanted += [(n, moment) for n in _nodes_of(value)]
         results[key] = (value, moment)
     return wanted, end_reads, results
@@ -193,6 +193,10 @@ def _after_cut(node: fx.Node, moment: fx.Node | None, cut: list[_Input], order: 
         if node is c.value and (moment is None or order[moment] >= order[c.moment]):
             return c.placeholder
     return node
+
+
+def _read_at(moment: fx.Node, cut: list[_Input], order: dict[fx.Node, int], node: fx.Node) -> fx.Node:
+    return _after_cut(node, moment, cut, order)
 
 
 def _snapshot(snapshots: dict[tuple[fx.Node, fx.Node], fx.Node], moment: fx.Node, node: fx.Node) -> fx.Node:
