@@ -244,6 +244,27 @@ def _check_aliases(
                     f"cannot cut {type(traced.root).__name__} at {c.name!r}: {names.of(writer)!r} writes into it in place after the cut, "
                     "through memory the cut does not compute. Cut after that op instead (see docs/cut.md)."
                 )
+            apart = _apart(graph, cut, c, before, after, needed)
+            if apart is not None:  # the write reaches a value that shares c's memory in the model, not in the cut
+                raise CutError(
+                    f"cannot cut {type(traced.root).__name__} at {c.name!r}: {names.of(writer)!r} writes into it in place after the cut, "
+                    f"and in the model that also changes {names.of(apart)!r} (the same memory), which the cut holds apart. "
+                    "Cut after that op instead (see docs/cut.md)."
+                )
+
+
+def _apart(graph: fx.Graph, cut: list[_Input], c: _Input, before: Any, after: Any, needed: set[fx.Node]) -> fx.Node | None:
+    """A value that shares ``c``'s memory in the model but not in the cut: another cut input, or a
+    node the cut computes without reading ``c`` (``h`` when ``c`` is ``h.view(...)``)."""
+    shared = before.find(c.value)
+    mine = after.find(c.placeholder)
+    for other in cut:
+        if other is not c and before.find(other.value) is shared:
+            return other.value
+    for node in graph.nodes:
+        if node in needed and node.op != "placeholder" and before.find(node) is shared and after.find(node) is not mine:
+            return node
+    return None
 
 
 def _present(moment: fx.Node, needed: set[fx.Node], order: dict[fx.Node, int], graph: fx.Graph) -> fx.Node:
