@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["Frozen", "copy_value", "detach_value", "frozen", "holds_tensor", "map_tensors", "thawed"]
+__all__ = ["Frozen", "assert_is_none", "copy_value", "detach_value", "frozen", "holds_tensor", "map_tensors", "thawed"]
 
 
 class Frozen:
@@ -106,8 +106,17 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return value
 
 
+@torch.jit.ignore  # type: ignore[misc]
+def assert_is_none(value: Any, msg: str) -> None:
+    """FX's guard on an argument fixed at ``None`` (``torch.fx._symbolic_trace._assert_is_none``),
+    which TorchScript cannot compile (its ``value: object``): graphs call this one instead."""
+    if value is not None:
+        raise AssertionError(msg)
+
+
 for _helper in (copy_value, detach_value):
     _helper.__annotations__ = {"value": Any, "return": Any}  # objects, not strings: TorchScript reads them
+assert_is_none.__annotations__ = {"value": Any, "msg": str, "return": None}
 
 
 def holds_tensor(value: Any) -> bool:

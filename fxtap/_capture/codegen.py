@@ -12,6 +12,8 @@ FX writes a graph as Python source. Three things break that source, and each has
   code generation: ``check_code`` raises ``CodeError``, which ``fx.trace`` turns into a trace
   failure, so that code falls back like any other. (``tap()`` writes only the code of the graph
   it builds, and checks each traced graph's code only when that fails: ``fx.Unwritten``.)
+
+And ``for_torchscript`` makes the code of a finished graph one that ``torch.jit.script`` reads.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ import functools
 import inspect
 import keyword
 import types
+import typing
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
+import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from .._errors import summary
-from .._values import thawed
+from .._values import assert_is_none, thawed
 
-__all__ = ["CodeError", "Made", "as_argument", "check_code", "materialize", "realize", "split_fixed", "with_fixed"]
+__all__ = ["CodeError", "Made", "as_argument", "check_code", "for_torchscript", "materialize", "realize", "split_fixed", "with_fixed"]
 
 
 class Made(NamedTuple):
@@ -155,3 +159,32 @@ def check_code(graph: fx.Graph, root: nn.Module, *, write: bool = True) -> None:
         compile(graph.python_code(root_module="self").src, "<fxtap>", "exec")
     except Exception as error:  # any other failure of FX's code generation
         raise CodeError("", type(root).__name__, summary(error)) from error
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def for_torchscript(graph: fx.Graph) -> None:
+    """Make ``graph``'s code readable by ``torch.jit.script``, as torchvision's extractor's is.
+
+    - FX's guard on an argument fixed at ``None`` is annotated ``object``, which TorchScript
+      cannot read: the graph calls fxtap's ``assert_is_none`` (the same check) instead.
+    - No node keeps the annotation FX copied from the forward: under ``from __future__ import
+      annotations`` it is a string that the code cannot name. An argument with a default gets
+      the type of that default instead (an unannotated argument is a ``Tensor`` to TorchScript,
+      so ``is_causal=False`` would not compile): ``None`` read only by its guard is ``Any``,
+      any other ``None`` an ``Optional[Tensor]``.
+    """
+    for node in graph.nodes:
+        node.type = None
+        if node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none:
+            node.target = assert_is_none
+        elif node.op == "placeholder" and node.args:
+            node.type = _default_type(node, node.args[0])
+
+
+def _default_type(node: fx.Node, default: Any) -> Any:
+    if default is None:
+        guarded = all(user.target in (assert_is_none, torch.fx._symbolic_trace._assert_is_none) for user in node.users)
+        return typing.Any if guarded else typing.Optional[torch.Tensor]  # noqa: UP045 - a runtime type for FX's code and TorchScript
+    return type(default) if type(default) in _SCALARS else None

@@ -28,6 +28,7 @@ from .codegen import (
     CodeError,
     Made,
     check_code,
+    for_torchscript,
     materialize,
     realize,
     split_fixed,
@@ -227,8 +228,7 @@ def _build(
     if detach:
         outputs = {key: graph.call_function(detach_value, (v,)) for key, v in outputs.items()}
     graph.output(outputs)
-    for node in graph.nodes:
-        node.type = None  # string annotations (``from __future__ import annotations``) break TorchScript
+    for_torchscript(graph)
     graph.lint()
     try:
         module = fx.GraphModule(root, graph, class_name=f"Tapped{type(traced.root).__name__}")  # root: the model and its edit modules

@@ -33,12 +33,13 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from .._values import assert_is_none
 from . import effects as _effects
 from . import names as _names
 
 __all__ = ["Plan", "facts", "from_torch_nn", "may_change_state", "own_class", "plan", "same_tensor", "written_after"]
 
-_GUARDS = frozenset({torch._assert, getattr(torch, "_assert_async", torch._assert), torch.fx._symbolic_trace._assert_is_none})
+_GUARDS = frozenset({torch._assert, getattr(torch, "_assert_async", torch._assert), torch.fx._symbolic_trace._assert_is_none, assert_is_none})
 
 
 class Plan(NamedTuple):

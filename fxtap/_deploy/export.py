@@ -2,8 +2,8 @@
 
 ``export`` writes the pruned FX graph of a ``Tapped`` (``Tapped.graph_module()``), loads the
 written file back with the runtime that will serve it, and checks it against the eager graph
-at the example batch size and, for a dynamic batch, at twice that size. TorchScript cannot
-compile fxtap's Python helper ``copy_value`` nor FX's ``_assert_is_none`` guards, so it gets a
+at the example batch size and, for a dynamic batch, at twice that size. TorchScript
+cannot save fxtap's Python helpers ``copy_value`` and ``assert_is_none``, so it gets a
 copy of the graph in which copies are plain ``clone`` calls and the guards are gone.
 """
 
@@ -24,7 +24,7 @@ from .._errors import (
 )
 from .._surgery.cut import Cut
 from .._tap import _tapped
-from .._values import copy_value
+from .._values import assert_is_none, copy_value
 from .verify import as_args as _as_args
 from .verify import doubled as _doubled
 from .verify import flat as _flat
@@ -236,7 +236,7 @@ def _scriptable(graph: fx.GraphModule, n_args: int) -> fx.GraphModule:
         _replace_with_constant(node, node.args[0] if node.args else None)
     for node in list(new.nodes):
         node.type = None
-        if node.op == "call_function" and node.target is torch.fx._symbolic_trace._assert_is_none:
+        if node.op == "call_function" and node.target in (assert_is_none, torch.fx._symbolic_trace._assert_is_none):
             new.erase_node(node)
         elif node.op == "call_function" and node.target is copy_value:
             with new.inserting_after(node):

@@ -10,6 +10,7 @@ from torch import fx, nn
 from .._capture import analysis as _analysis
 from .._capture import names as _names
 from .._capture.call_spec import default_concrete_args
+from .._capture.edit import as_modules
 from .._capture.model import unwrap
 from .._errors import TapNameError
 from .graph import Split, split
@@ -25,6 +26,7 @@ def cut(
     *,
     example: Any = None,
     mode: Literal["fx"] = "fx",
+    edit: Mapping[str, Any] | None = None,
 ) -> Cut:
     """The part of ``model`` that computes ``outputs`` from the values of ``inputs``, as a module.
 
@@ -40,6 +42,9 @@ def cut(
             (``x.shape[0]``), the cut takes it from a cut input whose shape equals it at the
             example's batch size and at twice it.
         mode: only ``"fx"``: the cut is one FX graph.
+        edit: values to replace, as for ``fxtap.edit`` (tap name -> function, tensor or module),
+            applied where the cut computes them; an edit of a cut input applies to the value
+            given to the cut. An output of an edited name is the value after the edit.
 
     Returns:
         A ``Cut``: call it with the inputs' values (positionally, or by key) and any model
@@ -48,9 +53,11 @@ def cut(
     Raises:
         CutError: an output needs a value computed before the cut and not from its inputs (a
             skip connection that bypasses the cut); ``.missing`` lists their tap names to add.
+            Also: an edit of a value computed before the cut (which the cut never runs).
         TapNameError: a name does not exist, or exists only inside code FX does not enter.
         TraceFailedError: torch.fx cannot trace the model; the message names the module.
         ValueError: ``mode`` is not ``"fx"``, or ``inputs`` is empty or repeats a name or key.
+        TypeError: an edit is not a callable, a tensor or a module.
 
     Example:
         >>> import torch, torchvision, fxtap
@@ -67,7 +74,8 @@ def cut(
     request_out = _names.normalize_request(outputs)
     if "output" in request_in:
         raise ValueError('"output" is the model\'s output, not a value a cut can start from')
-    return Cut(unwrap(model), request_in, request_out, example)
+    edits = as_modules(edit) if edit else {}
+    return Cut(unwrap(model), request_in, request_out, example, edits)
 
 
 class Cut(nn.Module):
@@ -79,11 +87,15 @@ class Cut(nn.Module):
 
     Attributes:
         model: the user's model (shared, not copied).
+        edits: the edit modules (``edit=``), when there are any: their parameters train with the cut.
     """
 
-    def __init__(self, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any) -> None:
+    def __init__(self, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, edits: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.model = model
+        self._edits = dict(edits or {})
+        if self._edits:  # submodules, as in a Tapped: their parameters are the cut's
+            self.edits = nn.ModuleDict({f"e{i}": module for i, module in enumerate(self._edits.values())})
         self.training = model.training  # the model's own flag decides the graph; no train() call changes it
         self._inputs = inputs
         self._outputs = outputs
@@ -124,13 +136,13 @@ class Cut(nn.Module):
         analysis = _analysis.analyse(model, mode="fx", concrete_args=default_concrete_args(model))
         traced = analysis.traced
         assert traced is not None  # mode="fx" raises instead
-        unknown = [n for n in [*self._inputs, *self._outputs] if n not in traced.points and n != "output"]
+        unknown = [n for n in [*self._inputs, *self._outputs, *self._edits] if n not in traced.points and n != "output"]
         if unknown:
             message = _names.unknown_name_message(unknown, type(model).__name__, list(traced.points))
             raise TapNameError(message + "\n  A cut starts and ends at values of the FX graph; names inside torch.nn modules are not.")
         evidence = Evidence(traced.root, traced.graph, self._example) if self._example is not None else None
-        found = split(traced, self._inputs, self._outputs, evidence)
-        graph = fx.GraphModule(traced.root, found.graph, class_name=f"Cut{type(model).__name__}")
+        found = split(traced, self._inputs, self._outputs, evidence, self._edits)
+        graph = fx.GraphModule(found.root, found.graph, class_name=f"Cut{type(model).__name__}")
         graph.meta["fxtap_input_names"] = list(found.inputs)
         return graph, found
 

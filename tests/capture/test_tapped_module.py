@@ -51,3 +51,51 @@ def test_graph_with_copies_and_detach_scripts(train: bool, detach: bool) -> None
     for key in ("1", "3"):
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
     assert got["1"].requires_grad is (not detach)
+
+
+class _Masked(nn.Module):
+    """A forward with arguments fixed at their defaults: an optional mask (``None``) and a flag,
+    annotated as strings (this file has ``from __future__ import annotations``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False, scale: float = 1.0) -> torch.Tensor:
+        y = self.lin(x) * scale
+        if mask is not None:
+            y = y + mask
+        return y.flip(0) if causal else y.relu()
+
+
+def test_graph_with_arguments_fixed_at_defaults_scripts() -> None:
+    model = _Masked()
+    graph = fxtap.tap(model, ["lin"], keep_output=True).graph_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(graph)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(scripted(x), graph(x), rtol=0, atol=0)
+    torch.testing.assert_close(scripted(x)["output"], model(x), rtol=0, atol=0)
+    with pytest.raises(Exception, match="mask has been specialized"):  # the guard still runs
+        scripted(x, torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_timm_vit_graph_scripts(name: str) -> None:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, depth=2).train(name.startswith("deit"))
+    tapped = fxtap.tap(model, ["blocks.0", "blocks.1.attn", "head"])
+    assert tapped.mode == "fx"
+    graph = tapped.graph_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated; timm warns on tracing
+        scripted = torch.jit.script(graph)
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    got = scripted(x)
+    torch.manual_seed(1)
+    expected = tapped(x)
+    for key in ("blocks.0", "blocks.1.attn", "head"):
+        torch.testing.assert_close(got[key], expected[key])

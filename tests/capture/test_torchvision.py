@@ -28,7 +28,10 @@ def _model(name: str) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None).eval()
 
 
-@pytest.mark.parametrize("arch", list(CASES))
+SLOW = {"vit_b_16"}  # 224 x 224 for its fixed position embedding: resnet18 and swin_t cover the default run
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=[pytest.mark.slow] if a in SLOW else []) for a in CASES])
 def test_module_taps_equal_hook_clones(arch: str) -> None:
     size, names = CASES[arch]
     model = _model(arch)
@@ -100,6 +103,7 @@ def test_mobilenet_ops_blocks_are_tappable() -> None:
     assert len(reachable) == len(modules), sorted(set(modules) - names)[:10]
 
 
+@pytest.mark.slow  # a timing: never in the default run (benchmarks/ measures speed)
 def test_vit_early_tap_is_faster_than_full_forward() -> None:
     """Reported in the closing note; asserts only the direction, with a wide margin."""
     model = _model("vit_b_16")

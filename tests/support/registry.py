@@ -128,7 +128,7 @@ TORCHVISION = [
         "torchvision/convnext_tiny", _tv("convnext_tiny"), _image(64), "fx", slow=True,
         extra=("features.1.0.mul", "features.1.0.add"),  # the value before `result += input` (stochastic_depth alias)
     ),
-    Case("torchvision/densenet121", _tv("densenet121"), _image(64), "fx"),
+    Case("torchvision/densenet121", _tv("densenet121"), _image(64), "fx", slow=True),
     Case("torchvision/googlenet", _tv("googlenet", aux_logits=False, init_weights=True), _image(64), "fx", slow=True, note="aux_logits=False"),
     Case("torchvision/inception_v3", _tv("inception_v3", aux_logits=False, init_weights=True), _image(80), "fx", slow=True, note="aux_logits=False"),
     Case("torchvision/squeezenet1_0", _tv("squeezenet1_0"), _image(64), "fx", slow=True),
@@ -157,7 +157,7 @@ TORCHVISION = [
         slow=True, note="resized to 320 by the model", extra=("head.regression_head", "head.regression_head.module_list.0.0"),  # hooks inside a list-argument head
     ),
     Case("torchvision/keypointrcnn_resnet50_fpn", _tv("keypointrcnn_resnet50_fpn", **_DETECTION, **_FEW_BOXES), _image_list(128), "mixed", slow=True, note="min_size=max_size=128, 100 proposals, 10 detections"),
-    Case("torchvision/raft_small", _tv("raft_small"), _two_images(128, num_flow_updates=3), "mixed", note="num_flow_updates=3"),
+    Case("torchvision/raft_small", _tv("raft_small"), _two_images(128, num_flow_updates=3), "mixed", slow=True, note="num_flow_updates=3"),
 ]
 
 

@@ -222,3 +222,78 @@ def test_cut_exports_with_dynamic_batch_onnx_names_torchscript_and_compile(tmp_p
         warnings.simplefilter("ignore")
         compiled = torch.compile(cut, fullgraph=True, backend="eager")
         assert torch.equal(compiled(*args)["logits"], taps["output"])
+
+
+class _WrittenThroughAView(nn.Module):
+    """``h`` is written in place through a view after the cut, and returned: the cut must return
+    the written value (it returned the caller's unwritten tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.aux = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.lin(x)
+        self.act(h.view(-1, 2, 2))
+        return h, self.aux(x)
+
+
+def test_cut_output_reads_a_cut_input_after_the_cut_writes_into_it() -> None:
+    torch.manual_seed(0)
+    model = _WrittenThroughAView().eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = model(x)
+        given = fxtap.tap(model, ["lin", "aux"])(x)
+        kept = given["lin"].clone()
+        out = fxtap.cut(model, ["aux", "lin"])(given["aux"], given["lin"])["output"]
+    assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+    assert torch.equal(given["lin"], kept)  # the caller's tensor is not the one written
+
+
+class _ActAfterBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prod = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.prod(x))
+
+
+def test_cut_output_named_like_its_written_input_is_the_value_before_the_write() -> None:
+    torch.manual_seed(0)
+    model = _ActAfterBlock().eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        given = fxtap.tap(model, ["prod.1"])(x)["prod.1"]
+        expected = fxtap.tap(model, ["prod"], keep_output=True)(x)
+        out = fxtap.cut(model, ["prod.1"], ["output", "prod"])(given)
+    assert torch.equal(out["prod"], expected["prod"]) and torch.equal(out["output"], expected["output"])
+    assert out["prod"].min() < 0  # taken before the in-place ReLU
+
+
+class _WrittenThroughTheCutInput(nn.Module):
+    """The cut input is a view of ``h``; an in-place op after the cut writes ``h`` through it, and
+    the model returns ``h``, which the cut recomputes from ``x`` (or takes as a second input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        self.act(h.view(-1, 2, 2))
+        return h
+
+
+def test_cut_at_a_view_written_in_place_after_the_cut_is_refused() -> None:
+    """It returned ``lin(x)`` without the write (found by a random run of the cut+edit property)."""
+    model = _WrittenThroughTheCutInput().eval()
+    with pytest.raises(fxtap.CutError, match=r"'act' writes into it in place after the cut.*'lin' \(the same memory\)"):
+        fxtap.cut(model, ["view"])
+    with pytest.raises(fxtap.CutError, match="writes into it in place"):
+        fxtap.cut(model, ["view", "lin"])
