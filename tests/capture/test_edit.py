@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -168,6 +169,41 @@ def test_edit_exports_and_compiles() -> None:
     torch.testing.assert_close(exported.module()(x), expected)
     compiled = torch.compile(edited, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), expected)
+
+
+class _Gain(nn.Module):
+    """A trainable edit module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(0.75))
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value * self.gain
+
+
+@pytest.mark.slow  # inductor compiles C++ for the CPU: about half a minute on a quiet 2-core machine
+def test_edit_compiles_fullgraph_with_inductor_on_cpu() -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor on the CPU needs a C compiler")
+    torch._dynamo.reset()
+    model, x, patch = Block().eval(), torch.randn(2, 4), torch.randn(2, 4)
+    gain = _Gain()
+    edited = fxtap.edit(model, {"add": lambda v: v * 0.5, "fc": torch.ones(4), "out": gain})
+    tapped = fxtap.tap(model, ["add", "out"], edit={"add": lambda v: v * 0.5, "fc": torch.ones(4)})
+    written = fxtap.edit(InplaceAfter(), {"fc": patch})  # a later relu_ writes into the patched value: a copy in the graph
+    saved = patch.clone()
+    with torch.no_grad():
+        add = (torch.ones(2, 4) + x) * 0.5  # by hand: fc's output replaced by ones, the add halved
+        torch.testing.assert_close(torch.compile(edited, fullgraph=True)(x), model.out(add) * 0.75)
+        taps = torch.compile(tapped, fullgraph=True)(x)
+        torch.testing.assert_close(taps["add"], add)
+        torch.testing.assert_close(taps["out"], model.out(add))
+        torch.testing.assert_close(torch.compile(written, fullgraph=True)(x), saved.relu() * 2)
+    torch.testing.assert_close(patch, saved, rtol=0, atol=0)  # the compiled copy kept the user's tensor unwritten
+    out = torch.compile(edited, fullgraph=True)(x)
+    out.sum().backward()
+    assert gain.gain.grad is not None and gain.gain.grad != 0  # the edit module trains through the compiled graph
 
 
 def test_export_writes_edited_graph(tmp_path) -> None:
