@@ -84,7 +84,8 @@ def run_planned(job, loader, items, keys, rank, world, resume, bar, log) -> tupl
     if order:
         reader = torch.utils.data.DataLoader(
             loader.dataset, batch_sampler=[indices for _, indices in order], num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory or job.device.type == "cuda", timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+            pin_memory=job.device.type == "cuda",  # pinned pages only speed up copies to a GPU
+            timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
             multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
             prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
         )  # fmt: skip
