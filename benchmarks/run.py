@@ -290,6 +290,48 @@ def case_guard(batch: int, rounds: int, device: str) -> list[Row]:
     return rows
 
 
+def case_export(batch: int, rounds: int, device: str, quick: bool = False) -> list[Row]:
+    """The torch.export frontend on a Hugging Face model (BERT, 4 layers of width 256, random
+    weights, sequences of 128 tokens; width 64 and 16 tokens with --quick): build cost (``tap()`` and the calls until the graph serves,
+    the export frontend against mixed mode alone) and the forward of a tapped call against a
+    plain call of the model."""
+    import contextlib
+    from unittest import mock
+
+    from transformers import BertConfig, BertModel
+
+    from fxtap._capture import export as frontend
+
+    torch.manual_seed(0)
+    width, length = (64, 16) if quick else (256, 128)  # --quick: a smoke run
+    config = BertConfig(vocab_size=1000, hidden_size=width, num_hidden_layers=4, num_attention_heads=4, intermediate_size=4 * width)
+    model = BertModel(config).eval().to(device)
+    tokens = torch.randint(0, 1000, (batch, length), device=device)
+    names = [f"encoder.layer.{i}" for i in range(4)] + ["encoder.layer.1.attention.output.add"]
+
+    def mixed_only() -> Any:
+        return mock.patch.object(frontend, "applies", lambda placement, mode: False)  # today's mixed mode, for comparison
+
+    def built(exported: bool) -> fxtap.Tapped:
+        with mixed_only() if not exported else contextlib.nullcontext(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", fxtap.FallbackWarning)
+            tapped = fxtap.tap(model, names)
+            tapped(tokens)  # the first call: mixed mode, and the export
+            tapped(tokens)
+        return tapped
+
+    with torch.no_grad():
+        build = interleaved({"mixed mode": lambda: built(False), "export frontend": lambda: built(True)}, max(2, rounds // 2), device)
+        exported, mixed = built(True), built(False)
+        assert exported.mode == "export" and mixed.mode == "mixed", (exported.mode, mixed.mode)
+        calls = interleaved({"plain model": lambda: model(tokens), "mixed mode": lambda: mixed(tokens), "export frontend": lambda: exported(tokens)}, rounds, device)
+    label = f"7. transformers BertModel (4x{width}, {batch}x{length} tokens)"
+    rows: list[Row] = [[f"{label} build", n, f"{t * 1000:.1f}", f"{t / build['mixed mode']:.2f}", ""] for n, t in build.items()]
+    targets = {"export frontend": "<= 1.05"}
+    rows += [[f"{label} forward", n, f"{t * 1000:.1f}", f"{t / calls['plain model']:.3f}", targets.get(n, "")] for n, t in calls.items()]
+    return rows
+
+
 def plot(results: dict[int, tuple[float, float]], path: Path) -> None:
     import matplotlib
 
@@ -317,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="batch 1, fewer rounds and depths: a smoke run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    parser.add_argument("--only", choices=["guard", "edit"], help="run only these rows (and print them; docs/ is left alone)")
+    parser.add_argument("--only", choices=["guard", "edit", "export"], help="run only these rows (and print them; docs/ is left alone)")
     args = parser.parse_args(argv)
     batch = 1 if args.quick else 8
     rounds = 2 if args.quick else args.rounds
@@ -329,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         print(table(headers[:5], case_guard(batch, rounds, args.device)))
         return 0
     rows: list[Row] = []
+    if args.only == "export":
+        from fxtap._text import table
+
+        print(table(headers[:5], case_export(batch, rounds, args.device, args.quick)))
+        return 0
     if args.only == "edit":
         from fxtap._text import table
 
@@ -345,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += case_memory("resnet50", batch, args.device)
     rows += case_edit("resnet50", batch, rounds, args.device)
     rows += case_guard(batch, rounds, args.device)
+    rows += case_export(batch, rounds, args.device, args.quick)
     from fxtap._text import table
 
     print(table(headers, rows))

@@ -59,6 +59,7 @@ def render(rows: list[tuple[Case, matrix.Result | None, str]], seconds: float) -
     counts = {
         "auto OK": len(ok),
         "pure FX": sum(r.mode == "fx" for _, r in ok),
+        "one torch.export graph": sum(r.mode == "export" for _, r in ok),
         "mixed": sum(r.mode == "mixed" for _, r in ok),
         "hooks only": sum(r.mode == "hooks" for _, r in ok),
         "strict xfail (fxtap bug)": sum(p.startswith("xfail") and c.xfail.startswith("fxtap bug") for c, _, p in rows),
@@ -80,7 +81,9 @@ def render(rows: list[tuple[Case, matrix.Result | None, str]], seconds: float) -
         "returns, and for functional ops exactly the op recomputed eagerly from those clones; the model must",
         "be unchanged afterwards.",
         "",
-        "Columns: **mode** is `Tapped.mode` for the names tested (`fx`: one graph computes them all;",
+        "Columns: **mode** is `Tapped.mode` for the names tested, after two calls (`fx`: one graph computes",
+        "them all; `export`: the model's own forward cannot be traced, and one torch.export graph of the",
+        "tapped call computes them all from the second call on, see docs/fallback.md;",
         "`mixed`: the model's own forward, or part of it, runs eagerly and children are traced on their own;",
         "`hooks`: nothing traced). **FX names** is how many of the names tested come from a graph; **FX leaf",
         "modules** is the same for every leaf module the forward calls. **Build** is `fxtap.tap()` plus the",

@@ -137,7 +137,7 @@ def compare(
             from_graph = {name: _UNTRUSTED for name in others}  # the graph is not the model: no truth from it
         truth.update(from_graph)
     paths = default.paths
-    rows = [_row(name, paths[name] == "fx", name in calls, by_default, by_hooks, truth, rtol, atol) for name in request]
+    rows = [_row(name, paths[name] in ("fx", "export"), name in calls, by_default, by_hooks, truth, rtol, atol) for name in request]
     return Comparison(tuple(rows), rtol, atol)
 
 

@@ -222,23 +222,24 @@ class Tapped(nn.Module):
     def mode(self) -> str:
         """How the names are captured in the current train/eval mode, for the non-tensor arguments
         of the last call (the defaults before any call): ``"fx"`` (one graph computes them all),
+        ``"export"`` (one ``torch.export`` graph of a model FX cannot trace computes them all),
         ``"hooks"`` (nothing could be traced) or ``"mixed"``."""
-        return self._placement().mode
+        return self._last_runner().mode
 
     @property
     def paths(self) -> dict[str, str]:
-        """Each requested name mapped to ``"fx"`` or ``"hook"`` (for the same call as ``mode``)."""
-        placement = self._placement()
-        return {name: placement.path(name) for name in self._request}
+        """Each requested name mapped to ``"fx"``, ``"export"`` or ``"hook"`` (for the same call as ``mode``)."""
+        runner = self._last_runner()
+        return {name: runner.path(name) for name in self._request}
 
     def report(self) -> str:
         """A table: one row per requested name with its key, path, module type and fallback reason
         (for the same call as ``mode``)."""
         from ._text import table
 
-        placement = self._placement()
+        runner = self._last_runner()
         rows = [
-            [name, key, placement.path(name), placement.module_types.get(name, ""), placement.reasons.get(name, "")]
+            [name, key, runner.path(name), runner.placement.module_types.get(name, ""), runner.reason(name)]
             for name, key in self._request.items()
         ]
         return table(["name", "key", "path", "module type", "reason"], rows)
@@ -281,6 +282,9 @@ class Tapped(nn.Module):
         super().__setstate__(state)  # type: ignore[no-untyped-call]
         self._build_lock = threading.Lock()
         _call.adopt_signature(self, self.model)
+
+    def _last_runner(self) -> Runner:
+        return self._runner(self._last_spec)
 
     def _placement(self, spec: tuple[tuple[str, Any], ...] | None = None) -> Placement:
         """Where the names are captured for ``spec`` (the last call's, by default)."""
@@ -378,6 +382,11 @@ def _eager_root_message(fallbacks: dict[str, tuple[str, str]], placement: Placem
     traced = len(placement.fx) if placement is not None else 0
     did = f"the model runs eagerly; {traced} of {requested} requested names come from submodules traced on their own"
     did += ", the others from forward hooks" if traced < requested else ""
+    if requested and placement is not None and not placement.edits.fx and not placement.edits.hooks:
+        did += (
+            ". After the first call with each input signature, fxtap exports that call with torch.export (non-strict)"
+            " and runs it as one graph, same names and values; Tapped.mode is \"export\" then, or says why not"
+        )
     if requested == 0 and placement is not None:  # fxtap.edit: edits only
         graphs, hooked = len(placement.edits.fx), len(placement.edits.hooks)
         did = f"the model runs eagerly; {graphs} of {graphs + hooked} edits are applied in graphs of submodules traced on their own"

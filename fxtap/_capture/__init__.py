@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from . import export as _export
 from . import fx as _fx
 from . import regions as _regions
 from .analysis import Analysis, analyse
@@ -147,4 +148,6 @@ def build(
             graph = _fx.build(
                 analysis.traced, placement.fx, keep_output=keep_output, detach=detach, run_modules=leaves, edits=placement.edits.fx
             )
+    if graph is None and _export.applies(placement, mode):  # one torch.export graph from the first call on, if it exports
+        return _export.ExportRunner(placement, keep_output=keep_output, detach=detach)
     return make_runner(placement, graph, keep_output=keep_output, detach=detach)

@@ -124,7 +124,9 @@ def _call_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Temp
 
     positional = tuple(slot(a) for a in args)
     keywords = tuple((k, slot(v)) for k, v in kwargs.items())
-    types = tuple(type(t).__name__ for t in inputs)
+    # a tensor is a tensor (torch.export's fake tensors too: the exported call reuses the graphs
+    # that the eager call just before it built and checked, see export.py)
+    types = tuple("Tensor" if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)
     return _Template(positional, keywords, len(inputs), types), inputs
 
 
@@ -224,7 +226,8 @@ class Region:
                 built = self._graphs.lookup(key)
                 if built is None:
                     built = self._build(template, {local: self.edits[name] for local, name in edits}) or _NoGraph()
-                    self._graphs.put(key, built, built.module.meta.get("fxtap_guard") if isinstance(built, _Graph) else None)
+                    if not torch.compiler.is_compiling():  # one built while torch.export traces may hold its fake tensors
+                        self._graphs.put(key, built, built.module.meta.get("fxtap_guard") if isinstance(built, _Graph) else None)
         return None if isinstance(built, _NoGraph) else built
 
     def _build(self, template: _Template, edits: dict[str, nn.Module]) -> _Graph | None:
@@ -510,7 +513,7 @@ def _storages(value: Any) -> set[int]:
 
     def visit(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            found.add(v.untyped_storage().data_ptr())
+            found.add(v.untyped_storage()._cdata)  # the storage itself: also for the fake tensors of torch.export
         return v
 
     fx.node.map_aggregate(value, visit)

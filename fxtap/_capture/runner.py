@@ -45,6 +45,17 @@ class Runner:
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    # what the last call did (an ``export.ExportRunner`` may run one exported graph instead)
+    @property
+    def mode(self) -> str:
+        return self.placement.mode
+
+    def path(self, name: str) -> str:
+        return self.placement.path(name)
+
+    def reason(self, name: str) -> str:
+        return self.placement.reasons.get(name, "")
+
     def _hooked(self, values: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
         return {name: detach_value(values[name]) if self._detach else values[name] for name in hooks}
@@ -113,11 +124,14 @@ class EagerRunner(Runner):
     """The model's own forward runs; regions and hooks capture the names during it."""
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        return self._run(model, args, kwargs, stop_early=True)
+
+    def _run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, stop_early: bool) -> dict[str, Any]:
         placement = self.placement
         hooks = placement.hooks
         # Cutting the forward short skips what its rest would do to state (buffers, the RNG):
         # only when nothing in the model may change state (prune.may_change_state).
-        stop_early = not self._keep_output and not may_change_state(model)
+        stop_early = stop_early and not self._keep_output and not may_change_state(model)
         with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=len(placement.fx), edits=placement.edits.hooks) as captured:
             with _regions.serve(placement.regions, captured, detach=self._detach):
                 output = model(*args, **kwargs)

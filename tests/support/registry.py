@@ -27,7 +27,7 @@ class Case:
     name: str  # "torchvision/resnet18", "timm/resnet18", "transformers/BertModel"
     build: Callable[[], nn.Module]
     inputs: Callable[[], Inputs]
-    mode: str  # the expected Tapped.mode: "fx", "mixed" or "hooks"
+    mode: str  # the expected Tapped.mode after two calls: "fx", "export", "mixed" or "hooks"
     slow: bool = False  # not in the default run (--runslow runs it)
     atol: float = 0.0  # 0: values must be equal exactly
     extra: tuple[str, ...] = ()  # names tapped besides the automatic pick: ones that exposed an fxtap bug
@@ -213,26 +213,26 @@ def _whisper_features() -> Inputs:
 
 
 TRANSFORMERS = [
-    Case("transformers/BertModel", _hf("BertModel", "BertConfig", vocab_size=100, max_position_embeddings=64, **_TINY), _tokens(), "mixed"),
+    Case("transformers/BertModel", _hf("BertModel", "BertConfig", vocab_size=100, max_position_embeddings=64, **_TINY), _tokens(), "export"),
     Case(
         "transformers/GPT2Model",
         _hf("GPT2Model", "GPT2Config", vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0),
         _tokens(),
-        "mixed",
+        "export",
     ),
-    Case("transformers/ViTModel", _hf("ViTModel", "ViTConfig", image_size=32, patch_size=8, **_TINY), _image(32), "mixed", slow=True),
-    Case("transformers/CLIPVisionModel", _hf("CLIPVisionModel", "CLIPVisionConfig", image_size=32, patch_size=8, **_TINY), _image(32), "mixed", slow=True),
+    Case("transformers/ViTModel", _hf("ViTModel", "ViTConfig", image_size=32, patch_size=8, **_TINY), _image(32), "export", slow=True),
+    Case("transformers/CLIPVisionModel", _hf("CLIPVisionModel", "CLIPVisionConfig", image_size=32, patch_size=8, **_TINY), _image(32), "export", slow=True),
     Case(
         "transformers/LlamaModel",
         _hf("LlamaModel", "LlamaConfig", vocab_size=100, num_key_value_heads=1, max_position_embeddings=64, use_cache=False, **_TINY),
         _tokens(),
-        "mixed",
+        "export",
     ),
     Case(
         "transformers/T5EncoderModel",
         _hf("T5EncoderModel", "T5Config", vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2),
         _tokens(),
-        "mixed",
+        "export",
         slow=True,
     ),
     Case(
@@ -248,7 +248,7 @@ TRANSFORMERS = [
             max_source_positions=16,
         ),
         _whisper_features,
-        "mixed",
+        "export",
         slow=True,
         note="16 mel bins, 32 frames",
     ),

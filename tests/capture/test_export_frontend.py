@@ -1,0 +1,348 @@
+"""The torch.export frontend (issue 17, docs/fallback.md "One graph with torch.export").
+
+A model whose own forward FX cannot trace runs in mixed mode on the first call of each input
+signature, which is then exported (non-strict) and served by one graph. Checked here against
+eager truth (hook clones, the model's own computation) and against the other frontends: every
+name means the same value under FX, mixed mode and export.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from support import toy_models
+from support.registry import CASES
+from support.truth import assert_same, assert_unchanged, hook_truth, model_fingerprint, quiet_fallbacks
+from torch import nn
+
+import fxtap
+from fxtap._capture import describe
+
+
+class EagerRoot(nn.Module):
+    """``inner`` under a root FX cannot trace (a Python bool of a size) and torch.export can."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        if args[0].shape[0] > 0:
+            return self.inner(*args)  # type: ignore[no-any-return]
+        return args[0]
+
+
+def _tap(model: nn.Module, names: list[str], **kwargs: object) -> fxtap.Tapped:
+    with quiet_fallbacks():
+        return fxtap.tap(model, names, **kwargs)
+
+
+def _attributes(model: nn.Module) -> dict[str, dict[str, int]]:
+    return {path: {k: id(v) for k, v in vars(m).items()} for path, m in model.named_modules()}
+
+
+# -- names mean the same values under FX and under export ------------------------------------------------
+
+_FX_MODELS = {
+    "resnet18": (lambda: torchvision.models.resnet18(weights=None, num_classes=10).eval(), lambda: (torch.randn(2, 3, 32, 32),)),
+    "inplace_zoo": (toy_models.InplaceZoo, lambda: (torch.randn(3, 4),)),
+    "alias_update": (toy_models.AliasUpdate, lambda: (torch.randn(2, 3), torch.randn(2, 3))),
+    "pos_add": (toy_models.PosAdd, lambda: (torch.randn(2, 3),)),
+    "shared": (toy_models.Shared, lambda: (torch.randn(2, 4),)),
+}
+
+
+@pytest.mark.parametrize("which", list(_FX_MODELS))
+def test_export_names_mean_what_fx_names_mean(which: str) -> None:
+    build, inputs = _FX_MODELS[which]
+    torch.manual_seed(0)
+    inner = build()
+    args = inputs()
+    infos = [i for i in describe(inner) if i.kind in ("module", "op") and i.path == "fx"]
+    fx_values = fxtap.tap(inner, [i.name for i in infos], mode="fx")(*args)
+    root = EagerRoot(inner)
+    wanted = {f"inner.{i.name}": i.name for i in infos} | {"inner": "output"}
+    tapped = _tap(root, list(wanted))
+    tapped(*args)  # mixed mode, then the export
+    exported = tapped(*args)
+    assert tapped.mode == "export", tapped.report()
+    assert set(tapped.paths.values()) == {"export"}
+    for name, fx_name in wanted.items():
+        expected = inner(*args) if fx_name == "output" else fx_values[fx_name]
+        assert_same(exported[name], expected)
+
+
+def test_export_copies_a_value_the_root_overwrites_in_place() -> None:
+    class Bump(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x)
+            if x.shape[0] > 0:
+                y += 1  # the root writes into fc's output after fc returned it
+            return y
+
+    model = Bump()
+    tapped = _tap(model, ["fc"])
+    x = torch.randn(2, 3)
+    tapped(x)
+    out = tapped(x)
+    assert tapped.mode == "export"
+    assert_same(out["fc"], model.fc(x))
+
+
+# -- Hugging Face models: one graph, values equal to eager ------------------------------------------------
+
+_HF = ["transformers/BertModel", "transformers/GPT2Model", "transformers/LlamaModel"]
+_HF_SLOW = ["transformers/ViTModel", "transformers/CLIPVisionModel", "transformers/T5EncoderModel", "transformers/WhisperEncoder"]
+
+
+@pytest.mark.parametrize(
+    "name", [*_HF, *(pytest.param(n, marks=pytest.mark.slow) for n in _HF_SLOW)]
+)
+def test_export_hf_values_equal_eager_and_mixed(name: str) -> None:
+    case = CASES[name]
+    model = case.build().eval()
+    args, kwargs = case.inputs()
+    if name == "transformers/GPT2Model":
+        kwargs = {**kwargs, "use_cache": False}  # a DynamicCache output is no pytree unless transformers registers one
+    truth = hook_truth(model, *args, **kwargs)
+    module_paths = {p for p, _ in model.named_modules()}
+    with quiet_fallbacks():
+        ops = [n for n in fxtap.names(model) if n not in module_paths]
+    wanted = list(dict.fromkeys([n for n in truth if n != "output"] + ops))  # every module call (later ones too) and every op
+    before, attributes = model_fingerprint(model), _attributes(model)
+    tapped = _tap(model, wanted, keep_output=True)
+    mixed = tapped(*args, **kwargs)
+    exported = tapped(*args, **kwargs)
+    assert tapped.mode == "export", tapped.report()
+    for key in wanted:
+        assert_same(exported[key], mixed[key])  # the same name means the same value under both
+        if key in truth:
+            assert_same(exported[key], truth[key])
+    assert_same(exported["output"], truth["output"])
+    assert_unchanged(before, model)
+    assert _attributes(model) == attributes  # torch.export's own attribute writes are undone too
+
+
+def test_export_hf_cache_output_keeps_mixed_mode() -> None:
+    case = CASES["transformers/GPT2Model"]
+    model = case.build().eval()
+    args, kwargs = case.inputs()
+    tapped = _tap(model, ["h.0", "h.1.attn"], keep_output=True)
+    mixed = tapped(*args, **kwargs)
+    again = tapped(*args, **kwargs)
+    assert tapped.mode == "mixed"
+    assert "torch.export failed: TypeError: a tapped value holds a DynamicCache" in tapped.report()
+    assert_same(again["h.0"], mixed["h.0"])
+    without_output = _tap(model, ["h.0", "h.1.attn"])  # the cache stays inside the graph
+    without_output(*args, **kwargs)
+    out = without_output(*args, **kwargs)
+    assert without_output.mode == "export"
+    assert_same(out["h.1.attn"], mixed["h.1.attn"])
+
+
+def test_export_hf_train_mode_draws_what_eager_draws() -> None:
+    model = CASES["transformers/BertModel"].build().train()
+    args, kwargs = CASES["transformers/BertModel"].inputs()
+    names = ["embeddings.dropout", "encoder.layer.0.attention.output.add", "encoder.layer.1.output.dropout"]
+    tapped = _tap(model, names)
+    tapped(*args, **kwargs)
+    torch.manual_seed(3)
+    truth = hook_truth(model, *args, **kwargs)
+    after_eager = torch.get_rng_state()
+    torch.manual_seed(3)
+    out = tapped(*args, **kwargs)
+    assert tapped.mode == "export"
+    assert torch.equal(torch.get_rng_state(), after_eager)  # the same draws, in the same order
+    for name in ["embeddings.dropout", "encoder.layer.1.output.dropout"]:
+        assert_same(out[name], truth[name])
+    assert not torch.equal(out["embeddings.dropout"], model.embeddings.LayerNorm(truth["embeddings.LayerNorm"]))
+
+
+def test_export_updates_buffers_as_eager_does() -> None:
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model, twin = EagerRoot(inner).train(), EagerRoot(copy.deepcopy(inner)).train()
+    tapped = _tap(model, ["inner.1", "inner.0"])
+    for step in range(3):
+        x = torch.randn(2, 3, 8, 8)
+        out = tapped(x)
+        truth = hook_truth(twin, x)
+        assert_same(out["inner.1"], truth["inner.1"])
+    assert tapped.mode == "export"
+    for (name, mine), (_, theirs) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
+        assert_same(mine, theirs), name
+
+
+# -- when export is not used, and what says so -----------------------------------------------------------
+
+
+def test_export_refused_with_user_hooks() -> None:
+    model = EagerRoot(toy_models.InplaceZoo())
+    seen: list[torch.Tensor] = []
+    handle = model.inner.fc2.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+    try:
+        tapped = _tap(model, ["inner.fc1"])
+        x = torch.randn(2, 4)
+        tapped(x)
+        tapped(x)
+        assert len(seen) == 2  # the user's hook ran at every call
+        assert tapped.mode == "mixed"
+        assert "torch.export not tried: forward hook registered on 'inner.fc2'" in tapped.report()
+    finally:
+        handle.remove()
+
+
+def test_export_refused_when_forward_writes_attributes() -> None:
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 0:
+                self.calls += 1
+            return self.fc(x)
+
+    model = Counting()
+    tapped = _tap(model, ["fc"])
+    for _ in range(3):
+        tapped(torch.randn(2, 2))
+    assert model.calls == 3  # as eagerly: no graph swallowed the write
+    assert tapped.mode == "hooks"  # fc is a torch.nn leaf: hooks capture it under the eager root
+    assert "writes the attribute 'calls'" in tapped.report()
+
+
+def test_export_failure_keeps_mixed_mode_and_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent: neither FX nor torch.export can hold it
+                x = -x
+            return self.fc(x)
+
+    model = Branchy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tapped = fxtap.tap(model, ["fc"])
+    assert "fxtap exports that call with torch.export" in str(caught[0].message)
+    for x in (torch.ones(2, 4), -torch.ones(2, 4)):
+        out = tapped(x)
+        assert_same(out["fc"], model.fc(-x if x.sum() > 0 else x))
+    assert tapped.mode == "hooks"
+    assert tapped.paths == {"fc": "hook"}
+    assert "torch.export failed" in tapped.report()
+    # torch.export prints a failed try's partial graph and logs shape warnings to stderr: the
+    # report above is where fxtap says it, once, and nothing else reaches the user's terminal
+    assert capsys.readouterr().err == ""
+
+
+# -- the graph follows the model --------------------------------------------------------------------------
+
+
+def test_export_graph_rebuilt_for_new_shapes_and_swapped_modules() -> None:
+    model = EagerRoot(toy_models.InplaceZoo())
+    tapped = _tap(model, ["inner.fc2", "inner.add"])
+    for batch in (2, 2, 5, 5):
+        x = torch.randn(batch, 4)
+        out = tapped(x)
+        assert_same(out["inner.fc2"], hook_truth(model, x)["inner.fc2"])
+    assert tapped.mode == "export"
+    model.inner.fc2 = nn.Linear(4, 4)  # a swapped submodule: the guard sees it
+    x = torch.randn(5, 4)
+    assert_same(tapped(x)["inner.fc2"], hook_truth(model, x)["inner.fc2"])
+    with torch.no_grad():
+        model.inner.fc2.weight.mul_(2)  # an in-place update: the graph reads the model's own tensors
+    assert_same(tapped(x)["inner.fc2"], hook_truth(model, x)["inner.fc2"])
+
+
+def test_export_refused_when_forward_fills_a_cache() -> None:
+    class Caching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+            self.seen: list[int] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 0:
+                self.seen.append(x.shape[0])  # Python-side state, filled in place
+            return self.fc(x)
+
+    model = EagerRoot(Caching())
+    tapped = _tap(model, ["inner.fc"])
+    for _ in range(3):
+        tapped(torch.randn(2, 2))
+    assert model.inner.seen == [2, 2, 2]
+    assert "writes the attribute 'inner.seen'" in tapped.report()
+
+
+def test_export_graph_gradients_equal_eager() -> None:
+    torch.manual_seed(0)
+    model = EagerRoot(toy_models.InplaceZoo())
+    twin = copy.deepcopy(model)
+    tapped = _tap(model, ["inner.fc2", "inner.add"])
+    x = torch.randn(3, 4)
+    tapped(x)
+    out = tapped(x)
+    assert tapped.mode == "export"
+    (out["inner.fc2"].sum() + out["inner.add"].pow(2).sum()).backward()
+    a = torch.relu(twin.inner.fc1(x))  # the same computation by hand, out of place
+    b = twin.inner.fc2(a)
+    (b.sum() + (b + a).pow(2).sum()).backward()
+    for (name, mine), (_, theirs) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        if theirs.grad is None:
+            assert mine.grad is None or not mine.grad.any(), name
+        else:
+            torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_export_graphs_per_input_kind_are_bounded() -> None:
+    class SizeBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for k in range(10):
+                if x.shape[0] == k:  # torch.export specializes the size: one graph per batch size
+                    return self.fc(x) * k
+            return self.fc(x)
+
+    model = EagerRoot(SizeBranch())
+    tapped = _tap(model, ["inner.fc", "inner"])
+    for batch in (2, 3, 4, 5, 6, 7, 2, 6):
+        x = torch.randn(batch, 2)
+        for _ in range(2):
+            out = tapped(x)
+            assert_same(out["inner"], model.inner.fc(x) * batch)
+        assert tapped.mode == ("export" if batch in (2, 3, 4, 5) else "hooks"), (batch, tapped.report())
+    assert "4 graphs for other sizes of these inputs exist already" in tapped.report()
+
+
+def test_export_train_and_eval_graphs_follow_the_mode() -> None:
+    torch.manual_seed(0)
+    model = EagerRoot(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4)))
+    tapped = _tap(model, ["inner.1", "inner.2"])
+    x = torch.randn(3, 4)
+    for training in (False, True, False, True):
+        model.train(training)
+        for _ in range(2):
+            torch.manual_seed(7)
+            out = tapped(x)
+            torch.manual_seed(7)
+            truth = hook_truth(model, x)
+            assert_same(out["inner.1"], truth["inner.1"])
+            assert_same(out["inner.2"], truth["inner.2"])
+        assert tapped.mode == "export"
+    assert not torch.equal(out["inner.1"], model.inner[0](x))  # train mode: dropout did drop
