@@ -1,6 +1,6 @@
 """End-to-end extraction speed: ``fxtap.extract`` against a hand-written loop, side by side.
 
-    python benchmarks/extract.py [--images 1000] [--size 224] [--batch-size 32] [--workers 2] [--rounds 2]
+    python benchmarks/extract.py [--images 1000] [--size 224] [--batch-size 32] [--workers 2] [--rounds 2] [--subset 64]
 
 Writes ``--images`` JPEGs (320x240, made with PIL, not committed) to ``--folder`` once, then, round
 by round and in a rotated order, runs three ways to store resnet50's ``layer3`` average-pooled
@@ -8,7 +8,17 @@ over the folder, each reading it with the same ``DataLoader`` (``--workers`` dec
 
 - fxtap: ``fxtap.extract(model, ["layer3"], loader, out)`` (shards, manifest, resume key);
 - hand loop: a truncated ``nn.Sequential`` up to ``layer3``, pooled, ``torch.save`` at the end;
-- hook recipe: a forward hook on ``layer3`` of the whole model (which runs layer4 and fc too).
+- hook recipe: a forward hook on ``layer3`` of the whole model (which runs layer4 and fc too);
+- thingsvision (when installed): ``get_extractor_from_model`` with a mean-pooling ``flatten_fn``,
+  ``extract_features(loader, module_name="layer3", flatten_acts=True)``, then ``torch.save``;
+- TorchLens (when installed): ``torchlens.extract_dataset(model, items, ["layer3"],
+  pool="spatial_mean", output_dir=...)`` over the same decoded items (``--workers`` processes).
+  TorchLens logs every op of the forward: it runs over the first ``--subset`` images only
+  (images/s are comparable; the folder's count is not).
+
+thingsvision pins numpy<2 and old torch/torchvision/transformers; run this script from a venv that
+holds it beside this torch (``pip install --no-deps thingsvision`` there) to include it. A
+library that is not installed is skipped with a line saying so.
 
 It prints images/s (median over rounds) and each ratio to the hand loop (target: fxtap >= 0.95x),
 then where the time goes: decoding alone (the loader with no model), the forward alone (on
@@ -19,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +50,7 @@ class Folder(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
     """The JPEGs of a folder, decoded and preprocessed as ``fxtap extract`` does (ImageNet, 256 -> 224)."""
 
     def __init__(self, folder: Path, size: int) -> None:
+        self.folder, self.size = folder, size
         self.files = sorted(folder.glob("*.jpg"))
         self.preprocess = IMAGENET.scaled(size)
 
@@ -91,10 +103,70 @@ def run_hooks(model: nn.Module, loader: torch.utils.data.DataLoader, out: Path) 
     torch.save({"layer3": torch.cat(rows), "ids": ids}, out / "features.pt")
 
 
-def timed(fn: Callable[[], object]) -> float:
+def run_thingsvision(model: nn.Module, loader: torch.utils.data.DataLoader, out: Path) -> None:
+    from thingsvision import get_extractor_from_model  # type: ignore[import-not-found]
+
+    extractor = get_extractor_from_model(model=model, device="cpu", backend="pt", flatten_fn=lambda self, act: act.mean(dim=(2, 3)))
+    features = extractor.extract_features(batches=loader, module_name="layer3", flatten_acts=True, output_type="tensor")
+    torch.save({"layer3": features, "ids": list(range(len(features)))}, out / "features.pt")
+
+
+class _ImagesOnly(torch.utils.data.Dataset[torch.Tensor]):
+    def __init__(self, dataset: torch.utils.data.Dataset[tuple[torch.Tensor, int]]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.dataset[index][0]
+
+
+def run_torchlens(model: nn.Module, loader: torch.utils.data.DataLoader, out: Path) -> float:
+    """TorchLens in a fresh interpreter (a subprocess running this script): in a process where
+    fxtap has traced a model, TorchLens 2.36's capture fails with a RecursionError (cause not
+    found; fxtap changes no torch attribute, global hook or mode that we could find), and TorchLens
+    refuses to capture in a multiprocessing child. Returns the seconds of the ``extract_dataset``
+    call alone, as the child measured them."""
+    folder = loader.dataset.dataset.dataset  # Subset(Subset(Folder))
+    command = [sys.executable, __file__, "--torchlens-child", str(out), "--folder", str(folder.folder), "--size", str(folder.size),
+               "--images", str(len(loader.dataset)), "--batch-size", str(loader.batch_size), "--workers", str(loader.num_workers)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"TorchLens failed: {done.stderr.strip().splitlines()[-1:]}")
+    return float(done.stdout.split()[-1])
+
+
+def torchlens_child(args: argparse.Namespace) -> None:
+    import torchlens  # type: ignore[import-not-found]
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50().eval()
+    items = torch.utils.data.DataLoader(_ImagesOnly(torch.utils.data.Subset(Folder(args.folder, args.size), range(args.images))),
+                                        batch_size=None, num_workers=args.workers)  # fmt: skip  (TorchLens makes the batches)
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    torchlens.extract_dataset(model, items, ["layer3"], batch_size=args.batch_size, output_dir=Path(args.torchlens_child) / "torchlens",
+                              pool="spatial_mean", progress=False)  # fmt: skip
+    print(time.perf_counter() - start)
+
+
+OPTIONAL = {"thingsvision": ("thingsvision", run_thingsvision), "torchlens": ("TorchLens", run_torchlens)}
+
+
+def installed(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError as error:
+        print(f"  {module}: not installed here, skipped ({error})")
+        return False
+    return True
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds ``fn`` took, or the seconds it returns (a contender timed in another process)."""
+    start = time.perf_counter()
+    seconds = fn()
+    return seconds if isinstance(seconds, float) else time.perf_counter() - start
 
 
 def main() -> None:
@@ -104,8 +176,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--subset", type=int, default=64, help="images for the slow contenders (TorchLens)")
+    parser.add_argument("--skip", nargs="*", default=[], help="optional contenders to leave out: thingsvision torchlens")
     parser.add_argument("--folder", type=Path, default=Path(tempfile.gettempdir()) / "fxtap-bench-images")
+    parser.add_argument("--torchlens-child", help=argparse.SUPPRESS)  # run TorchLens alone, writing there; print its seconds
     args = parser.parse_args()
+    if args.torchlens_child:
+        torchlens_child(args)
+        return
 
     make_images(args.folder, args.images)
     dataset = torch.utils.data.Subset(Folder(args.folder, args.size), range(args.images))
@@ -116,6 +194,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")  # fmt: skip
 
     contenders = {"fxtap.extract": run_fxtap, "hand loop (truncated model)": run_hand, "hook recipe (whole model)": run_hooks}
+    counts = dict.fromkeys(contenders, args.images)
+    subset = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(min(args.subset, args.images))), batch_size=args.batch_size,
+                                         num_workers=args.workers)  # fmt: skip
+    loaders = dict.fromkeys(contenders, loader)
+    for module, (label, fn) in OPTIONAL.items():
+        if module not in args.skip and installed(module):
+            name = f"{label} {sys.modules[module].__version__}"
+            contenders[name] = fn
+            counts[name] = args.images if module == "thingsvision" else len(subset.dataset)  # type: ignore[arg-type]
+            loaders[name] = loader if module == "thingsvision" else subset
     times: dict[str, list[float]] = {name: [] for name in contenders}
     with tempfile.TemporaryDirectory() as scratch:
         for round_ in range(args.rounds):
@@ -123,13 +211,14 @@ def main() -> None:
             for name in order:
                 out = Path(scratch) / f"{name.split()[0]}-{round_}"
                 out.mkdir()
-                times[name].append(timed(lambda name=name, out=out: contenders[name](model, loader, out)))
-                print(f"  round {round_ + 1}: {name}: {args.images / times[name][-1]:.1f} images/s", flush=True)
-        hand = statistics.median(times["hand loop (truncated model)"])
+                times[name].append(timed(lambda name=name, out=out: contenders[name](model, loaders[name], out)))
+                print(f"  round {round_ + 1}: {name}: {counts[name] / times[name][-1]:.1f} images/s ({counts[name]} images)", flush=True)
+        hand = args.images / statistics.median(times["hand loop (truncated model)"])
         print("\nend to end (median over rounds)")
         for name, values in times.items():
-            median = statistics.median(values)
-            print(f"  {name:30s} {args.images / median:7.1f} images/s  {hand / median:5.3f}x the hand loop")
+            rate = counts[name] / statistics.median(values)
+            print(f"  {name:30s} {rate:7.1f} images/s  {rate / hand:5.3f}x the hand loop" + ("" if counts[name] == args.images else f"  (on {counts[name]} images)"))
+        hand = statistics.median(times["hand loop (truncated model)"])
         ratio = hand / statistics.median(times["fxtap.extract"])
         print(f"  target fxtap >= 0.95x the hand loop: {'met' if ratio >= 0.95 else 'NOT met'} ({ratio:.3f}x)")
         where_the_time_goes(model, loader, args, Path(scratch))

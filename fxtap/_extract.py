@@ -1,12 +1,8 @@
 """``fxtap.extract``: the tapped features of every batch of an iterable, pooled, written to disk in
 resumable shards (the format is ``fxtap._features``'s).
 
-Two ways to walk the data. A ``DataLoader`` over a map-style dataset in order (no shuffle, no
-``drop_last``) is planned by item index: shard ``k`` covers items ``k * shard_size`` to
-``(k + 1) * shard_size``, and a finished shard (or another rank's) is never even loaded. Any other
-iterable is read batch by batch: a shard holds whole batches until it has ``shard_size`` items, and
-a finished shard's batches are read but not computed. Under torchrun (``WORLD_SIZE`` > 1) rank
-``r`` of ``W`` computes shards ``r, r + W, ...``; rank 0 merges the manifest after a barrier.
+This module is the entry: the arguments, checked and recorded (``_job``), and the run under
+torchrun. How the data is walked, batch by batch into shards, is ``fxtap._shards``.
 """
 
 from __future__ import annotations
@@ -14,25 +10,28 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 
 from . import _features, _ranks
 from ._errors import FxtapError
 from ._pool import Pool, describe, pool_of
-from ._pool import pool as pool_value
+from ._shards import (
+    BatchFailedError,
+    Job,
+    Split,
+    plan,
+    planned,
+    run_planned,
+    run_stream,
+)
 from ._tap import Tapped, tap
 
 __all__ = ["BatchFailedError", "Interrupted", "Summary", "extract", "plan", "run"]
-
-Split = Callable[[Any], "tuple[Any, Sequence[Any]] | tuple[Any, Sequence[Any], Sequence[tuple[Any, str]]]"]
 
 
 class Summary(NamedTuple):
@@ -50,10 +49,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, out: Path, finished: int, total: int | None) -> None:
         super().__init__(f"interrupted: {finished} shards of {total if total is not None else '?'} finished in {out}")
         self.out, self.finished, self.total = out, finished, total
-
-
-class BatchFailedError(FxtapError):
-    """The model raised on a batch."""
 
 
 def extract(
@@ -125,23 +120,6 @@ def extract(
                bar=progress, log=log, resume=resume, ids=ids, keys=keys, config=config)  # fmt: skip
 
 
-@dataclass
-class _Job:
-    tapped: nn.Module
-    names: list[str]
-    pool: Pool | Mapping[str, Pool]
-    device: torch.device
-    autocast: torch.dtype | None
-    out_dtype: torch.dtype | None
-    out: Path
-    config: dict[str, Any]
-    shard_size: int
-    split: Split | None
-    warn: Callable[[str], None] | None
-    done: list[int] = field(default_factory=list)  # shards finished by this run
-    kept: int = 0  # finished shards of an earlier run, kept
-
-
 def run(
     model: nn.Module, names: Sequence[str] | Mapping[str, str] | None, batches: Iterable[Any], out: str | os.PathLike[str], *,
     pool: Pool | Mapping[str, Pool] = "avg", dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
@@ -153,14 +131,14 @@ def run(
     if shard_size < 1:
         raise FxtapError(f"shard_size must be a positive number of items, not {shard_size}")
     job = _job(model, names, pool, dtype, device, out_dtype, Path(out), shard_size, ids, config, warn)
-    items = _planned(batches)
+    items = planned(batches)
     with _ranks.process_group() as (rank, world):
         log = log if rank == 0 else None
         try:
             if items is not None:
-                count, computed, reused = _run_planned(job, batches, items, keys, rank, world, resume, bar and rank == 0, log)
+                count, computed, reused = run_planned(job, batches, items, keys, rank, world, resume, bar and rank == 0, log)
             else:
-                count, computed, reused = _run_stream(job, batches, rank, world, resume, bar and rank == 0, log)
+                count, computed, reused = run_stream(job, batches, rank, world, resume, bar and rank == 0, log)
         except KeyboardInterrupt as interrupt:
             total = None if items is None else len(plan(items, job.shard_size))
             raise Interrupted(job.out, job.kept + len(job.done), total) from interrupt
@@ -171,7 +149,7 @@ def run(
     return Summary(job.out, manifest, computed, reused)
 
 
-def _job(model, names, pool, dtype, device, out_dtype, out, shard_size, split, config, warn) -> _Job:  # type: ignore[no-untyped-def]
+def _job(model, names, pool, dtype, device, out_dtype, out, shard_size, split, config, warn) -> Job:  # type: ignore[no-untyped-def]
     if not isinstance(model, Tapped) and names is None:
         raise FxtapError("extract needs the tap names of the model (or a Tapped from fxtap.tap)")
     tapped = model if isinstance(model, Tapped) else tap(model, names, detach=True)
@@ -197,217 +175,11 @@ def _job(model, names, pool, dtype, device, out_dtype, out, shard_size, split, c
         "model": type(inner).__name__, "weights": _weights_digest(inner), "names": request, "pool": pools,
         "dtype": _name(autocast), "out_dtype": _name(stored), "shard_size": shard_size, **dict(config or {}),
     }  # fmt: skip
-    return _Job(tapped, request, pool, place, autocast, stored, out, recorded, shard_size, split, warn)
+    return Job(tapped, request, pool, place, autocast, stored, out, recorded, shard_size, split, warn)
 
 
 def _name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-# -- the two ways through the data ---------------------------------------------------------------
-def _planned(batches: Iterable[Any]) -> int | None:
-    """The number of items, when ``batches`` is a DataLoader that reads a dataset in order."""
-    loader = batches
-    if not isinstance(loader, torch.utils.data.DataLoader) or isinstance(loader.dataset, torch.utils.data.IterableDataset):
-        return None
-    if loader.batch_size is None or loader.drop_last or not isinstance(loader.sampler, torch.utils.data.SequentialSampler):
-        return None
-    return len(loader.dataset)  # type: ignore[arg-type]
-
-
-def plan(items: int, shard_size: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` item indices of each shard: consecutive, ``shard_size`` items each but the last."""
-    return [(start, min(items, start + shard_size)) for start in range(0, items, shard_size)]
-
-
-def _run_planned(job, loader, items, keys, rank, world, resume, bar, log) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
-    spans = plan(items, job.shard_size)
-    count = len(spans)
-    inputs = [list(keys[a:b]) if keys is not None else [a, b] for a, b in spans]
-    kept = [resume and _features.finished(job.out, n, job.config, inputs[n]) is not None for n in range(count)]
-    job.kept = sum(kept[rank::world])
-    if rank == 0:
-        (job.out / _features.MANIFEST).unlink(missing_ok=True)  # stale until this run's shards are merged
-        _say_kept(log, job.out, kept.count(True), count)
-    _ranks.barrier(world)  # every rank has read the same state before any rank writes
-    todo = [n for n in range(rank, count, world) if not kept[n]]
-    order = [(n, list(range(start, min(start + loader.batch_size, spans[n][1])))) for n in todo for start in range(spans[n][0], spans[n][1], loader.batch_size)]
-    if order:
-        reader = torch.utils.data.DataLoader(
-            loader.dataset, batch_sampler=[indices for _, indices in order], num_workers=loader.num_workers, collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory or job.device.type == "cuda", timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
-            prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
-        )  # fmt: skip
-        shard = _Shard(job)
-        with _bar(bar, sum(b - a for n, (a, b) in enumerate(spans) if n in set(todo))) as advance:
-            for (number, indices), batch in zip(order, reader):
-                advance(shard.add(batch, indices[0]))
-                if indices[-1] == spans[number][1] - 1:
-                    shard.write(number, inputs[number])
-    _ranks.barrier(world)
-    return count, len(todo), kept.count(True) if rank == 0 else 0
-
-
-def _run_stream(job, batches, rank, world, resume, bar, log) -> tuple[int, int, int]:  # type: ignore[no-untyped-def]
-    if rank == 0:
-        (job.out / _features.MANIFEST).unlink(missing_ok=True)
-    _ranks.barrier(world)
-    number, position, computed, reused = 0, 0, 0, 0
-    shard = _Shard(job)
-    header = _features.finished(job.out, 0, job.config, None) if resume and rank == 0 else None
-    with _bar(bar, None) as advance:
-        for batch in batches:
-            if number % world != rank:
-                shard.count(batch, position)
-            elif header is not None:
-                shard.count(batch, position, keep_ids=True)
-            else:
-                shard.add(batch, position)
-            position += shard.last
-            advance(shard.last)
-            if shard.items >= job.shard_size:
-                computed, reused = _close(job, shard, number, header, rank, world, computed, reused)
-                number += 1
-                header = _features.finished(job.out, number, job.config, None) if resume and number % world == rank else None
-        if shard.items or number == 0:
-            computed, reused = _close(job, shard, number, header, rank, world, computed, reused)
-            number += 1
-    _say_kept(log, job.out, reused, number)
-    _ranks.barrier(world)
-    return number, computed, reused
-
-
-def _close(job, shard, number, header, rank, world, computed, reused) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    if number % world != rank:
-        shard.reset()
-        return computed, reused
-    if header is not None:
-        if [header["files"], [item[0] for item in header["skipped"]]] != [shard.ids, [item[0] for item in shard.skipped]]:
-            raise FxtapError(
-                f"{_features.shard_file(number)} in {str(job.out)!r} holds other rows than these batches give (its ids differ): "
-                "use another output folder, or resume=False to compute everything again"
-            )
-        shard.reset()
-        job.kept += 1
-        return computed, reused + 1
-    shard.write(number, None)
-    return computed + 1, reused
-
-
-# -- one shard's rows ----------------------------------------------------------------------------
-class _Shard:
-    """The rows of the shard being computed."""
-
-    def __init__(self, job: _Job) -> None:
-        self.job = job
-        self.reset()
-
-    def reset(self) -> None:
-        self.chunks: dict[str, list[torch.Tensor]] = {}
-        self.features: dict[str, dict[str, Any]] = {}
-        self.ids: list[Any] = []
-        self.skipped: list[tuple[Any, str]] = []
-        self.items = 0
-        self.last = 0
-
-    def count(self, batch: Any, position: int, *, keep_ids: bool = False) -> int:
-        """Count a batch that is not computed here (another rank's, or a finished shard's)."""
-        _, ids, skipped = _split(self.job.split, batch, position)
-        return self._tally(ids, skipped, keep_ids=keep_ids)
-
-    def add(self, batch: Any, position: int) -> int:
-        inputs, ids, skipped = _split(self.job.split, batch, position)
-        for item, reason in skipped:
-            if self.job.warn is not None:
-                self.job.warn(f"skipped {item}: {reason}")
-        if ids:
-            for name, (value, described) in _rows(self.job, inputs, len(ids)).items():
-                self.chunks.setdefault(name, []).append(value)
-                self.features.setdefault(name, described)
-        return self._tally(ids, skipped, keep_ids=True)
-
-    def _tally(self, ids: list[Any], skipped: list[Any], *, keep_ids: bool) -> int:
-        if keep_ids:
-            self.ids += ids
-            self.skipped += skipped
-        self.last = len(ids) + len(skipped)
-        self.items += self.last
-        return self.last
-
-    def write(self, number: int, inputs: Any) -> None:
-        tensors = {name: torch.cat(parts) for name, parts in self.chunks.items()}
-        _features.write_shard(self.job.out, number, config=self.job.config, inputs=inputs, tensors=tensors, ids=self.ids,
-                              skipped=self.skipped, features=self.features)  # fmt: skip
-        self.job.done.append(number)
-        self.reset()
-
-
-def _split(split: Split | None, batch: Any, position: int) -> tuple[Any, list[Any], list[tuple[Any, str]]]:
-    if split is None:
-        return batch, list(range(position, position + _length(batch))), []
-    parts = split(batch)
-    inputs, ids = parts[0], parts[1]
-    skipped = [tuple(item) for item in parts[2]] if len(parts) > 2 else []
-    ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-    return inputs, ids, skipped
-
-
-def _length(batch: Any) -> int:
-    for leaf in pytree.tree_leaves(batch):
-        if isinstance(leaf, torch.Tensor) and leaf.ndim:
-            return int(leaf.shape[0])
-    raise FxtapError(f"a batch of {type(batch).__name__} holds no tensor with a batch dim: give ids= to say which rows it holds")
-
-
-def _rows(job: _Job, inputs: Any, n: int) -> dict[str, tuple[torch.Tensor, dict[str, Any]]]:
-    """One batch through the model, each name pooled, on the CPU in the stored dtype."""
-    cuda = job.device.type == "cuda"
-    inputs = pytree.tree_map(lambda v: v.to(job.device, non_blocking=cuda) if isinstance(v, torch.Tensor) else v, inputs)
-    autocast = torch.autocast(job.device.type, dtype=job.autocast) if job.autocast is not None else nullcontext()
-    with torch.no_grad(), autocast:
-        values = _call(job.tapped, inputs)
-    spatial = _spatial(inputs)
-    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    rows = {}
-    for name in job.names or list(values):
-        if name not in values:
-            raise FxtapError(f"the tapped model returned no {name!r} (it returned {', '.join(map(repr, values))})")
-        how = pool_of(name, job.pool)
-        pooled = pool_value(name, values[name], how, spatial=spatial, mask=mask)
-        value = pooled.value.to(job.out_dtype) if job.out_dtype is not None else pooled.value
-        if len(value) != n:
-            raise FxtapError(f"{name!r} has {len(value)} rows for a batch of {n} items (ids): is its dim 0 the batch?")
-        rows[name] = (value.to("cpu"), {"pool": describe(how), "layout": pooled.layout, "pooled_dims": pooled.dims})
-    return rows
-
-
-def _call(tapped: nn.Module, inputs: Any) -> dict[str, Any]:
-    try:
-        if isinstance(inputs, Mapping):
-            return dict(tapped(**inputs))
-        if isinstance(inputs, (tuple, list)):
-            return dict(tapped(*inputs))
-        return dict(tapped(inputs))
-    except FxtapError:
-        raise
-    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
-        owner = type(getattr(tapped, "model", tapped)).__name__
-        text = " ".join(str(error).split())
-        raise BatchFailedError(f"{owner} failed on a batch of {_describe(inputs)} ({type(error).__name__}: {text[:200]})") from error
-
-
-def _describe(inputs: Any) -> str:
-    leaves = [leaf for leaf in pytree.tree_leaves(inputs) if isinstance(leaf, torch.Tensor)]
-    return ", ".join(f"{str(leaf.dtype).removeprefix('torch.')} {tuple(leaf.shape)}" for leaf in leaves) or type(inputs).__name__
-
-
-def _spatial(inputs: Any) -> tuple[int, ...]:
-    """The spatial size of the first floating input of 4 or more dims (an image), else ``()``."""
-    for leaf in pytree.tree_leaves(inputs):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.ndim >= 4:
-            return tuple(leaf.shape[2:])
-    return ()
 
 
 # -- small helpers -------------------------------------------------------------------------------
@@ -446,19 +218,6 @@ def _weights_digest(model: nn.Module) -> str:
             digest.update(value.view(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
-
-def _say_kept(log: Callable[[str], None] | None, out: Path, kept: int, total: int) -> None:
-    if log is not None and kept:
-        log(f"resuming: kept {kept} of {total} shards finished by an earlier run in {out}")
-
-
 def _stderr(text: str) -> None:
     print(f"fxtap: {text}", file=sys.stderr)
 
-
-@contextmanager
-def _bar(show: bool, total: int | None) -> Iterator[Callable[[int], Any]]:
-    from tqdm import tqdm  # type: ignore[import-untyped]
-
-    with tqdm(total=total, disable=not show, unit="item", file=sys.stderr) as bar:
-        yield bar.update

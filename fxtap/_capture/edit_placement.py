@@ -64,7 +64,7 @@ def _message(analysis: Analysis, unknown: list[str], mode: str) -> str:
         near = _hooks.nearest_module(analysis.model, name)
         reason = _eager_reason(analysis, near)
         if reason is not None:
-            lines.append(refusal(name, near, reason))
+            lines.append(refusal(name, near, reason, _called_by(analysis.model, near)))
     if lines and len(lines) == len(unknown):
         return "\n".join(lines)
     note = ' (mode="hooks")' if mode == "hooks" else ' (mode="fx")' if mode == "fx" else ""
@@ -72,13 +72,34 @@ def _message(analysis: Analysis, unknown: list[str], mode: str) -> str:
     return "\n".join([f"cannot edit: {message}", *lines])
 
 
-def refusal(name: str, near: str, reason: str) -> str:
-    """Why a name inside untraceable code cannot be edited, and what can."""
-    where = f"the nearest module whose output can be edited is {near!r}" if near else "edit a module output instead"
+def refusal(name: str, near: str, reason: str, called: list[str] | None = None) -> str:
+    """Why a name inside untraceable code cannot be edited, and what can: the enclosing module
+    ``near``, or (for the root's own code, ``near == ""``) the modules that code calls."""
+    if near:
+        where = f"the nearest module whose output can be edited is {near!r}"
+    elif called:
+        shown = ", ".join(map(repr, called[:8])) + (", ..." if len(called) > 8 else "")
+        where = f"edit the output of a module the model's own forward calls (the nearest ones whose output can be edited: {shown})"
+    else:
+        where = "edit a module output"
     return (
         f"cannot edit {name!r}: it is not a module output, and the code that computes it runs eagerly ({reason}); "
         f"a forward hook can replace module outputs only.\n  Instead, {where}, or make that code traceable (docs/fallback.md)."
     )
+
+
+def _called_by(root: nn.Module, near: str) -> list[str]:
+    """The modules the root's own code can call (its children; a ModuleList's or ModuleDict's
+    items in their place), in registration order; empty when ``near`` is not the root."""
+    if near:
+        return []
+    found: list[str] = []
+    for name, child in root.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            found += [f"{name}.{item}" for item, _ in child.named_children()]
+        else:
+            found.append(name)
+    return found
 
 
 def _eager_reason(analysis: Analysis, path: str) -> str | None:
@@ -99,7 +120,7 @@ def from_regions(found: Resolution, edits: dict[str, nn.Module], request: dict[s
         for name in refused:
             near = _hooks.nearest_module(found.root, name)
             owner = _names.enclosing(near, found.fallbacks) or ""
-            lines.append(refusal(name, near, found.fallbacks[owner][1]))
+            lines.append(refusal(name, near, found.fallbacks[owner][1], _called_by(found.root, near)))
         raise TapNameError("\n".join(lines))
     for name, target in list(found.hooks.items()):
         if name in edits:

@@ -18,6 +18,7 @@ from torch import fx, nn
 from .._errors import MissingCallError
 from .._values import detach_value
 from . import hooks as _hooks
+from . import names as _names
 from . import regions as _regions
 from .call_spec import graph_args, graph_kwargs
 from .placement import Placement
@@ -59,9 +60,12 @@ class Runner:
         hooks = self.placement.hooks
         return {name: detach_value(values[name]) if self._detach else values[name] for name in hooks}
 
-    def _unapplied(self, model: nn.Module, captured: _hooks.CallLog, in_graphs: list[str]) -> None:
+    def _unapplied(
+        self, model: nn.Module, captured: _hooks.CallLog, in_graphs: list[str], edits: dict[str, tuple[_hooks.HookTarget, Any]] | None = None
+    ) -> None:  # fmt: skip
         """An edit that found no call to edit is an error, as a tap that found none is."""
-        message = _hooks.unapplied_edits_message(self.placement.edits.hooks, captured, type(model).__name__, in_graphs)
+        edits = self.placement.edits.hooks if edits is None else edits
+        message = _hooks.unapplied_edits_message(edits, captured, type(model).__name__, in_graphs)
         if message:
             raise MissingCallError(message)
 
@@ -96,11 +100,18 @@ class GraphRunner(Runner):
 class HookedGraphRunner(GraphRunner):
     """The graph runs; hooks inside its leaves capture the names it cannot hold."""
 
+    def __init__(self, graph: fx.GraphModule, placement: Placement, *, keep_output: bool, detach: bool) -> None:
+        super().__init__(graph, placement, keep_output=keep_output, detach=detach)
+        # an edit inside a leaf that the pruned graph does not call (nothing requested needs it)
+        # has nothing to change, as an edit after an eager forward stopped early
+        leaves = [str(node.target) for node in graph.graph.nodes if node.op == "call_module"]
+        self._edits_run = {n: e for n, e in placement.edits.hooks.items() if _names.enclosing(e[0].path, leaves) is not None}
+
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
         with _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured:
             from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
-        self._unapplied(model, captured, [])
+        self._unapplied(model, captured, [], self._edits_run)
         self._missing(model, captured, set(hooks))
         hooked = self._hooked(captured.values)
         out = {key: hooked[name] if name in hooks else from_graph[key] for name, key in self.placement.request.items()}

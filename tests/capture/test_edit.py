@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import pytest
@@ -170,6 +171,41 @@ def test_edit_exports_and_compiles() -> None:
     torch.testing.assert_close(compiled(x), expected)
 
 
+class _Gain(nn.Module):
+    """A trainable edit module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(0.75))
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        return value * self.gain
+
+
+@pytest.mark.slow  # inductor compiles C++ for the CPU: about half a minute on a quiet 2-core machine
+def test_edit_compiles_fullgraph_with_inductor_on_cpu() -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor on the CPU needs a C compiler")
+    torch._dynamo.reset()
+    model, x, patch = Block().eval(), torch.randn(2, 4), torch.randn(2, 4)
+    gain = _Gain()
+    edited = fxtap.edit(model, {"add": lambda v: v * 0.5, "fc": torch.ones(4), "out": gain})
+    tapped = fxtap.tap(model, ["add", "out"], edit={"add": lambda v: v * 0.5, "fc": torch.ones(4)})
+    written = fxtap.edit(InplaceAfter(), {"fc": patch})  # a later relu_ writes into the patched value: a copy in the graph
+    saved = patch.clone()
+    with torch.no_grad():
+        add = (torch.ones(2, 4) + x) * 0.5  # by hand: fc's output replaced by ones, the add halved
+        torch.testing.assert_close(torch.compile(edited, fullgraph=True)(x), model.out(add) * 0.75)
+        taps = torch.compile(tapped, fullgraph=True)(x)
+        torch.testing.assert_close(taps["add"], add)
+        torch.testing.assert_close(taps["out"], model.out(add))
+        torch.testing.assert_close(torch.compile(written, fullgraph=True)(x), saved.relu() * 2)
+    torch.testing.assert_close(patch, saved, rtol=0, atol=0)  # the compiled copy kept the user's tensor unwritten
+    out = torch.compile(edited, fullgraph=True)(x)
+    out.sum().backward()
+    assert gain.gain.grad is not None and gain.gain.grad != 0  # the edit module trains through the compiled graph
+
+
 def test_export_writes_edited_graph(tmp_path) -> None:
     model, x = Block().eval(), torch.randn(2, 4)
     path = fxtap.export(model, ["out"], x, tmp_path / "edited.pt2", edit={"add": lambda v: v * 0.5})
@@ -187,3 +223,55 @@ def test_edit_prunes_like_taps() -> None:
     tapped = fxtap.tap(model, ["fc"], edit={"fc": lambda v: v + 1})
     code = tapped.graph_module().code
     assert "relu_" not in code and "mul" not in code  # nothing after the tap runs
+
+
+class _Twice(nn.Module):
+    """Untraceable (a data-dependent loop): an opaque leaf of the graph, its ``f`` edited by a hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(1 + int(x.sum() > 0)):
+            x = self.f(x)
+        return x
+
+
+class _GateThenLoop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = nn.Linear(4, 4)
+        self.body = _Twice()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(x))
+        return self.body(x * g)
+
+
+def test_tap_with_an_edit_inside_a_leaf_that_the_taps_do_not_need() -> None:
+    # found by the thorough edit-property run: the taps need only 'gate' and 'sigmoid', so the
+    # pruned graph never calls the opaque leaf 'body', and its hook edit of 'body.f' found no
+    # call: a MissingCallError, although the taps are the eager values (the edit is downstream)
+    torch.manual_seed(0)
+    model, x = _GateThenLoop().eval(), torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        tapped = fxtap.tap(model, ["gate", "sigmoid"], edit={"body.f": lambda v: v * 0})
+        edited = fxtap.edit(model, {"body.f": lambda v: v * 0})
+    got = tapped(x)
+    torch.testing.assert_close(got["gate"], model.gate(x), rtol=0, atol=0)
+    torch.testing.assert_close(got["sigmoid"], torch.sigmoid(model.gate(x)), rtol=0, atol=0)
+    assert tapped.paths == {"gate": "fx", "sigmoid": "fx"}
+    calls: list[int] = []
+    handle = model.body.f.register_forward_hook(lambda m, i, o: (calls.append(1), o * 0 if len(calls) == 1 else None)[1])
+    try:
+        expected = model(x)  # by hand: the first call of body.f zeroed
+    finally:
+        handle.remove()
+    torch.testing.assert_close(edited(x), expected, rtol=0, atol=0)  # the output needs the leaf: the edit applies
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        third = fxtap.edit(model, {"body.f_2": lambda v: v * 0})
+    with pytest.raises(fxtap.MissingCallError, match="found no call to edit"):
+        third(x)  # a leaf the graph calls, whose third call never happens: still an error

@@ -3,7 +3,9 @@
 resnet (zero a residual ``add``; patch ``layer2`` with its value for another image), vit_b_16
 (steer an encoder layer by a vector; ablate one attention output), and Hugging Face BERT from a
 small config (patch one layer's output with its value for another sentence; an op edit inside
-a layer too, in mixed mode). weights=None, small inputs; the large models are marked slow.
+a layer too, in mixed mode), and GPT2 from a small config (patch ``h.0.mlp`` from another sentence
+and scale the residual ``h.1.add``; the refusals of ops in eager code name what can be edited).
+weights=None, small inputs; the large models are marked slow.
 """
 
 from __future__ import annotations
@@ -158,3 +160,76 @@ def expected_patch_only(model: nn.Module, sentence: torch.Tensor, value: torch.T
         return model(sentence).last_hidden_state
     finally:
         handle.remove()
+
+
+def _gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(config).eval()
+
+
+def _gpt2_by_hand(model: nn.Module, sentence: torch.Tensor, mlp0: torch.Tensor | None, residual1: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """GPT2 with hooks only, no fxtap: ``h.0.mlp``'s output replaced by ``mlp0``; in block 1, the
+    lines after the attention call written out (GPT2Block.forward) with ``residual1`` applied to
+    ``attn_output + residual``, the value every later line of the block reads."""
+    seen: dict[str, torch.Tensor] = {}
+    block = model.h[1]
+
+    def block1(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        hidden = residual1(seen["attn"] + args[0])  # type: ignore[misc]
+        seen["h.1.add"] = hidden.clone()
+        return hidden + block.mlp(block.ln_2(hidden))
+
+    handles = []
+    if mlp0 is not None:
+        handles.append(model.h[0].mlp.register_forward_hook(lambda m, i, o: mlp0))
+    if residual1 is not None:
+        handles.append(block.attn.register_forward_hook(lambda m, i, o: seen.update(attn=o[0])))
+        handles.append(block.register_forward_hook(block1))
+    try:
+        return model(sentence).last_hidden_state, seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_edit_gpt2_patch_mlp_from_another_sentence_and_scale_a_residual() -> None:
+    model = _gpt2()
+    sentence, other = torch.randint(0, 100, (2, 8)), torch.randint(0, 100, (2, 8))
+    cache: dict[str, torch.Tensor] = {}
+    handle = model.h[0].mlp.register_forward_hook(lambda m, i, o: cache.update(v=o.detach().clone()))
+    with torch.no_grad():
+        model(other)
+    handle.remove()
+    saved = cache["v"].clone()
+    edits = {"h.0.mlp": cache["v"], "h.1.add": lambda v: v * 0.5}  # a module output and a functional op (the residual add)
+    with torch.no_grad():
+        expected, seen = _gpt2_by_hand(model, sentence, cache["v"], lambda v: v * 0.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fxtap.FallbackWarning)
+            edited = fxtap.edit(model, edits)
+            tapped = fxtap.tap(model, ["h.1.add", "h.0.mlp"], edit=edits)
+        torch.testing.assert_close(edited(sentence).last_hidden_state, expected, rtol=1e-6, atol=1e-6)
+        taps = tapped(sentence)
+    assert edited.mode == "mixed"  # the root runs eagerly; each block is traced on its own, the edits in its graph
+    assert edited.paths == {"h.0.mlp": "fx", "h.1.add": "fx"}
+    torch.testing.assert_close(taps["h.1.add"], seen["h.1.add"], rtol=1e-6, atol=1e-6)  # the value after the edit
+    torch.testing.assert_close(taps["h.0.mlp"], cache["v"], rtol=0, atol=0)
+    torch.testing.assert_close(cache["v"], saved, rtol=0, atol=0)  # the patch handed in is not written
+    with torch.no_grad():
+        by_hooks = fxtap.edit(model, {"h.0.mlp": cache["v"]}, mode="hooks")
+        torch.testing.assert_close(by_hooks(sentence).last_hidden_state, _gpt2_by_hand(model, sentence, cache["v"], None)[0], rtol=0, atol=0)
+    assert not any(m._forward_hooks for m in model.modules())  # no hook left behind
+
+
+def test_edit_gpt2_refusals_name_the_nearest_editable_module() -> None:
+    model = _gpt2()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        # an op in the root's own forward (it runs eagerly): the modules that forward calls
+        with pytest.raises(fxtap.TapNameError, match=r"(?s)cannot edit 'add'.*runs eagerly.*can be edited: 'wte', 'wpe', 'drop', 'h\.0', 'h\.1', 'ln_f'"):
+            fxtap.edit(model, {"add": lambda v: v})
+        # an op inside GPT2Attention (untraceable, an opaque leaf): the attention module itself
+        with pytest.raises(fxtap.TapNameError, match=r"(?s)cannot edit 'h\.0\.attn\.matmul'.*nearest module whose output can be edited is 'h\.0\.attn'"):
+            fxtap.edit(model, {"h.0.attn.matmul": lambda v: v})

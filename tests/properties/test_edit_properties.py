@@ -51,8 +51,8 @@ def _map(value: Any, fn: Any) -> Any:
         return tuple(_map(v, fn) for v in value)
     if isinstance(value, list):
         return [_map(v, fn) for v in value]
-    if dataclasses.is_dataclass(value):
-        return type(value)(**{f.name: _map(getattr(value, f.name), fn) for f in dataclasses.fields(value)})
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a module may return one (Pair's "dataclass")
+        return dataclasses.replace(value, **{f.name: _map(getattr(value, f.name), fn) for f in dataclasses.fields(value) if f.init})
     return {k: _map(v, fn) for k, v in value.items()}
 
 
@@ -112,6 +112,8 @@ def _leaves(value: Any) -> list[torch.Tensor]:
         return [t for v in value for t in _leaves(v)]
     if isinstance(value, dict):
         return [t for v in value.values() for t in _leaves(v)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _leaves(getattr(value, f.name))]
     return []
 
 

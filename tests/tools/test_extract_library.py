@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,3 +214,19 @@ def test_extract_planned_loader_skips_finished_shards_without_loading_them(tmp_p
     summary = fxtap.extract(conv_net(), ["2"], loader, tmp_path, shard_size=4, progress=False)
     assert (summary.computed, summary.reused, sorted(loaded)) == (1, 2, [4, 5, 6, 7])
     assert fxtap.load_features(tmp_path).files == list(range(10))
+
+
+def test_extract_cpu_job_with_a_pinning_loader_skips_pinning(tmp_path: Path) -> None:
+    # the CUDA-only knobs on the CPU: a loader that asks for pinned memory (as a GPU recipe does)
+    # on a machine whose model runs on the CPU; fxtap re-reads it (a planned loader) unpinned,
+    # with no "no accelerator" warning, and the rows equal eager
+    model = conv_net()
+    data = torch.utils.data.TensorDataset(torch.cat(image_batches()))
+    loader = torch.utils.data.DataLoader(data, batch_size=4, pin_memory=True, collate_fn=lambda items: torch.stack([i[0] for i in items]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxtap.extract(model, ["2"], loader, tmp_path, device="cpu", shard_size=8, progress=False)
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
+    with torch.no_grad():
+        truth = model(data.tensors[0]).mean(dim=(2, 3))
+    torch.testing.assert_close(fxtap.load_features(tmp_path).tensors["2"][:], truth)

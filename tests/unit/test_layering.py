@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("fxtap._errors", "fxtap._values", "fxtap._text"),
     ("fxtap._capture",),
     ("fxtap._tap",),
-    ("fxtap._compare", "fxtap._deploy", "fxtap._features", "fxtap._edit", "fxtap._cut", "fxtap._surgery", "fxtap._extract", "fxtap._pool", "fxtap._ranks"),
+    ("fxtap._compare", "fxtap._deploy", "fxtap._features", "fxtap._edit", "fxtap._cut", "fxtap._surgery", "fxtap._extract", "fxtap._shards", "fxtap._pool", "fxtap._ranks"),
     ("fxtap",),
     ("fxtap.cli", "fxtap.__main__"),
 ]
