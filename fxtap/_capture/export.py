@@ -171,7 +171,7 @@ class ExportRunner(EagerRunner):
             with torch.random.fork_rng(devices=devices), preserved(model), _quiet():
                 call, program = _exported(self, model, args, kwargs)
                 module = _pruned(program.module())  # its code may not compile (a submodule named ``in``)
-        except Exception as error:  # the one place the export frontend decides to fall back
+        except Exception as error:  # noqa: BLE001 - the one place the export frontend decides to fall back
             return _Entry(None, f"torch.export failed: {summary(error)}")
         written = call.__dict__["_found"].written
         if written:
@@ -191,7 +191,7 @@ def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwa
     try:
         call = _Call(runner, model, args, kwargs)
         return call, torch.export.export(call, tensors, dynamic_shapes={"args": dims}, strict=False)
-    except Exception as error:  # noqa: BLE001 - a static export may still work; its error is the one reported
+    except Exception as error:  # a static export may still work; its error is the one reported
         if "data-dependent" in str(error) or "data dependent" in str(error):
             raise  # a branch on a value: static sizes do not help, and another try costs as much
         call = _Call(runner, model, args, kwargs)
@@ -245,7 +245,10 @@ class _Shapes(NamedTuple):
 
     @classmethod
     def of(cls, module: nn.Module, program: Any, leaves: list[Any]) -> _Shapes:
-        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+        graph = module.graph
+        if not isinstance(graph, torch.fx.Graph):
+            return cls.exact(leaves)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(leaves):
             return cls.exact(leaves)
         dims: list[tuple[Any, ...] | None] = []
