@@ -20,6 +20,7 @@ Profiles (tests/conftest.py): ``ci`` (200 examples per property, the default) an
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -187,6 +188,9 @@ def _leaves(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, dict):
         for item in value.values():
             yield from _leaves(item)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # a Pair's "dataclass" output
+        for field in dataclasses.fields(value):
+            yield from _leaves(getattr(value, field.name))
 
 
 def _grads(model: nn.Module, out: dict[str, Any]) -> list[torch.Tensor | None] | None:
