@@ -106,10 +106,15 @@ def split(
         if not any(node is c.placeholder for c in cut):
             graph.erase_node(node)  # a model input that only pruned code read
     snapshots: dict[tuple[fx.Node, fx.Node], fx.Node] = {}
+    position = {n: i for i, n in enumerate(graph.nodes)}
     for (node, moment), anchor in decided.copies.items():
         if node.op == "placeholder" and any(node is c.placeholder for c in cut):
             _copy_input(graph, node)
         else:
+            if position.get(anchor, -1) < position.get(node, -1):
+                # the copy of a cut input is made after every placeholder: a moment at the input
+                # itself is the copy's value as it is made (only placeholders lie in between)
+                anchor = node
             with graph.inserting_after(anchor):
                 snapshots[(node, moment)] = graph.call_function(copy_value, (node,))
     graph.output({key: fx.node.map_arg(value, functools.partial(_snapshot, snapshots, moment)) for key, (value, moment) in results.items()})

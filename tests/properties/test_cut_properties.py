@@ -17,7 +17,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from support import cuts
-from support.strategies import Case, case_truth, cases, edited_truth
+from support.strategies import Case, Spec, case_truth, cases, edited_truth
 from support.truth import assert_same
 from torch import nn
 
@@ -47,6 +47,27 @@ def test_property_cut_equals_truth(case: Case, data: st.DataObject) -> None:
     out = cut(*given, *extra)
     assert list(out) == outputs
     for name in outputs:
+        assert_same(out[name], truth.values[name])
+    assert_same(given, kept)
+
+
+def test_cut_at_the_last_call_before_an_in_place_write_outputs_the_written_value() -> None:
+    """The thorough run's counterexample: cut at ``body.prod.2`` (the cut input that ``+=``
+    then writes into, so the cut works on a copy made after every placeholder), asking for
+    ``body.prod``: its snapshot was placed before that copy existed (a graph FX rejects)."""
+    linear = Spec("linear")
+    case = Case(body=Spec("inplace", (Spec("fresh", (linear, linear)),), "+=/none"), signature="x", call=("x",), out="tensor",
+                root_untraceable=False, train=False, seed=0)  # fmt: skip
+    model, args, kwargs = case.build()
+    truth = case_truth(model, args, kwargs)
+    built = cuts.build(model, "body.prod.2", ["output", "body.prod"])
+    assert built is not None
+    cut, inputs = built
+    given = [truth.values[n].clone() for n in inputs]
+    kept = [v.clone() for v in given]
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    out = cut(*given, *[bound.arguments[name] for name in cut.inputs[len(inputs) :]])
+    for name in ["output", "body.prod"]:
         assert_same(out[name], truth.values[name])
     assert_same(given, kept)
 
