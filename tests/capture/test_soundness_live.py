@@ -321,3 +321,35 @@ def test_a_config_changed_after_the_export_is_seen_on_the_next_call(change: str)
         expected = {"block.fc": truth["fc"], "block": truth["output"], "output": model(x)}
     for name, value in expected.items():
         assert_same(out[name], value)
+
+
+class DefaultDtypeRoot(nn.Module):
+    """Makes tensors without naming a dtype: their dtype is the default one at call time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0:  # FX cannot trace this root; torch.export can
+            x = x + torch.ones(x.shape[-1])
+        return self.fc(x.float()) + torch.full((4,), 0.1)
+
+
+def test_a_default_dtype_set_after_the_export_is_seen_on_the_next_call() -> None:
+    torch.manual_seed(0)
+    model, x = DefaultDtypeRoot().eval(), torch.randn(2, 4)
+    tapped = _quiet_tap(model, ["fc"])
+    tapped(x)
+    tapped(x)
+    assert tapped.mode == "export", tapped.report()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = tapped(x)
+        expected = model(x)
+    finally:
+        torch.set_default_dtype(previous)
+    assert out["output"].dtype == expected.dtype == torch.float64
+    assert_same(out["output"], expected)
+    assert_same(tapped(x)["output"], model(x))  # and back: the float32 graph serves again
