@@ -11,6 +11,7 @@ import copy
 import types
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Any
 
@@ -406,3 +407,23 @@ def test_an_instance_forward_set_before_tap_is_what_runs(root: type[nn.Module]) 
     _check(tapped, model, torch.randn(3, 4))
     if root is EagerRoot:
         assert "forward of its own" in tapped.report()
+
+
+@pytest.mark.parametrize("when", ["before_tap", "after_tap"])
+def test_a_forward_set_on_the_model_object_is_what_runs(when: str) -> None:
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(3, 4)
+
+    def patch() -> None:
+        model.forward = types.MethodType(lambda self, x: self.head(self.block(self.stem(x) * 3)), model)  # type: ignore[method-assign]
+
+    if when == "before_tap":
+        patch()
+    tapped = _quiet_tap(model, ["stem", "block.fc", "block", "head"])
+    tapped(x)
+    if when == "after_tap":
+        patch()
+    with pytest.warns(fxtap.FallbackWarning, match="forward of its own") if when == "after_tap" else nullcontext():
+        _check(tapped, model, x)  # rebuilt: the model now runs eagerly
+    _check(tapped, model, x)  # the export frontend's graph, after its first call
+    assert "forward of its own" in tapped.report()
