@@ -247,7 +247,8 @@ class Region:
         keys = {local: f"v{i}" for i, local in enumerate(inner)}  # a local name may be "output"
         graph = _fx.build(analysis.traced, keys, keep_output=True, detach=False, run_modules=self.keep, edits=edits)
         inlined = {_names.join(self.path, p): n for p, n in analysis.traced.inlined.items()}
-        return _Graph(graph, keys, inlined, analysis.traced.naming, spec[0] if spec else None)
+        points = tuple(local for local, point in analysis.traced.points.items() if point.kind != "input")
+        return _Graph(graph, keys, inlined, analysis.traced.naming, spec[0] if spec else None, points)
 
 
 class _NoGraph:
@@ -261,6 +262,7 @@ class _Graph:
     inlined: dict[str, int]  # module path -> calls traced through (no hook fires)
     naming: list[tuple[str, str, str]]  # the trace's naming log, for _names.Replay
     structure: Any  # the output's pytree structure (the shim returns its flat leaves)
+    points: tuple[str, ...] = ()  # every local name this graph computes, for a recorded call
 
 
 @dataclass
@@ -446,6 +448,9 @@ def _dispatcher(region: Region, original: Callable[..., Any], state: _hooks.Call
             replay = None  # later calls cannot be named without this call's graph: they run eagerly too
             return _eager(region, original, state, own, keep, args, kwargs)
         output, values, graph, names = result
+        if state.record is not None:  # fxtap.names(model, inputs): every name this call produces
+            for local in (*graph.points, ""):
+                state.record.add(names[local])
         output = _edit_output(region, names[""], output)
         state.edited_in_graphs.update(name for name in names.values() if name in region.edits)
         for path, calls in graph.inlined.items():  # keep hook call numbering right for later calls
