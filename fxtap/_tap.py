@@ -159,7 +159,7 @@ def names(
     With ``example_inputs`` the model runs once (without gradients, in the mode ``train`` picks;
     its buffers, the RNG state and its mode are left as they were), and the result is what that
     call produces: the names above that it produced, in the same order, plus the later calls of
-    modules and ops (``blk_1``, ``blk.add_1``), each after the call before it. So
+    modules and ops (``blk_1``, ``blk.add_1``), each right after the calls before it. So
     ``fxtap.tap(model, fxtap.names(model, x))(x)`` returns a value for every name.
 
     Args:

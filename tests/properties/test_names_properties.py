@@ -22,11 +22,16 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 
 import fxtap
 from support.strategies import Case, case_truth, cases, seed_rng
 from support.truth import assert_same, assert_unchanged, model_fingerprint
+
+
+# each example runs the model several times (truth, names, a tap of every name, a tap per name
+# left out): a quarter of the profile's examples (ci: 50, thorough: 1,250) keeps the default suite short
+EXAMPLES = max(1, settings().max_examples // 4)
 
 
 def _tap(model: Any, names: list[str]) -> fxtap.Tapped:
@@ -48,6 +53,7 @@ def _module_calls(model: torch.nn.Module, names: list[str]) -> set[str]:
     return {n for n in names if n in paths or n.rpartition("_")[0] in paths and n.rpartition("_")[2].isdigit()}
 
 
+@settings(max_examples=EXAMPLES)
 @given(case=cases(untraceable=True))
 def test_property_names_with_inputs_are_what_the_call_produces(case: Case) -> None:
     model, args, kwargs = case.build()
