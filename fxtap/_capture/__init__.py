@@ -193,5 +193,5 @@ def produced(
                 raise
             request = {n: "" for n in request if n not in unknown}
     with _produced.untouched(model, args, kwargs):
-        found = _produced.record(runner, model, args, kwargs)
-    return _produced.ordered(found, listed)
+        recorder = _produced.record(runner, model, args, kwargs)
+    return _produced.ordered(_produced.checked(recorder, model, runner.placement), listed)

@@ -131,9 +131,12 @@ class Recorder:
         self.paths = frozenset(paths)  # modules whose every call is named
         self.reserved = reserved  # names a later call's ``_k`` suffix skips
         self.names: dict[str, None] = {}  # an ordered set
+        self.sources: dict[str, tuple[str, str]] = {}  # name -> (region path, local name) for names of region graphs
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, source: tuple[str, str] | None = None) -> None:
         self.names.setdefault(name, None)
+        if source is not None:
+            self.sources[name] = source
 
 
 class CallLog:

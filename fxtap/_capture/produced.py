@@ -23,16 +23,22 @@ from torch import nn
 from .._errors import MissingCallError
 from . import names as _names
 from .hooks import Recorder, module_paths
+from . import regions as _regions
 from .model import ModelPaths, preserved
+from .placement import Placement
 from .runner import EagerRunner, Runner
 
-__all__ = ["ordered", "record", "untouched"]
+__all__ = ["checked", "ordered", "record", "untouched"]
 
 
-def record(runner: Runner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
-    """Run ``runner``'s call of ``model`` once; every name it produced, in the order produced."""
+def record(runner: Runner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Recorder:
+    """Run ``runner``'s call of ``model`` once; the recorder holds every name it produced, in the
+    order produced. Region graphs are lenient: a name a call's graph lacks is not produced by it,
+    the others are (``checked`` then keeps those that ``tap`` places on the same graph node)."""
     recorder = Recorder(module_paths(model).values(), ModelPaths.of(model).reserved)
     runner.recorder = recorder
+    for region in runner.placement.regions:  # this runner's own regions, built for this call
+        region.lenient = True
     try:
         if isinstance(runner, EagerRunner):  # also an ExportRunner: the eager call, never an export
             runner._run(model, args, kwargs, stop_early=False)
@@ -45,7 +51,20 @@ def record(runner: Runner, model: nn.Module, args: tuple[Any, ...], kwargs: dict
     if runner.graph is not None:  # a graph computes every name placed on it, whatever the call
         for name in runner.placement.fx:
             recorder.add(name)
-    return list(recorder.names)
+    return recorder
+
+
+def checked(recorder: Recorder, model: nn.Module, placement: Placement) -> list[str]:
+    """The recorded names that ``tap`` accepts and places where they were recorded: a name of a
+    region graph only if ``tap`` takes it from the same local node of that region's graph (a call
+    whose arguments trace to another graph than the default call's may name its nodes otherwise)."""
+    names = list(recorder.names)
+    if not recorder.sources or not placement.eager_root:
+        return names
+    found = _regions.resolve(model, names, placement.fallbacks[""], hints=placement.analysis.hints)
+    placed = {name: (region.path, local) for region in found.regions for name, local in region.wanted.items()}
+    unknown = set(found.unknown)
+    return [n for n in names if n not in unknown and (n not in recorder.sources or placed.get(n) == recorder.sources[n])]
 
 
 def ordered(produced: Iterable[str], listed: list[str]) -> list[str]:
