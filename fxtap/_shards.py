@@ -24,9 +24,9 @@ from torch import nn
 
 from . import _features, _ranks
 from ._errors import FxtapError
-from ._values import as_call
 from ._pool import Pool, describe, pool_of
 from ._pool import pool as pool_value
+from ._values import as_call
 
 __all__ = ["BatchFailedError", "Job", "Split", "plan", "planned", "run_planned", "run_stream"]
 

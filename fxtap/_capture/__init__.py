@@ -16,11 +16,12 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from .._errors import TapNameError
 from . import export as _export
 from . import fx as _fx
+from . import produced as _produced
 from . import regions as _regions
 from .analysis import Analysis, analyse
-from .._errors import TapNameError
 from .call_spec import CallSpecs, default_concrete_args, depends_on_arguments
 from .edit import as_modules as edit_modules
 from .fx import NO_HINTS, Hints, Traced, exclusive, realize
@@ -28,7 +29,6 @@ from .hooks import HookTarget, hook_targets
 from .model import in_mode, unwrap
 from .names import normalize_request
 from .placement import Placement, place
-from . import produced as _produced
 from .runner import Runner, make_runner
 
 __all__ = [

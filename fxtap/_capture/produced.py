@@ -22,8 +22,8 @@ from torch import nn
 
 from .._errors import MissingCallError
 from . import names as _names
-from .hooks import Recorder, module_paths
 from . import regions as _regions
+from .hooks import Recorder, module_paths
 from .model import ModelPaths, preserved
 from .placement import Placement
 from .runner import EagerRunner, Runner

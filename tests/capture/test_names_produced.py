@@ -11,7 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support.truth import assert_same, hook_truth, model_fingerprint, assert_unchanged, quiet_fallbacks
+from support.truth import (
+    assert_same,
+    assert_unchanged,
+    hook_truth,
+    model_fingerprint,
+    quiet_fallbacks,
+)
 from torch import nn
 
 import fxtap

@@ -23,11 +23,10 @@ from typing import Any
 import pytest
 import torch
 from hypothesis import given, settings
-
-import fxtap
 from support.strategies import Case, case_truth, cases, seed_rng
 from support.truth import assert_same, assert_unchanged, model_fingerprint
 
+import fxtap
 
 # each example runs the model several times (truth, names, a tap of every name, a tap per name
 # left out): a quarter of the profile's examples (ci: 50, thorough: 1,250) keeps the default suite short
