@@ -132,11 +132,17 @@ class Recorder:
         self.reserved = reserved  # names a later call's ``_k`` suffix skips
         self.names: dict[str, None] = {}  # an ordered set
         self.sources: dict[str, tuple[str, str]] = {}  # name -> (region path, local name) for names of region graphs
+        self.hooked: set[str] = set()  # module calls a forward hook saw
 
     def add(self, name: str, source: tuple[str, str] | None = None) -> None:
         self.names.setdefault(name, None)
         if source is not None:
             self.sources[name] = source
+
+    def called(self, name: str) -> None:
+        """A module call that a forward hook saw."""
+        self.add(name)
+        self.hooked.add(name)
 
 
 class CallLog:
@@ -187,7 +193,7 @@ class CallLog:
             index = self.calls.get(path, 0)
             self.calls[path] = index + 1
             if self.record is not None:
-                self.record.add(_names.module_call_name(path, index, self.record.reserved))
+                self.record.called(_names.module_call_name(path, index, self.record.reserved))
             edit = self._edits.get((path, index))
             if edit is not None:
                 self.edited.add((path, index))

@@ -64,7 +64,17 @@ def checked(recorder: Recorder, model: nn.Module, placement: Placement) -> list[
     found = _regions.resolve(model, names, placement.fallbacks[""], hints=placement.analysis.hints)
     placed = {name: (region.path, local) for region in found.regions for name, local in region.wanted.items()}
     unknown = set(found.unknown)
-    return [n for n in names if n not in unknown and (n not in recorder.sources or placed.get(n) == recorder.sources[n])]
+
+    def kept(name: str) -> bool:
+        if name in unknown:
+            return False
+        if name in placed:  # from that region's graph, or from a hook when a call of it runs eagerly
+            return name not in recorder.sources or placed[name] == recorder.sources[name]
+        if name in found.hooks:  # a module call: a hook must have seen it
+            return name in recorder.hooked
+        return name not in recorder.sources
+
+    return [name for name in names if kept(name)]
 
 
 def ordered(produced: Iterable[str], listed: list[str]) -> list[str]:
