@@ -191,3 +191,48 @@ def test_names_with_inputs_lists_later_calls_of_hooked_modules() -> None:
 def test_names_with_inputs_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="mode must be one of"):
         fxtap.names(_skips(), torch.randn(3, 4), mode="graph")  # type: ignore[arg-type]
+
+
+class Pairwise(nn.Module):
+    """Called with a list: its default call (one tensor) traces to another graph, whose
+    ``getitem`` nodes the list call does not have (timm's crossvit blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(xs[0]) + xs[1]
+
+
+class ListCaller(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = Pairwise()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pair([x, x * 2]) if x.sum() > -1e9 else x
+
+
+def test_names_with_inputs_keeps_the_names_of_a_child_called_with_other_arguments() -> None:
+    model, x = ListCaller().eval(), torch.randn(3, 4)
+    with quiet_fallbacks():
+        static = fxtap.names(model)
+    produced = fxtap.names(model, x)
+    assert "pair.getitem" in static and "pair.getitem" not in produced  # a node of the default call's graph only
+    assert produced == ["pair.fc", "pair.add", "pair"]
+    out = _tap(model, produced)(x)
+    assert_same(out["pair.add"], model(x))
+    assert_same(out["pair.fc"], model.pair.fc(x))
+    for name in [n for n in static if n not in produced]:  # tapped alone, no call of x makes it either
+        with pytest.raises(fxtap.MissingCallError):
+            _tap(model, [name])(x)
+
+
+def test_names_with_inputs_in_hooks_mode_lists_every_module_call() -> None:
+    model, x = _skips(), torch.randn(3, 4)
+    produced = fxtap.names(model, x, mode="hooks")
+    assert produced == ["blk", "blk_1", "blk.fc", "blk.fc_1", "bn"]
+    out = _tap(model, produced, mode="hooks")(x)
+    truth = hook_truth(model, x)
+    assert_same(dict(out), {n: truth[n] for n in produced})
