@@ -160,7 +160,9 @@ def names(
     its buffers, the RNG state and its mode are left as they were), and the result is what that
     call produces: the names above that it produced, in the same order, plus the later calls of
     modules and ops (``blk_1``, ``blk.add_1``), each right after the calls before it. So
-    ``fxtap.tap(model, fxtap.names(model, x))(x)`` returns a value for every name.
+    ``fxtap.tap(model, fxtap.names(model, x))(x)`` returns a value for every name. In train mode
+    the call draws from the current RNG state (and gives it back): seed the RNG alike before
+    ``names`` and before the tapped call when a random draw decides what runs.
 
     Args:
         model: any ``nn.Module``; it is not changed.
