@@ -329,8 +329,8 @@ _WRITES = "torch.export not used: the forward writes the attribute {} (Python-si
 
 
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
-    """The key of the graph for this call (shapes, dtypes, devices, simple values, the grad mode),
-    or why no exported graph serves it."""
+    """The key of the graph for this call (shapes, dtypes, devices, simple values, the grad mode,
+    the default dtype and device), or why no exported graph serves it."""
     if torch.is_inference_mode_enabled():
         return "torch.export not used: the call runs in inference mode"
     if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
@@ -344,7 +344,8 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
             items.append((type(leaf).__name__, leaf))
         else:
             return f"torch.export not used: an argument is a {type(leaf).__name__}, not a tensor or a simple value"
-    return (str(spec), tuple(items), torch.is_grad_enabled())
+    # the graph bakes in the dtype and device of tensors the forward makes without naming them (torch.ones(n))
+    return (str(spec), tuple(items), torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_default_device())
 
 
 def _refusal(model: nn.Module) -> str:
