@@ -128,7 +128,8 @@ class ExportRunner(EagerRunner):
                     shelf.insert(0, entry)  # newest first; a refusal without shapes serves every call
                     if sum(e.module is not None for e in shelf) == _MAX_GRAPHS:  # sizes export could not keep dynamic
                         shelf.append(_Entry(None, f"torch.export not used: {_MAX_GRAPHS} graphs for other sizes of these inputs exist already"))
-                    self._last = entry
+                    # this call ran in mixed mode: say so, and what the next calls will run
+                    self._last = _Entry(None, _BUILT) if entry.module is not None else entry
                     return out
         self._last = entry
         if entry.module is None:
@@ -324,6 +325,7 @@ class _Found:
 
 
 _SIMPLE = (type(None), bool, int, float, str)
+_BUILT = "this first call with these input shapes ran in mixed mode; it was exported, and the next calls run one torch.export graph"
 _MAX_GRAPHS = 4  # exported graphs per input structure; calls of other sizes run in mixed mode
 _WRITES = "torch.export not used: the forward writes the attribute {} (Python-side state that a graph cannot record)"
 

@@ -353,3 +353,13 @@ def test_a_default_dtype_set_after_the_export_is_seen_on_the_next_call() -> None
     assert out["output"].dtype == expected.dtype == torch.float64
     assert_same(out["output"], expected)
     assert_same(tapped(x)["output"], model(x))  # and back: the float32 graph serves again
+
+
+def test_the_first_call_reports_mixed_mode_and_the_next_one_the_export() -> None:
+    model, x = ExportableRoot().eval(), torch.randn(3, 4)
+    tapped = _quiet_tap(model, ["block.fc", "block"])
+    tapped(x)  # ran in mixed mode, then exported
+    assert tapped.mode == "mixed" and set(tapped.paths.values()) == {"fx"}
+    assert "next calls run one torch.export graph" in tapped.report()
+    tapped(x)
+    assert tapped.mode == "export" and set(tapped.paths.values()) == {"export"}
