@@ -169,7 +169,9 @@ def names(
         example_inputs: inputs as for one batch of ``fxtap.extract``: a tensor (``model(x)``), a
             tuple or list (``model(*inputs)``) or a dict of keyword arguments (``model(**inputs)``).
         train: list the names of train mode (``if self.training:`` branches, dropout).
-        mode, leaf_modules, autowrap_functions: as for ``tap()``; they change the names.
+        mode: as for ``tap()``.
+        leaf_modules: as for ``tap()``; it changes the names.
+        autowrap_functions: as for ``tap()``; it changes the names.
 
     Example:
         >>> import torch, torchvision, fxtap
