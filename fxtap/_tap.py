@@ -24,6 +24,7 @@ from ._capture import (
     describe,
     exclusive,
     normalize_request,
+    produced,
     unwrap,
 )
 from ._capture import call_spec as _call
@@ -31,6 +32,7 @@ from ._capture import edit_modules
 from ._capture.guard import GraphCache, freeze
 from ._capture.guard import of_runner as guard_of
 from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
+from ._values import as_call
 
 __all__ = ["FeatureInfo", "Mode", "Tapped", "names", "tap"]
 
@@ -137,25 +139,54 @@ def _tapped(
 
 def names(
     model: nn.Module,
+    example_inputs: Any = None,
     *,
     train: bool = False,
     mode: Mode = "auto",
     leaf_modules: Sequence[type[nn.Module]] | None = None,
     autowrap_functions: Sequence[Callable[..., Any]] | None = None,
 ) -> list[str]:
-    """Every name ``tap()`` accepts for ``model`` in train or eval mode, in graph order.
+    """Every name ``tap()`` accepts for ``model`` in train or eval mode, in graph order; with
+    ``example_inputs``, exactly the names that a call with those inputs produces.
 
-    Names of modules that only hooks can reach (inside untraceable code) follow the FX names.
-    Later calls of such a module (``blk_1``) are known only once the model runs. Give
-    ``leaf_modules`` and ``autowrap_functions`` as to ``tap()``: they change the names.
+    Without inputs the names are read from the code, and no call is made. Where the model's
+    code runs eagerly (a forward FX cannot trace: every Hugging Face model), every module under
+    that code is listed, and some of them may never be called (a dropout that fused attention
+    skips, an embedding the forward does not use, a branch not taken): tapping such a name raises
+    ``MissingCallError``. Names of modules that only hooks can reach follow the FX names; later
+    calls of them (``blk_1``) are not listed.
+
+    With ``example_inputs`` the model runs once (without gradients, in the mode ``train`` picks;
+    its buffers, the RNG state and its mode are left as they were), and the result is what that
+    call produces: the names above that it produced, in the same order, plus the later calls of
+    modules and ops (``blk_1``, ``blk.add_1``), each right after the calls before it. So
+    ``fxtap.tap(model, fxtap.names(model, x))(x)`` returns a value for every name. In train mode
+    the call draws from the current RNG state (and gives it back): seed the RNG alike before
+    ``names`` and before the tapped call when a random draw decides what runs.
+
+    Args:
+        model: any ``nn.Module``; it is not changed.
+        example_inputs: inputs as for one batch of ``fxtap.extract``: a tensor (``model(x)``), a
+            tuple or list (``model(*inputs)``) or a dict of keyword arguments (``model(**inputs)``).
+        train: list the names of train mode (``if self.training:`` branches, dropout).
+        mode: as for ``tap()``.
+        leaf_modules: as for ``tap()``; it changes the names.
+        autowrap_functions: as for ``tap()``; it changes the names.
 
     Example:
-        >>> import torchvision, fxtap
+        >>> import torch, torchvision, fxtap
         >>> fxtap.names(torchvision.models.resnet18())[:6]
         ['x', 'conv1', 'bn1', 'relu', 'maxpool', 'layer1.0.conv1']
+        >>> len(fxtap.names(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)))
+        85
     """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}")
     hints = Hints.checked(leaf_modules, autowrap_functions)
-    return [info.name for info in describe(model, train=train, mode=mode, hints=hints)]
+    if example_inputs is None:
+        return [info.name for info in describe(model, train=train, mode=mode, hints=hints)]
+    args, kwargs = as_call(example_inputs)
+    return produced(model, args, kwargs, train=train, mode=mode, hints=hints)
 
 
 class Tapped(nn.Module):

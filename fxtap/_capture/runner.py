@@ -36,6 +36,7 @@ class Runner:
     """
 
     graph: fx.GraphModule | None = None
+    recorder: _hooks.Recorder | None = None  # names every name a call produces (``produced.py``), when set
 
     def __init__(self, placement: Placement, *, keep_output: bool, detach: bool) -> None:
         self.placement = placement
@@ -109,7 +110,7 @@ class HookedGraphRunner(GraphRunner):
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
-        with _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured:
+        with _hooks.capture(model, hooks, edits=self.placement.edits.hooks, record=self.recorder) as captured:
             from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
         self._unapplied(model, captured, [], self._edits_run)
         self._missing(model, captured, set(hooks))
@@ -132,7 +133,9 @@ class EagerRunner(Runner):
         # Cutting the forward short skips what its rest would do to state (buffers, the RNG):
         # only when nothing in the model may change state (prune.may_change_state).
         stop_early = stop_early and not self._keep_output and not may_change_state(model)
-        with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=len(placement.fx), edits=placement.edits.hooks) as captured:
+        with _hooks.capture(
+            model, hooks, stop_when_done=stop_early, extra=len(placement.fx), edits=placement.edits.hooks, record=self.recorder
+        ) as captured:
             with _regions.serve(placement.regions, captured, detach=self._detach):
                 output = model(*args, **kwargs)
         self._unapplied(model, captured, list(placement.edits.fx))

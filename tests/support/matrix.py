@@ -480,3 +480,45 @@ def _check_ops(
                 how[name] = recipe
             assert_close(out[name], expected, atol=case.atol, where=f"{case.name} {name!r} = {recipe}")
     return how
+
+
+# -- names(model, inputs): exactly what one call produces ---------------------------------------------------
+
+
+def _batch(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The call as one batch (fxtap.extract's convention): positional arguments, or all by keyword."""
+    if not kwargs:
+        return tuple(args)
+    return {**dict(zip(inspect.signature(model.forward).parameters, args)), **kwargs}
+
+
+def module_calls(model: nn.Module, names: list[str]) -> set[str]:
+    """The names among ``names`` that are module calls (``path`` or ``path_k``)."""
+    paths = {path for path, _ in model.named_modules() if path}
+    return {n for n in names if n in paths or (_SUFFIX.search(n) is not None and _SUFFIX.sub("", n) in paths)}
+
+
+def check_names(case: Case) -> list[str]:
+    """``fxtap.names(model, inputs)`` lists exactly the module calls that the forward makes (and
+    functional ops); ``tap`` of all of them returns every one, module calls equal to the hook
+    clones; the model is unchanged. Returns the names."""
+    model = case.build()
+    args, kwargs = case.inputs()
+    calls = record_calls(model, *args, **kwargs)
+    before = model_fingerprint(model)
+    produced = fxtap.names(model, _batch(model, args, kwargs))
+    assert_unchanged(before, model)
+    assert len(set(produced)) == len(produced), f"{case.name}: names(model, inputs) repeats a name"
+    made = module_calls(model, produced)
+    assert made == set(calls.values), (
+        f"{case.name}: module calls not listed: {sorted(set(calls.values) - made)[:10]}; listed, not made: {sorted(made - set(calls.values))[:10]}"
+    )
+    tapped, _ = _tap(model, produced)
+    with torch.no_grad():
+        out = tapped(*args, **kwargs)
+    assert list(out) == produced
+    for name in produced:
+        if name in calls.values:
+            assert_close(out[name], calls.values[name], atol=case.atol, where=f"{case.name} {name!r} (names(model, inputs))")
+    assert_unchanged(before, model)
+    return produced
