@@ -28,6 +28,7 @@ from ._capture import (
 )
 from ._capture import call_spec as _call
 from ._capture import edit_modules
+from ._capture.export import edit_refusal
 from ._capture.guard import GraphCache, freeze
 from ._capture.guard import of_runner as guard_of
 from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
@@ -382,15 +383,18 @@ def _eager_root_message(fallbacks: dict[str, tuple[str, str]], placement: Placem
     traced = len(placement.fx) if placement is not None else 0
     did = f"the model runs eagerly; {traced} of {requested} requested names come from submodules traced on their own"
     did += ", the others from forward hooks" if traced < requested else ""
-    if requested and placement is not None and not placement.edits.fx and not placement.edits.hooks:
-        did += (
-            ". After the first call with each input signature, fxtap exports that call with torch.export (non-strict)"
-            " and runs it as one graph, same names and values; Tapped.mode is \"export\" then, or says why not"
-        )
     if requested == 0 and placement is not None:  # fxtap.edit: edits only
         graphs, hooked = len(placement.edits.fx), len(placement.edits.hooks)
         did = f"the model runs eagerly; {graphs} of {graphs + hooked} edits are applied in graphs of submodules traced on their own"
         did += ", the others by forward hooks" if hooked else ""
+    refused = edit_refusal(placement) if placement is not None else ""
+    if placement is not None and (requested or placement.edits.fx or placement.edits.hooks) and not refused:
+        did += (
+            ". After the first call with each input signature, fxtap exports that call with torch.export (non-strict)"
+            " and runs it as one graph, same names and values; .mode is \"export\" then, or .report() says why not"
+        )
+    elif refused:
+        did += f"; {refused}"
     return (
         f"fxtap: torch.fx cannot trace the forward of {root_type} itself: {reason}"
         + (f"\n  Also untraceable:{others}" if others else "")

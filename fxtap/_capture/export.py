@@ -36,16 +36,40 @@ from . import fx as _fx
 from . import guard as _guard
 from .hazards import global_hooks, user_hooks
 from .model import preserved
+from .edit import Apply, Patch
 from .placement import Placement
 from .runner import EagerRunner
 
-__all__ = ["ExportRunner", "applies"]
+__all__ = ["ExportRunner", "applies", "edit_modules", "edit_refusal"]
 
 
 def applies(placement: Placement, mode: str) -> bool:
     """Whether ``placement`` may run as one exported graph: the root runs eagerly in
-    ``mode="auto"`` and no edit is asked for (edits stay on the paths that apply them today)."""
-    return mode == "auto" and placement.eager_root and not placement.edits.fx and not placement.edits.hooks
+    ``mode="auto"`` (edits included: ``edit_refusal`` says which keep mixed mode, and why)."""
+    return mode == "auto" and placement.eager_root
+
+
+def edit_modules(placement: Placement) -> list[nn.Module]:
+    """The edit modules the call runs (in a region's graph or from a hook), each once."""
+    found = [*placement.edits.fx.values(), *(module for _, module in placement.edits.hooks.values())]
+    return list({id(m): m for m in found}.values())
+
+
+def edit_refusal(placement: Placement) -> str:
+    """Why the edits keep the call in mixed mode ("" when a graph may hold them).
+
+    A tensor edit is a buffer of the graph (it reads the live tensor: an in-place change is
+    seen) and a module edit is a submodule (its parameters and buffers are read, its plain
+    attributes guarded as the model's are). A function edit may read Python state that a graph
+    would bake in (a closure variable, a global, an attribute of an object): no rule tells
+    which, so it runs eagerly, every call."""
+    functions = [name for name, module in {**placement.edits.fx, **{n: m for n, (_, m) in placement.edits.hooks.items()}}.items() if isinstance(module, Apply)]
+    if not functions:
+        return ""
+    return (
+        f"torch.export not used: the function edit(s) {', '.join(map(repr, functions))} may read Python state "
+        "(a closure variable, a global) that a graph would bake in; a tensor or nn.Module edit runs in one graph"
+    )
 
 
 class _Entry(NamedTuple):
@@ -55,8 +79,11 @@ class _Entry(NamedTuple):
     reason: str  # why there is no graph ("" when there is one)
     outputs: _Outputs | None = None  # how the dict is rebuilt around the graph's tensors
     shapes: _Shapes | None = None  # which input shapes the graph serves
+    patches: tuple[tuple[torch.Tensor, Any], ...] = ()  # each tensor edit, with the shape, dtype and device baked in
 
     def fits(self, leaves: list[Any]) -> bool:
+        if any(_meta(tensor) != meta for tensor, meta in self.patches):  # ``.data =`` gave an edit tensor another shape
+            return False
         return self.shapes is None or self.shapes.fit(leaves)
 
     def __call__(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
@@ -102,11 +129,13 @@ class ExportRunner(EagerRunner):
         # serves the shapes it was exported for (dynamic dimensions within their range)
         self._graphs: _guard.GraphCache[list[_Entry]] = _guard.GraphCache()
         self._last: _Entry | None = None  # what the last call ran
+        self.edits = edit_modules(placement)  # submodules of the exported call: their tensors are the graph's
+        self._edit_refusal = edit_refusal(placement)
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if torch.compiler.is_compiling():  # torch.compile traces the tapped call itself: mixed mode, as before
             return super().run(model, args, kwargs)
-        key = _signature(args, kwargs)
+        key = _signature(args, kwargs) if not self._edit_refusal else self._edit_refusal
         if isinstance(key, str):
             self._last = _Entry(None, key)
             return super().run(model, args, kwargs)
@@ -117,14 +146,14 @@ class ExportRunner(EagerRunner):
                 entry = self._find(key, tensors)
                 if entry is None:
                     # the whole forward, so that every region graph the export will run exists
-                    before = _attributes(model)
+                    before = _attributes(model, self.edits)
                     out = self._run(model, args, kwargs, stop_early=False)
                     written = _written(before)  # seen eagerly already: no export to try
                     entry = _Entry(None, _WRITES.format(written)) if written else self._export(model, args, kwargs)
                     shelf = self._graphs.lookup(key)
                     if shelf is None:
                         shelf = []
-                        self._graphs.put(key, shelf, _model_guard(model))
+                        self._graphs.put(key, shelf, _model_guard(model, self.edits))
                     shelf.insert(0, entry)  # newest first; a refusal without shapes serves every call
                     if sum(e.module is not None for e in shelf) == _MAX_GRAPHS:  # sizes export could not keep dynamic
                         shelf.append(_Entry(None, f"torch.export not used: {_MAX_GRAPHS} graphs for other sizes of these inputs exist already"))
@@ -153,16 +182,21 @@ class ExportRunner(EagerRunner):
         return "export" if self.exported else self.placement.path(name)
 
     def reason(self, name: str) -> str:
-        root_type, why = self.placement.fallbacks[""]
-        if self.exported:
-            return f"one torch.export graph (torch.fx cannot trace {root_type} itself: {why})"
         reason = self.placement.reasons.get(name, "")
-        failed = self._last.reason if self._last is not None else ""
-        return f"{reason}; {failed}" if reason and failed else reason or failed
+        note = self.note
+        return note if self.exported else f"{reason}; {note}" if reason and note else reason or note
+
+    @property
+    def note(self) -> str:
+        """What the last call ran: one torch.export graph and why, or why not ("" before a call)."""
+        if self.exported:
+            root_type, why = self.placement.fallbacks[""]
+            return f"one torch.export graph (torch.fx cannot trace {root_type} itself: {why})"
+        return self._last.reason if self._last is not None else ""
 
     # -- building --------------------------------------------------------------------------------
     def _export(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
-        refused = _refusal(model)
+        refused = _refusal(model, self.edits)
         if refused:
             return _Entry(None, f"torch.export not tried: {refused}")
         devices = sorted({t.device.index or 0 for t in _tensors(model, args, kwargs) if t.device.type == "cuda"})
@@ -180,7 +214,8 @@ class ExportRunner(EagerRunner):
         shapes = _Shapes.of(module, program, tensors)
         if not shapes.fit(tensors):  # sizes related by expressions fxtap does not solve: this call's shapes only
             shapes = _Shapes.exact(tensors)
-        return _Entry(module, "", call.__dict__["_found"].outputs, shapes)
+        patches = tuple((m.tensor, _meta(m.tensor)) for m in self.edits if isinstance(m, Patch))
+        return _Entry(module, "", call.__dict__["_found"].outputs, shapes, patches)
 
 
 def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Call, Any]:
@@ -296,6 +331,8 @@ class _Call(nn.Module):
     def __init__(self, runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super().__init__()
         self.model = model  # a submodule: the graph reads the model's own parameters and buffers
+        if runner.edits:  # so are the edit modules: their parameters train, a tensor edit is read live
+            self.edits = nn.ModuleList(runner.edits)
         # torch.export puts back the plain attribute values of the modules it traced: what the
         # forward learns goes to an object of its own, which export leaves alone
         self.__dict__["_runner"], self.__dict__["_found"] = runner, _Found()
@@ -307,8 +344,9 @@ class _Call(nn.Module):
         given = iter(args)
         leaves, spec = found.call
         args, kwargs = pytree.tree_unflatten([next(given) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
-        before = _attributes(self.model)
-        out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)
+        runner: ExportRunner = self.__dict__["_runner"]
+        before = _attributes(self.model, runner.edits)
+        out = runner._run(self.model, args, kwargs, stop_early=False)
         found.written = _written(before)
         found.outputs, computed = _Outputs.split(out)
         return computed
@@ -347,26 +385,36 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
     return (str(spec), tuple(items), torch.is_grad_enabled())
 
 
-def _refusal(model: nn.Module) -> str:
+def _refusal(model: nn.Module, edits: list[nn.Module]) -> str:
     """Why the model must not be exported as it is ("" when it may)."""
     found = global_hooks()
     if found:
         return f"global module hooks are registered ({found}), and a graph would bake in what they do"
-    for path, module in model.named_modules():
+    for path, module in [*model.named_modules(), *_edit_paths(edits)]:
         hooks = user_hooks(module)
         if hooks:
             return f"{hooks} registered on {path or 'the model itself'!r}, and a graph would bake in what they do"
     return ""
 
 
+def _edit_paths(edits: list[nn.Module]) -> list[tuple[str, nn.Module]]:
+    """The modules of the edits, named ``<edit i>.path`` (they are not in the model)."""
+    return [(f"<edit {i}>" + (f".{path}" if path else ""), m) for i, edit in enumerate(edits) for path, m in edit.named_modules()]
+
+
+def _meta(tensor: torch.Tensor) -> tuple[Any, ...]:
+    return (tensor.shape, tensor.dtype, tensor.device)
+
+
 _Snapshot = list[tuple[str, dict[str, Any], dict[str, Any], dict[str, list[Any]]]]
 
 
-def _attributes(model: nn.Module) -> _Snapshot:
-    """Every module's attributes, and the items of those that are lists, dicts or sets (a cache)."""
+def _attributes(model: nn.Module, edits: list[nn.Module]) -> _Snapshot:
+    """Every module's attributes (the edits' too), and the items of those that are lists, dicts
+    or sets (a cache)."""
     return [
         (path, m.__dict__, dict(m.__dict__), {k: _items(v) for k, v in m.__dict__.items() if type(v) in (list, dict, set)})
-        for path, m in model.named_modules()
+        for path, m in [*model.named_modules(), *_edit_paths(edits)]
     ]
 
 
@@ -394,8 +442,12 @@ def _tensors(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return [t for t in [*leaves, *model.parameters(), *model.buffers()] if isinstance(t, torch.Tensor)]
 
 
-def _model_guard(model: nn.Module) -> _guard.Guard:
-    """Every module, parameter and buffer: an exported graph traced through all of them."""
-    paths = [path for path, _ in model.named_modules() if path]
-    state = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
-    return _guard.watch(model, paths, [], False, state)
+def _model_guard(model: nn.Module, edits: list[nn.Module]) -> _guard.Guard:
+    """Every module, parameter and buffer (the edits' too): an exported graph traced through all of them."""
+    root = model
+    if edits:  # one tree for the guard: a holder of its own, the model is not changed
+        root = nn.Module()
+        root.model, root.edits = model, nn.ModuleList(edits)
+    paths = [path for path, _ in root.named_modules() if path]
+    state = [name for name, _ in [*root.named_parameters(), *root.named_buffers()]]
+    return _guard.watch(root, paths, [], False, state)
