@@ -28,7 +28,8 @@ from ._capture import (
 )
 from ._capture import call_spec as _call
 from ._capture import edit_modules
-from ._capture.export import edit_refusal
+from ._capture.export import ExportRunner, edit_refusal
+from ._capture.exported import graph_module as exported_graph_module
 from ._capture.guard import GraphCache, freeze
 from ._capture.guard import of_runner as guard_of
 from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
@@ -257,10 +258,21 @@ class Tapped(nn.Module):
         It takes the model's inputs (non-tensor arguments at their defaults) and returns the
         same dict as the ``Tapped``: the form to hand to ``torch.export``, ONNX or TorchScript.
 
+        For a model only the torch.export frontend captures (``mode == "export"``: a Hugging Face
+        model), it is the graph of the *last call*'s input signature, exported again as
+        ``ExportedProgram.module()``: it takes the model's arguments as that call passed them
+        (positional and keyword), its non-tensor arguments fixed at that call's values (another
+        value raises), tensor sizes dynamic where torch.export kept them so. Call the Tapped
+        once with example inputs first.
+
         Raises:
             FxtapError: some names are captured by hooks, which no graph can hold; the message
-                names the untraceable code.
+                names the untraceable code. For an export-captured model: no call yet, or the
+                last call could not be exported (the message says why).
         """
+        last = self._last_runner()
+        if isinstance(last, ExportRunner):
+            return exported_graph_module(last, self.model)
         runner = self._runner(self._spec)
         why = runner.placement.why_no_single_graph()
         if why or runner.graph is None:

@@ -34,9 +34,9 @@ from torch import nn
 from .._errors import summary
 from . import fx as _fx
 from . import guard as _guard
+from .edit import Apply, Patch
 from .hazards import global_hooks, user_hooks
 from .model import preserved
-from .edit import Apply, Patch
 from .placement import Placement
 from .runner import EagerRunner
 
@@ -80,6 +80,7 @@ class _Entry(NamedTuple):
     outputs: _Outputs | None = None  # how the dict is rebuilt around the graph's tensors
     shapes: _Shapes | None = None  # which input shapes the graph serves
     patches: tuple[tuple[torch.Tensor, Any], ...] = ()  # each tensor edit, with the shape, dtype and device baked in
+    example: tuple[pytree.TreeSpec, tuple[Any, ...]] | None = None  # the call's structure; its tensors as (shape, dtype, device)
 
     def fits(self, leaves: list[Any]) -> bool:
         if any(_meta(tensor) != meta for tensor, meta in self.patches):  # ``.data =`` gave an edit tensor another shape
@@ -168,7 +169,16 @@ class ExportRunner(EagerRunner):
         shelf = self._graphs.lookup(key)  # None when the model changed since (the guard)
         return next((entry for entry in shelf if entry.fits(leaves)), None) if shelf else None
 
+    def eager(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call in mixed mode (the exported graph's truth), whatever the graphs built."""
+        return super().run(model, args, kwargs)
+
     # -- what the last call did ------------------------------------------------------------------
+    @property
+    def last(self) -> _Entry | None:
+        """The exported graph the last call ran, or why none (``None`` before any call)."""
+        return self._last
+
     @property
     def exported(self) -> bool:
         """Whether the last call ran an exported graph."""
@@ -214,8 +224,10 @@ class ExportRunner(EagerRunner):
         shapes = _Shapes.of(module, program, tensors)
         if not shapes.fit(tensors):  # sizes related by expressions fxtap does not solve: this call's shapes only
             shapes = _Shapes.exact(tensors)
-        patches = tuple((m.tensor, _meta(m.tensor)) for m in self.edits if isinstance(m, Patch))
-        return _Entry(module, "", call.__dict__["_found"].outputs, shapes, patches)
+        patches = tuple((t, _meta(t)) for m in self.edits if isinstance(m, Patch) and isinstance(t := m.tensor, torch.Tensor))
+        example = pytree.tree_flatten((args, kwargs))
+        leaves = tuple(_meta(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in example[0])
+        return _Entry(module, "", call.__dict__["_found"].outputs, shapes, patches, (example[1], leaves))
 
 
 def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Call, Any]:
