@@ -159,7 +159,7 @@ def _loader(fmt: str, path: Path, written: Any) -> Callable[[tuple[tuple[Any, ..
 
 def _ordered(written: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
     """``kwargs`` in the order of the program's inputs (torch.export orders them by the signature)."""
-    order = list(written.call_spec.in_spec.children_specs[1].context)
+    order = list(written.call_spec.in_spec.child(1).context)
     return {key: kwargs[key] for key in sorted(kwargs, key=lambda k: order.index(k) if k in order else len(order))}
 
 
