@@ -58,15 +58,20 @@ def export(
     (``key.0``, ``key.1``, ... for the tensors of a tap that returns a tuple).
 
     Args:
-        model: an ``nn.Module`` in eval mode whose requested names torch.fx can capture.
+        model: an ``nn.Module`` in eval mode whose requested names torch.fx can capture, or one
+            only the torch.export frontend captures (a Hugging Face model: the file is the
+            tapped call exported with the model's own arguments; docs/export.md).
         names: tap names, or ``{name: output key}``, as for ``fxtap.tap``; ``None`` when ``model``
             is a ``fxtap.Cut``, which writes the cut's graph (inputs named by its keys).
         example_input: one input tensor, or a tuple of the model's positional tensor arguments.
-            Later arguments of ``forward`` are fixed at their defaults.
+            Later arguments of ``forward`` are fixed at their defaults. For a model torch.export
+            captures, also a dict of keyword arguments (``{"input_ids": ..., "attention_mask":
+            ...}``); its non-tensor arguments are fixed at their example values.
         path: where to write; parent folders must exist.
         format: ``"onnx"``, ``"pt2"`` (``torch.export``) or ``"torchscript"``; by default from
             the suffix of ``path`` (``.onnx``, ``.pt2``, ``.pt`` or ``.ts``).
-        dynamic_batch: let dim 0 of every input vary (TorchScript always does).
+        dynamic_batch: let dim 0 of every input vary (TorchScript always does); for a model
+            torch.export captures, every size torch.export can keep dynamic (``False``: none).
         atol: absolute tolerance: each output ``a`` of the written file must match eager's ``e``
             within ``|a - e| <= atol + rtol * max|e|`` (the largest value of that output).
         rtol: relative tolerance (other runtimes' float32 kernels add in another order; the
@@ -80,8 +85,10 @@ def export(
     Raises:
         FxtapError: a name is captured by forward hooks (the message names the untraceable
             submodule), an exporter failed, or the written file does not match eager (the file
-            is then removed).
+            is then removed). For a model torch.export captures: TorchScript was asked for, or
+            torch.export could not record the call (the message gives its reason).
         ValueError: the format is unknown, or the model is in train mode.
+        TypeError: a dict of keyword arguments for a model torch.fx traces (pass a tuple).
 
     Example:
         >>> import tempfile, torch, torchvision, fxtap
