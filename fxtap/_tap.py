@@ -28,7 +28,8 @@ from ._capture import (
 )
 from ._capture import call_spec as _call
 from ._capture import edit_modules
-from ._capture.export import ExportRunner, edit_refusal
+from ._capture.export import ExportRunner
+from ._capture.export_edits import edit_refusal
 from ._capture.exported import graph_module as exported_graph_module
 from ._capture.guard import GraphCache, freeze
 from ._capture.guard import of_runner as guard_of

@@ -34,42 +34,22 @@ from torch import nn
 from .._errors import summary
 from . import fx as _fx
 from . import guard as _guard
-from .edit import Apply, Patch
+from .edit import Patch
+from .export_edits import edit_modules, edit_refusal
+from .export_edits import edit_paths as _edit_paths
+from .export_edits import meta as _meta
 from .hazards import global_hooks, user_hooks
 from .model import preserved
 from .placement import Placement
 from .runner import EagerRunner
 
-__all__ = ["ExportRunner", "applies", "edit_modules", "edit_refusal"]
+__all__ = ["ExportRunner", "applies"]
 
 
 def applies(placement: Placement, mode: str) -> bool:
     """Whether ``placement`` may run as one exported graph: the root runs eagerly in
     ``mode="auto"`` (edits included: ``edit_refusal`` says which keep mixed mode, and why)."""
     return mode == "auto" and placement.eager_root
-
-
-def edit_modules(placement: Placement) -> list[nn.Module]:
-    """The edit modules the call runs (in a region's graph or from a hook), each once."""
-    found = [*placement.edits.fx.values(), *(module for _, module in placement.edits.hooks.values())]
-    return list({id(m): m for m in found}.values())
-
-
-def edit_refusal(placement: Placement) -> str:
-    """Why the edits keep the call in mixed mode ("" when a graph may hold them).
-
-    A tensor edit is a buffer of the graph (it reads the live tensor: an in-place change is
-    seen) and a module edit is a submodule (its parameters and buffers are read, its plain
-    attributes guarded as the model's are). A function edit may read Python state that a graph
-    would bake in (a closure variable, a global, an attribute of an object): no rule tells
-    which, so it runs eagerly, every call."""
-    functions = [name for name, module in {**placement.edits.fx, **{n: m for n, (_, m) in placement.edits.hooks.items()}}.items() if isinstance(module, Apply)]
-    if not functions:
-        return ""
-    return (
-        f"torch.export not used: the function edit(s) {', '.join(map(repr, functions))} may read Python state "
-        "(a closure variable, a global) that a graph would bake in; a tensor or nn.Module edit runs in one graph"
-    )
 
 
 class _Entry(NamedTuple):
@@ -407,15 +387,6 @@ def _refusal(model: nn.Module, edits: list[nn.Module]) -> str:
         if hooks:
             return f"{hooks} registered on {path or 'the model itself'!r}, and a graph would bake in what they do"
     return ""
-
-
-def _edit_paths(edits: list[nn.Module]) -> list[tuple[str, nn.Module]]:
-    """The modules of the edits, named ``<edit i>.path`` (they are not in the model)."""
-    return [(f"<edit {i}>" + (f".{path}" if path else ""), m) for i, edit in enumerate(edits) for path, m in edit.named_modules()]
-
-
-def _meta(tensor: torch.Tensor) -> tuple[Any, ...]:
-    return (tensor.shape, tensor.dtype, tensor.device)
 
 
 _Snapshot = list[tuple[str, dict[str, Any], dict[str, Any], dict[str, list[Any]]]]

@@ -108,7 +108,11 @@ def export(
     tapped = None if isinstance(model, Cut) else _tapped(model, names or [], mode="auto", warn=False, edit=edit)  # export raises instead
     if tapped is not None and isinstance(tapped._last_runner(), ExportRunner):  # no FX graph: the torch.export frontend's
         hf = tapped
-        call, refused = as_call(example_input), lambda reason: _fx_graph(hf, edit, reason) and None
+        call = as_call(example_input)
+
+        def refused(reason: str) -> None:  # raises the FX path's error, naming the untraceable code, with the reason
+            _fx_graph(hf, edit, reason)
+
         return _write_checked(path, lambda: write_exported(hf, fmt, path, call, dynamic_batch, atol=atol, rtol=rtol, refused=refused))
     if isinstance(example_input, Mapping):
         raise TypeError(

@@ -56,7 +56,7 @@ def write_exported(
         tapped(*traced[0], **traced[1])  # the first call of this signature: mixed mode, then the export
     runner = tapped._last_runner()
     if not isinstance(runner, ExportRunner):
-        raise AssertionError(f"expected the torch.export frontend, got {type(runner).__name__}")
+        raise AssertionError(f"expected the torch.export frontend, got {type(runner).__name__}")  # noqa: TRY004 - an invariant
     if runner.last is None or runner.last.module is None:
         refused(runner.last.reason if runner.last is not None else "")
     exported_entry(runner, owner)
