@@ -109,9 +109,12 @@ class Edited(Tapped):
     def graph_module(self) -> fx.GraphModule:
         """The ``torch.fx.GraphModule`` of the edited model (non-tensor arguments at their
         defaults), returning ``{"output": ...}``: the form to hand to ``torch.export`` or ONNX.
+        For a model only the torch.export frontend captures, the last call's graph (see
+        ``Tapped.graph_module``).
 
         Raises:
-            FxtapError: some edits are applied by hooks, which no graph can hold.
+            FxtapError: some edits are applied by hooks, which no graph can hold; or (export
+                frontend) no call yet, or a function edit kept the call in mixed mode.
         """
         return super().graph_module()
 

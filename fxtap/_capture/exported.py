@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .._errors import FxtapError
+from . import fx as _fx
 from .call_spec import adopt_signature
 from .export import _WRITES, ExportRunner, _Call, _Entry, _Outputs, _quiet, _tensors
 from .model import preserved
@@ -84,7 +85,7 @@ def program(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwarg
     bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
     shapes = {name: pytree.tree_map(dims, list(value) if isinstance(value, tuple) else value) for name, value in bound.items()}
     devices = sorted({t.device.index or 0 for t in _tensors(model, args, kwargs) if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), preserved(model), _quiet():
+    with _fx.exclusive(), torch.random.fork_rng(devices=devices), preserved(model), _quiet():  # one trace at a time, as the runner's
         exported = torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=shapes, strict=False)
     written = module.call.__dict__["_found"].written
     if written:
