@@ -110,6 +110,7 @@ class ExportRunner(EagerRunner):
         # serves the shapes it was exported for (dynamic dimensions within their range)
         self._graphs: _guard.GraphCache[list[_Entry]] = _guard.GraphCache()
         self._last: _Entry | None = None  # what the last call ran
+        self._served: _Entry | None = None  # the graph of the last call's signature (built by that call, or run), or why none
         self.edits = edit_modules(placement)  # submodules of the exported call: their tensors are the graph's
         self._edit_refusal = edit_refusal(placement)
 
@@ -118,7 +119,7 @@ class ExportRunner(EagerRunner):
             return super().run(model, args, kwargs)
         key = _signature(args, kwargs) if not self._edit_refusal else self._edit_refusal
         if isinstance(key, str):
-            self._last = _Entry(None, key)
+            self._last = self._served = _Entry(None, key)
             return super().run(model, args, kwargs)
         tensors = _tensor_leaves(args, kwargs)  # the graph's inputs (the rest of the arguments is in the key)
         entry = self._find(key, tensors)
@@ -140,8 +141,9 @@ class ExportRunner(EagerRunner):
                         shelf.append(_Entry(None, f"torch.export not used: {_MAX_GRAPHS} graphs for other sizes of these inputs exist already"))
                     # this call ran in mixed mode: say so, and what the next calls will run
                     self._last = _Entry(None, _BUILT) if entry.module is not None else entry
+                    self._served = entry
                     return out
-        self._last = entry
+        self._last = self._served = entry
         if entry.module is None:
             return super().run(model, args, kwargs)
         return entry(tensors)
@@ -157,8 +159,9 @@ class ExportRunner(EagerRunner):
     # -- what the last call did ------------------------------------------------------------------
     @property
     def last(self) -> _Entry | None:
-        """The exported graph the last call ran, or why none (``None`` before any call)."""
-        return self._last
+        """The exported graph of the last call's input signature (that call built it, or ran it),
+        or why there is none (``None`` before any call)."""
+        return self._served
 
     @property
     def exported(self) -> bool:

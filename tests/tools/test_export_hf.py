@@ -101,6 +101,7 @@ def test_export_hf_refused_export_says_why(tmp_path: Path) -> None:
     assert not (tmp_path / "taps.pt2").exists()
 
 
+@pytest.mark.slow
 def test_export_hf_with_a_module_edit(tmp_path: Path) -> None:
     model = CASES["transformers/GPT2Model"].build().eval()
     steer = nn.Linear(32, 32)
