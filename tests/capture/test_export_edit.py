@@ -14,7 +14,13 @@ from typing import Any
 import pytest
 import torch
 from support.registry import CASES
-from support.truth import _clone, assert_same, assert_unchanged, model_fingerprint, quiet_fallbacks
+from support.truth import (
+    _clone,
+    assert_same,
+    assert_unchanged,
+    model_fingerprint,
+    quiet_fallbacks,
+)
 from torch import nn
 
 import fxtap
@@ -131,7 +137,7 @@ def test_export_edit_follows_the_edit_after_tap(name: str) -> None:
 
 
 def test_export_edit_gradients_reach_the_edit_module() -> None:
-    model, args, kwargs, steer, patch, steered, patched, taps = _setup("transformers/GPT2Model")
+    model, args, kwargs, steer, patch, steered, patched, _taps = _setup("transformers/GPT2Model")
     with quiet_fallbacks():
         edited = fxtap.edit(model, {steered: steer, patched: patch})
     edited(*args, **kwargs)
@@ -154,7 +160,7 @@ def test_export_edit_gradients_reach_the_edit_module() -> None:
 
 
 def test_export_function_edit_keeps_mixed_mode_and_says_why() -> None:
-    model, args, kwargs, steer, patch, steered, patched, taps = _setup("transformers/GPT2Model")
+    model, args, kwargs, _steer, _patch, steered, _patched, taps = _setup("transformers/GPT2Model")
     factor = {"value": 2.0}  # Python state the function reads: a graph would bake it in
     edits = {steered: lambda v: v * factor["value"]}
     with quiet_fallbacks():
@@ -172,6 +178,6 @@ def test_export_function_edit_keeps_mixed_mode_and_says_why() -> None:
 
 
 def test_export_function_edit_warning_says_why() -> None:
-    model, args, kwargs, *_ = _setup("transformers/GPT2Model")
+    model, _args, _kwargs, *_ = _setup("transformers/GPT2Model")
     with pytest.warns(fxtap.FallbackWarning, match=r"function edit\(s\) 'h\.0\.mlp' may read Python state"):
         fxtap.tap(model, ["h.1"], edit={"h.0.mlp": lambda v: v})

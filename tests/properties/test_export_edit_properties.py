@@ -20,10 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.strategies import Case, case_truth, cases, edited_truth, seed_rng
 from support.truth import assert_same
+from test_edit_properties import _draw_edits, _truth_fn
 from torch import nn
 
 import fxtap
-from test_edit_properties import _draw_edits, _truth_fn
 
 SEED = 0
 EXAMPLES = settings.default.max_examples if settings.default.max_examples > 200 else 12  # each example exports once
@@ -48,7 +48,7 @@ def _graph_edits(edits: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], edits: dict[str, Any], taps: list[str]) -> fxtap.Tapped:
-    expected, values = edited_truth(model, args, kwargs, {n: _truth_fn(e) for n, e in edits.items()}, seed=SEED)
+    _expected, values = edited_truth(model, args, kwargs, {n: _truth_fn(e) for n, e in edits.items()}, seed=SEED)
     root = ExportableRoot(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxtap.FallbackWarning)
