@@ -29,6 +29,9 @@ from ._capture import (
 )
 from ._capture import call_spec as _call
 from ._capture import edit_modules
+from ._capture.export import ExportRunner
+from ._capture.export_edits import edit_refusal
+from ._capture.exported import graph_module as exported_graph_module
 from ._capture.guard import GraphCache, freeze
 from ._capture.guard import of_runner as guard_of
 from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
@@ -287,10 +290,21 @@ class Tapped(nn.Module):
         It takes the model's inputs (non-tensor arguments at their defaults) and returns the
         same dict as the ``Tapped``: the form to hand to ``torch.export``, ONNX or TorchScript.
 
+        For a model only the torch.export frontend captures (``mode == "export"``: a Hugging Face
+        model), it is the graph of the *last call*'s input signature, exported again as
+        ``ExportedProgram.module()``: it takes the model's arguments as that call passed them
+        (positional and keyword), its non-tensor arguments fixed at that call's values (another
+        value raises), tensor sizes dynamic where torch.export kept them so. Call the Tapped
+        once with example inputs first.
+
         Raises:
             FxtapError: some names are captured by hooks, which no graph can hold; the message
-                names the untraceable code.
+                names the untraceable code. For an export-captured model: no call yet, or the
+                last call could not be exported (the message says why).
         """
+        last = self._last_runner()
+        if isinstance(last, ExportRunner):
+            return exported_graph_module(last, self.model)
         runner = self._runner(self._spec)
         why = runner.placement.why_no_single_graph()
         if why or runner.graph is None:
@@ -413,15 +427,18 @@ def _eager_root_message(fallbacks: dict[str, tuple[str, str]], placement: Placem
     traced = len(placement.fx) if placement is not None else 0
     did = f"the model runs eagerly; {traced} of {requested} requested names come from submodules traced on their own"
     did += ", the others from forward hooks" if traced < requested else ""
-    if requested and placement is not None and not placement.edits.fx and not placement.edits.hooks:
-        did += (
-            ". After the first call with each input signature, fxtap exports that call with torch.export (non-strict)"
-            " and runs it as one graph, same names and values; Tapped.mode is \"export\" then, or says why not"
-        )
     if requested == 0 and placement is not None:  # fxtap.edit: edits only
         graphs, hooked = len(placement.edits.fx), len(placement.edits.hooks)
         did = f"the model runs eagerly; {graphs} of {graphs + hooked} edits are applied in graphs of submodules traced on their own"
         did += ", the others by forward hooks" if hooked else ""
+    refused = edit_refusal(placement) if placement is not None else ""
+    if placement is not None and (requested or placement.edits.fx or placement.edits.hooks) and not refused:
+        did += (
+            ". After the first call with each input signature, fxtap exports that call with torch.export (non-strict)"
+            " and runs it as one graph, same names and values; .mode is \"export\" then, or .report() says why not"
+        )
+    elif refused:
+        did += f"; {refused}"
     return (
         f"fxtap: torch.fx cannot trace the forward of {root_type} itself: {reason}"
         + (f"\n  Also untraceable:{others}" if others else "")
