@@ -439,7 +439,10 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
         elif type(leaf) in _SIMPLE:
             items.append((type(leaf).__name__, leaf))
         else:
-            return f"torch.export not used: an argument is a {type(leaf).__name__}, not a tensor or a simple value"
+            why = f"an argument is a {type(leaf).__name__}, not a tensor or a simple value"
+            if hasattr(leaf, "__dict__"):  # a transformers cache passed as past_key_values, for one
+                why += " (a graph cannot take an object of the caller's, which the forward reads and updates in place)"
+            return f"torch.export not used: {why}"
     return (str(spec), tuple(items), torch.is_grad_enabled())
 
 
