@@ -36,6 +36,7 @@ from . import fx as _fx
 from . import guard as _guard
 from .hazards import global_hooks, user_hooks
 from .model import preserved
+from .outputs import Outputs, made_before
 from .placement import Placement
 from .runner import EagerRunner
 
@@ -53,7 +54,7 @@ class _Entry(NamedTuple):
 
     module: nn.Module | None  # ``ExportedProgram.module()``: takes the model's arguments, returns the tensors
     reason: str  # why there is no graph ("" when there is one)
-    outputs: _Outputs | None = None  # how the dict is rebuilt around the graph's tensors
+    outputs: Outputs | None = None  # how the dict is rebuilt around the graph's tensors
     shapes: _Shapes | None = None  # which input shapes the graph serves
 
     def fits(self, leaves: list[Any]) -> bool:
@@ -63,123 +64,6 @@ class _Entry(NamedTuple):
         if self.module is None or self.outputs is None:
             raise AssertionError("expected an exported graph, found none")
         return self.outputs.rebuild(self.module(*tensors))
-
-
-class _Outputs(NamedTuple):
-    """The dict a call returns, split into what the graph computes (tensors) and constants of the
-    signature (a dtype, a size, ``None``), which torch.export cannot return and bakes in anyway.
-
-    A plain Python object that holds tensors (a transformers ``DynamicCache`` in a model's output)
-    is split too: its tensors are computed, and every call rebuilds a new object of the same
-    class with the same attributes around them (``_Object``), as the eager forward makes a new
-    one each call. No pytree registration is made: nothing global changes."""
-
-    spec: pytree.TreeSpec
-    constants: tuple[Any, ...]  # per leaf: the constant, a _Slot (computed), or an _Object template
-
-    @classmethod
-    def split(cls, value: Any, existing: frozenset[int] = frozenset()) -> tuple[_Outputs, list[Any]]:
-        """``existing``: ids of objects that the call did not make (the model's attributes, the
-        arguments), which a graph cannot return as they are and fxtap must not copy."""
-        leaves, spec = pytree.tree_flatten(value)
-        computed: list[Any] = []
-        objects: dict[int, _Object] = dict.fromkeys(existing, _EXISTING)
-        constants = tuple(_template(leaf, computed, objects, _DEPTH) for leaf in leaves)
-        return cls(spec, constants), computed
-
-    def rebuild(self, computed: list[Any]) -> dict[str, Any]:
-        made: dict[int, Any] = {}
-        leaves = [_fill(c, computed, made) for c in self.constants]
-        return pytree.tree_unflatten(leaves, self.spec)  # type: ignore[no-any-return]
-
-
-class _Slot(NamedTuple):
-    """A value the graph computes: its position among the graph's outputs."""
-
-    index: int
-
-
-class _Object:
-    """A Python object of the output, to be made anew on every call: its class, and a template
-    of every attribute (a container of templates, a constant, a ``_Slot``)."""
-
-    def __init__(self, kind: type) -> None:
-        self.kind = kind
-        self.fields: dict[str, Any] = {}
-
-
-class _Seq(NamedTuple):
-    kind: type  # list or tuple
-    items: tuple[Any, ...]
-
-
-class _Map(NamedTuple):
-    items: tuple[tuple[Any, Any], ...]
-
-
-_DEPTH = 8  # how deep an output object's attributes are followed
-_EXISTING = _Object(object)  # marks an object the call did not make
-
-
-def _template(value: Any, computed: list[Any], objects: dict[int, _Object], depth: int) -> Any:
-    """``value`` with its tensors replaced by ``_Slot``s (appended to ``computed``), or TypeError
-    when it holds something a graph cannot return nor fxtap rebuild."""
-    if isinstance(value, _TRACED):
-        computed.append(value)
-        return _Slot(len(computed) - 1)
-    if isinstance(value, _CONSTANTS):
-        return value
-    refusal = TypeError(f"a tapped value holds a {type(value).__name__}, which torch.export cannot return")
-    if depth == 0:
-        raise refusal
-    if type(value) in (list, tuple):
-        return _Seq(type(value), tuple(_template(v, computed, objects, depth - 1) for v in value))
-    if type(value) is dict:
-        return _Map(tuple((_template(k, computed, objects, depth - 1), _template(v, computed, objects, depth - 1)) for k, v in value.items()))
-    if not _rebuildable(value):
-        raise refusal
-    if objects.get(id(value)) is _EXISTING:
-        raise TypeError(f"a tapped value holds a {type(value).__name__} that the call did not make, which a graph cannot return")
-    if id(value) in objects:  # the same object twice (or a cycle): one object again
-        return objects[id(value)]
-    found = objects[id(value)] = _Object(type(value))
-    found.fields = {k: _template(v, computed, objects, depth - 1) for k, v in vars(value).items()}
-    return found
-
-
-def _rebuildable(value: Any) -> bool:
-    """A plain Python object: its state is its ``__dict__`` (no slots, no custom ``__new__``)
-    and it is made in the forward (not a module, class or function of the model)."""
-    kind = type(value)
-    return (
-        isinstance(getattr(value, "__dict__", None), dict)
-        and kind.__new__ is object.__new__
-        and not any(c.__dict__.get("__slots__") for c in kind.__mro__)  # an ABC's empty slots are fine
-        and not isinstance(value, (nn.Module, type, torch.Tensor))
-        and not callable(value)
-        and kind.__module__.split(".")[0] not in ("torch", "builtins")
-    )
-
-
-def _fill(template: Any, computed: list[Any], made: dict[int, Any]) -> Any:
-    if isinstance(template, _Slot):
-        return computed[template.index]
-    if isinstance(template, _Seq):
-        items = [_fill(v, computed, made) for v in template.items]
-        return items if template.kind is list else tuple(items)
-    if isinstance(template, _Map):
-        return {_fill(k, computed, made): _fill(v, computed, made) for k, v in template.items}
-    if isinstance(template, _Object):
-        if id(template) in made:
-            return made[id(template)]
-        value = made[id(template)] = template.kind.__new__(template.kind)
-        value.__dict__.update({k: _fill(v, computed, made) for k, v in template.fields.items()})
-        return value
-    return template
-
-
-_TRACED = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)
-_CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
 class ExportRunner(EagerRunner):
@@ -399,15 +283,8 @@ class _Call(nn.Module):
         before = _attributes(self.model)
         out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)
         found.written = _written(before)
-        found.outputs, computed = _Outputs.split(out, _made_before(self.model, found.call[0]))
+        found.outputs, computed = Outputs.split(out, made_before(self.model, found.call[0]))
         return computed
-
-
-def _made_before(model: nn.Module, arguments: list[Any]) -> frozenset[int]:
-    """Ids of the objects a call's output may hold that the call did not make: the arguments and
-    what the model's modules hold (their config, for one)."""
-    held = [value for module in model.modules() for value in vars(module).values()]
-    return frozenset(map(id, [*arguments, *held]))
 
 
 class _Found:
@@ -415,7 +292,7 @@ class _Found:
     count) and the structure of its output."""
 
     written = ""
-    outputs: _Outputs | None = None
+    outputs: Outputs | None = None
     call: tuple[list[Any], pytree.TreeSpec]  # the leaves of the arguments, and their structure
 
 
