@@ -26,9 +26,10 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-import fxtap
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the fxtap of this checkout, not whichever one is installed
+
+import fxtap  # noqa: E402
 Row = list[Any]
 
 
