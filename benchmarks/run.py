@@ -489,7 +489,7 @@ def export_section(rows: list[Row], args: argparse.Namespace, batch: int, before
         f"- {torch.get_num_threads()} thread(s), batch {batch}, {args.rounds if not args.quick else 2} rounds (build: half as many)",
         f"- load average (1, 5, 15 min) before: {before}; after: {load()}",
         "",
-        tabulate(rows, headers=["case", "contender", "median", "ratio", "target"], tablefmt="github"),
+        tabulate(rows, headers=["case", "contender", "median", "ratio", "target"], tablefmt="github", disable_numparse=True),
         "",
     ])
 
