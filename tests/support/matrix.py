@@ -385,7 +385,8 @@ class Result:
 
     @property
     def fx_names(self) -> int:
-        return sum(path == "fx" for path in self.paths.values())
+        """Names tested that a graph computes: an FX graph, or the torch.export graph (``export``)."""
+        return sum(path in ("fx", "export") for path in self.paths.values())
 
 
 def _tap(model: nn.Module, names: list[str], **options: Any) -> tuple[fxtap.Tapped, list[str]]:
