@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -29,7 +30,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the fxtap of this checkout, not whichever one is installed
 
-import fxtap  # noqa: E402
+import fxtap
+
 Row = list[Any]
 
 
@@ -344,8 +346,6 @@ def case_export(batch: int, rounds: int, device: str, quick: bool = False) -> li
 def load() -> str:
     """The machine's load averages over 1, 5 and 15 minutes (``uptime``), or "?" where unknown."""
     try:
-        import os
-
         return ", ".join(f"{x:.2f}" for x in os.getloadavg())
     except (AttributeError, OSError):
         return "?"
