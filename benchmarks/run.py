@@ -482,9 +482,13 @@ def export_section(rows: list[Row], args: argparse.Namespace, batch: int, before
         "and Qwen2 rows). **build**: `fxtap.tap()` and the two calls after which the graph serves, the",
         "torch.export frontend against mixed mode alone (`export.applies` patched off), the ratio to",
         "mixed mode. **forward**: a tapped call against a plain call of the model, under `torch.no_grad()`",
-        "(the export frontend is not used in inference mode), the ratio to the plain call.",
+        "(the export frontend is not used in inference mode), the ratio to the plain call. Where a decoder",
+        "is traced, transformers builds its causal mask as a tensor (eagerly it passes `is_causal=True`",
+        "and no mask), so the graph's attention takes a mask: equal values, a little more work. The load",
+        "average is printed because on a loaded machine one model's ratio moves by several percent from",
+        "run to run: compare runs, not digits.",
         "",
-        f"- date: {datetime.date.today().isoformat()}; `python benchmarks/run.py --only export --write-export --threads {args.threads}`"
+        f"- date: {datetime.date.today().isoformat()}; `python benchmarks/run.py --only export --write-export --threads {args.threads} --rounds {args.rounds}`"
         if args.only else f"- date: {datetime.date.today().isoformat()}; the full run above",
         f"- {torch.get_num_threads()} thread(s), batch {batch}, {args.rounds if not args.quick else 2} rounds (build: half as many)",
         f"- load average (1, 5, 15 min) before: {before}; after: {load()}",
