@@ -8,8 +8,10 @@ for a traceable root and for children traced on their own under an eagerly runni
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Any
 
@@ -115,6 +117,7 @@ CHANGES: dict[str, Callable[[nn.Module], Any]] = {
     "train_one_dropout": lambda m: m.block.drop.train(),
     "plain_attribute": lambda m: setattr(m.block, "alpha", 3.0),
     "plain_attribute_int": lambda m: setattr(m.block, "alpha", 3),
+    "instance_forward": lambda m: setattr(m.block, "forward", types.MethodType(lambda self, x: Scaled.forward(self, x) * 2, m.block)),
     "config_attribute": lambda m: setattr(m.block.config, "scale", -2.0),
     "nested_config_attribute": lambda m: setattr(m.block.config.rope, "base", 4.0),
     "config_in_a_list": lambda m: setattr(m.block.config.layers[0], "gain", 0.5),
@@ -151,6 +154,11 @@ def test_change_after_tap_is_seen_on_the_next_call(change: str, root: type[nn.Mo
     before = model_fingerprint(model)
     CHANGES[change](model)
     dtype = DTYPES.get(change, torch.float32)
+    if change == "instance_forward" and root is EagerRoot:
+        # the block now runs eagerly (its class's code is not what runs), where its ops have no names
+        with pytest.raises(fxtap.MissingCallError, match="forward of its own"):
+            tapped(x)
+        tapped = _quiet_tap(model, [n for n in NAMES if n != "block.add"])
     _check(tapped, model, x.to(dtype), exact=dtype == torch.float32)
     if change in ("double", "to_dtype"):
         assert model_fingerprint(model)["modules"] == before["modules"]
@@ -321,3 +329,101 @@ def test_a_config_changed_after_the_export_is_seen_on_the_next_call(change: str)
         expected = {"block.fc": truth["fc"], "block": truth["output"], "output": model(x)}
     for name, value in expected.items():
         assert_same(out[name], value)
+
+
+class DefaultDtypeRoot(nn.Module):
+    """Makes tensors without naming a dtype: their dtype is the default one at call time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0:  # FX cannot trace this root; torch.export can
+            x = x + torch.ones(x.shape[-1])
+        return self.fc(x.float()) + torch.full((4,), 0.1)
+
+
+def test_a_default_dtype_set_after_the_export_is_seen_on_the_next_call() -> None:
+    torch.manual_seed(0)
+    model, x = DefaultDtypeRoot().eval(), torch.randn(2, 4)
+    tapped = _quiet_tap(model, ["fc"])
+    tapped(x)
+    tapped(x)
+    assert tapped.mode == "export", tapped.report()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = tapped(x)
+        expected = model(x)
+    finally:
+        torch.set_default_dtype(previous)
+    assert out["output"].dtype == expected.dtype == torch.float64
+    assert_same(out["output"], expected)
+    assert_same(tapped(x)["output"], model(x))  # and back: the float32 graph serves again
+
+
+def test_the_first_call_reports_mixed_mode_and_the_next_one_the_export() -> None:
+    model, x = ExportableRoot().eval(), torch.randn(3, 4)
+    tapped = _quiet_tap(model, ["block.fc", "block"])
+    tapped(x)  # ran in mixed mode, then exported
+    assert tapped.mode == "mixed" and set(tapped.paths.values()) == {"fx"}
+    assert "next calls run one torch.export graph" in tapped.report()
+    tapped(x)
+    assert tapped.mode == "export" and set(tapped.paths.values()) == {"export"}
+
+
+class Patched(Scaled):
+    """A class of its own, so that patching its ``forward`` touches no other test."""
+
+
+@pytest.mark.parametrize("root", ["traced_root", "eager_root", "exported_root"])
+def test_a_class_forward_patched_after_tap_is_seen_on_the_next_call(root: str) -> None:
+    torch.manual_seed(0)
+    model: nn.Module = {"traced_root": Net, "eager_root": EagerRoot, "exported_root": ExportableRoot}[root]()
+    model.block = Patched().eval()
+    model.eval()
+    x = torch.randn(3, 4)
+    tapped = _quiet_tap(model, ["block.fc", "block"])
+    tapped(x)
+    tapped(x)
+    original = Patched.forward
+    try:
+        Patched.forward = lambda self, x: original(self, x) - 1.0  # type: ignore[method-assign]
+        out = tapped(x)
+        truth = hook_truth(model, x)
+    finally:
+        Patched.forward = original  # type: ignore[method-assign]
+    assert_same(out["block"], truth["block"])
+    assert_same(out["output"], truth["output"])
+
+
+@pytest.mark.parametrize("root", [Net, EagerRoot], ids=["traced_root", "eager_root"])
+def test_an_instance_forward_set_before_tap_is_what_runs(root: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = root().eval()
+    model.block.forward = types.MethodType(lambda self, x: Scaled.forward(self, x) * 2, model.block)
+    tapped = _quiet_tap(model, ["stem", "block.fc", "block", "head"])
+    _check(tapped, model, torch.randn(3, 4))
+    if root is EagerRoot:
+        assert "forward of its own" in tapped.report()
+
+
+@pytest.mark.parametrize("when", ["before_tap", "after_tap"])
+def test_a_forward_set_on_the_model_object_is_what_runs(when: str) -> None:
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(3, 4)
+
+    def patch() -> None:
+        model.forward = types.MethodType(lambda self, x: self.head(self.block(self.stem(x) * 3)), model)  # type: ignore[method-assign]
+
+    if when == "before_tap":
+        patch()
+    tapped = _quiet_tap(model, ["stem", "block.fc", "block", "head"])
+    tapped(x)
+    if when == "after_tap":
+        patch()
+    with pytest.warns(fxtap.FallbackWarning, match="forward of its own") if when == "after_tap" else nullcontext():
+        _check(tapped, model, x)  # rebuilt: the model now runs eagerly
+    _check(tapped, model, x)  # the export frontend's graph, after its first call
+    assert "forward of its own" in tapped.report()
