@@ -40,6 +40,7 @@ from .export_edits import edit_paths as _edit_paths
 from .export_edits import meta as _meta
 from .hazards import global_hooks, rng_state_set_raises, user_hooks
 from .model import preserved
+from .outputs import Outputs, made_before
 from .placement import Placement
 from .runner import EagerRunner
 
@@ -57,7 +58,7 @@ class _Entry(NamedTuple):
 
     module: nn.Module | None  # ``ExportedProgram.module()``: takes the model's arguments, returns the tensors
     reason: str  # why there is no graph ("" when there is one)
-    outputs: _Outputs | None = None  # how the dict is rebuilt around the graph's tensors
+    outputs: Outputs | None = None  # how the dict is rebuilt around the graph's tensors
     shapes: _Shapes | None = None  # which input shapes the graph serves
     patches: tuple[tuple[torch.Tensor, Any], ...] = ()  # each tensor edit, with the shape, dtype and device baked in
     example: tuple[pytree.TreeSpec, tuple[Any, ...]] | None = None  # the call's structure; its tensors as (shape, dtype, device)
@@ -71,34 +72,6 @@ class _Entry(NamedTuple):
         if self.module is None or self.outputs is None:
             raise AssertionError("expected an exported graph, found none")
         return self.outputs.rebuild(self.module(*tensors))
-
-
-class _Outputs(NamedTuple):
-    """The dict a call returns, split into what the graph computes (tensors) and constants of the
-    signature (a dtype, a size, ``None``), which torch.export cannot return and bakes in anyway."""
-
-    spec: pytree.TreeSpec
-    constants: tuple[Any, ...]  # per leaf: the constant, or _COMPUTED
-
-    @classmethod
-    def split(cls, value: Any) -> tuple[_Outputs, list[Any]]:
-        leaves, spec = pytree.tree_flatten(value)
-        computed = [leaf for leaf in leaves if isinstance(leaf, _TRACED)]
-        for leaf in leaves:
-            if not isinstance(leaf, (*_TRACED, *_CONSTANTS)):
-                raise TypeError(f"a tapped value holds a {type(leaf).__name__}, which torch.export cannot return")
-        constants = tuple(_COMPUTED if isinstance(leaf, _TRACED) else leaf for leaf in leaves)
-        return cls(spec, constants), computed
-
-    def rebuild(self, computed: list[Any]) -> dict[str, Any]:
-        values = iter(computed)
-        leaves = [next(values) if c is _COMPUTED else c for c in self.constants]
-        return pytree.tree_unflatten(leaves, self.spec)  # type: ignore[no-any-return]
-
-
-_COMPUTED: Any = object()
-_TRACED = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)
-_CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
 class ExportRunner(EagerRunner):
@@ -345,7 +318,7 @@ class _Call(nn.Module):
         with rng_state_set_raises():  # a forward that puts the generator's state back: mixed mode
             out = runner._run(self.model, args, kwargs, stop_early=False)
         found.written = _written(before)
-        found.outputs, computed = _Outputs.split(out)
+        found.outputs, computed = Outputs.split(out, made_before(self.model, found.call[0]))
         return computed
 
 
@@ -354,7 +327,7 @@ class _Found:
     count) and the structure of its output."""
 
     written = ""
-    outputs: _Outputs | None = None
+    outputs: Outputs | None = None
     call: tuple[list[Any], pytree.TreeSpec]  # the leaves of the arguments, and their structure
 
 
@@ -379,7 +352,10 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
         elif type(leaf) in _SIMPLE:
             items.append((type(leaf).__name__, leaf))
         else:
-            return f"torch.export not used: an argument is a {type(leaf).__name__}, not a tensor or a simple value"
+            why = f"an argument is a {type(leaf).__name__}, not a tensor or a simple value"
+            if hasattr(leaf, "__dict__"):  # a transformers cache passed as past_key_values, for one
+                why += " (a graph cannot take an object of the caller's, which the forward reads and updates in place)"
+            return f"torch.export not used: {why}"
     # the graph bakes in the dtype and device of tensors the forward makes without naming them (torch.ones(n))
     return (str(spec), tuple(items), torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_default_device())
 
