@@ -22,7 +22,8 @@ from torch import nn
 from .._errors import FxtapError
 from . import fx as _fx
 from .call_spec import adopt_signature
-from .export import _WRITES, ExportRunner, _Call, _Entry, _Outputs, _quiet, _tensors
+from .export import _WRITES, ExportRunner, _Call, _Entry, _quiet, _tensors
+from .outputs import Outputs
 from .model import preserved
 
 __all__ = ["TapsProgram", "exported_entry", "graph_module", "program"]
@@ -48,7 +49,7 @@ class TapsProgram(nn.Module):
                 "  Non-tensor arguments are fixed at the values of that call; for others, export a call with them."
             )
         computed = self.call(*[leaf for leaf in leaves if isinstance(leaf, torch.Tensor)])
-        outputs: _Outputs = self.call.__dict__["_found"].outputs
+        outputs: Outputs = self.call.__dict__["_found"].outputs
         return outputs.rebuild(computed)
 
 
