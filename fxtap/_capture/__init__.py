@@ -167,7 +167,13 @@ def build(
             except _fx.Unwritten:
                 continue
     if graph is None and _export.applies(placement, mode):  # one torch.export graph from the first call on, if it exports
-        return _export.ExportRunner(placement, keep_output=keep_output, detach=detach)
+        runner = _export.ExportRunner(placement, keep_output=keep_output, detach=detach)
+
+        def twin(model: nn.Module, edits: dict[str, nn.Module]) -> Runner:  # the same request, on a twin of the model
+            return build(model, request, mode=mode, concrete_args=concrete_args, keep_output=keep_output, detach=detach, edits=edits, hints=hints)
+
+        runner.twin_of = (twin, dict(edits or {}))
+        return runner
     return make_runner(placement, graph, keep_output=keep_output, detach=detach)
 
 

@@ -39,7 +39,7 @@ from .export_edits import edit_modules, edit_refusal
 from .export_edits import edit_paths as _edit_paths
 from .export_edits import meta as _meta
 from .hazards import global_hooks, rng_state_set_raises, user_hooks
-from .model import preserved
+from .model import preserved, structural_twin
 from .outputs import Outputs, made_before
 from .placement import Placement
 from .runner import EagerRunner
@@ -162,6 +162,20 @@ class ExportRunner(EagerRunner):
         return self._last.reason if self._last is not None else ""
 
     # -- building --------------------------------------------------------------------------------
+    twin_of: tuple[Any, dict[str, nn.Module]] | None = None  # (build(model, edits) -> runner, the edits): set by ``build``
+
+    def _twin(self, model: nn.Module) -> tuple[nn.Module, ExportRunner]:
+        """A structural twin of ``model`` (and of the edit modules) and the same request's runner on it."""
+        if self.twin_of is None:
+            raise AssertionError("an ExportRunner is made by _capture.build, which says how to build it again")
+        build_on, edits = self.twin_of
+        memo: dict[int, nn.Module] = {}
+        twin = structural_twin(model, memo)
+        runner = build_on(twin, {name: structural_twin(module, memo) for name, module in edits.items()})
+        if not isinstance(runner, EagerRunner):
+            raise AssertionError(f"the twin of {type(model).__name__} did not run eagerly")
+        return twin, runner  # type: ignore[return-value]
+
     def _export(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
         refused = _refusal(model, self.edits)
         if refused:
@@ -170,7 +184,13 @@ class ExportRunner(EagerRunner):
         try:
             # export may draw from the RNG while it traces: the user's generator must not notice
             with torch.random.fork_rng(devices=devices), preserved(model), _quiet():
-                call, program = _exported(self, model, args, kwargs)
+                # torch.export swaps the parameters of what it traces for fake tensors while it
+                # runs: it traces a twin (the same tensors, its own dicts), so that no other
+                # thread calling the model meanwhile sees them
+                twin, runner = self._twin(model)
+                with _warm_up(twin, args, kwargs) as (twin_args, twin_kwargs):  # builds the twin's region graphs
+                    runner._run(twin, twin_args, twin_kwargs, stop_early=False)
+                call, program = _exported(runner, twin, args, kwargs)
                 module = _pruned(program.module())  # its code may not compile (a submodule named ``in``)
         except Exception as error:  # noqa: BLE001 - the one place the export frontend decides to fall back
             return _Entry(None, f"torch.export failed: {summary(error)}")
@@ -185,6 +205,22 @@ class ExportRunner(EagerRunner):
         example = pytree.tree_flatten((args, kwargs))
         leaves = tuple(_meta(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in example[0])
         return _Entry(module, "", call.__dict__["_found"].outputs, shapes, patches, (example[1], leaves))
+
+
+@contextmanager
+def _warm_up(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """A call that leaves no trace: on copies of the inputs (the forward may write into them), with
+    the buffers' values put back afterwards (the twin shares them with the model)."""
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    copies = pytree.tree_map(lambda v: v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v, (args, kwargs))
+    try:
+        yield copies
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if buffer.shape != saved.shape:
+                    buffer.resize_(saved.shape)
+                buffer.copy_(saved)
 
 
 def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Call, Any]:

@@ -33,6 +33,7 @@ its own): a model called with ever new argument values rebuilds, it does not gro
 from __future__ import annotations
 
 import enum
+import threading
 import types
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
@@ -67,11 +68,12 @@ class Guard:
     ) -> None:
         self._dicts = [d for d, _ in slots]
         self._keys = [k for _, k in slots]
-        self._expected = [d.get(k) for d, k in slots]
+        # a router a running call installed as ``forward`` is not part of what was traced
+        self._expected = [_unrouted(d.get(k)) if k == "forward" else d.get(k) for d, k in slots]
         self._typed = typed
         self._types = [type(m) for m in typed]
         self._sized = [m.__dict__ for m in typed] + [m._modules for m in typed]
-        self._sizes = list(map(len, self._sized))
+        self._sizes = [len(d) - (_routed_key(d) if i < len(typed) else 0) for i, d in enumerate(self._sized)]
         self._classes = list({id(type(m)): type(m) for m in typed}.values())
         self._forwards = [getattr(c, "forward", None) for c in self._classes]
         self._plain = [(d, k, v, _contents(v) if type(v) in _CONTAINERS else None) for d, k, v in plain]
@@ -87,7 +89,7 @@ class Guard:
         """Whether the only differences are fxtap's routers installed as ``forward`` by a running
         tapped call (``regions.serve``) over what was there before."""
         for value, expected, key in zip(now, self._expected, self._keys):
-            if value is not expected and not (key == "forward" and getattr(value, "fxtap_installed", False) and value.previous is expected):
+            if value is not expected and not (key == "forward" and _unrouted(value) is expected):
                 return False
         return True
 
@@ -124,6 +126,17 @@ class Guard:
         if self._reads_grad_mode and torch.is_grad_enabled() != self._grad_mode:
             return MODE
         return HOLDS
+
+
+def _unrouted(forward: Any) -> Any:
+    """An instance ``forward``, with fxtap's router of a running call looked through."""
+    return forward.previous if getattr(forward, "fxtap_installed", False) else forward
+
+
+def _routed_key(attributes: dict[str, Any]) -> int:
+    """1 when ``forward`` is a router a running call added (it had no instance forward), else 0."""
+    forward = attributes.get("forward")
+    return 1 if getattr(forward, "fxtap_installed", False) and forward.previous is None else 0
 
 
 def watch(
@@ -299,6 +312,7 @@ class GraphCache(Generic[T]):
 
     def __init__(self, limit: int = LIMIT) -> None:
         self.limit = limit
+        self._lock = threading.Lock()  # calls in several threads look up and drop entries at once
         self._entries: OrderedDict[Hashable, list[tuple[Guard | None, T]]] = OrderedDict()
 
     def lookup(self, key: Hashable) -> T | None:
@@ -309,28 +323,40 @@ class GraphCache(Generic[T]):
         if torch.compiler.is_compiling():
             return entries[-1][1]  # torch.compile guards the code it compiled itself
         found: T | None = None
-        for i, (guard, value) in enumerate(entries):
-            status = HOLDS if guard is None else guard.check()
-            if status == HOLDS:
-                found = value
-                break
-            if status == STALE:
-                entries[i] = (None, None)  # type: ignore[assignment]
-        entries[:] = [e for e in entries if e[1] is not None]
-        if found is not None:
-            self._entries.move_to_end(key)
-        elif not entries:
-            del self._entries[key]
+        with self._lock:
+            for i, (guard, value) in enumerate(entries):
+                status = HOLDS if guard is None else guard.check()
+                if status == HOLDS:
+                    found = value
+                    break
+                if status == STALE:
+                    entries[i] = (None, None)  # type: ignore[assignment]
+            entries[:] = [e for e in entries if e[1] is not None]
+            if found is not None:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+            elif not entries:
+                self._entries.pop(key, None)
         return found
 
     def put(self, key: Hashable, value: T, guard: Guard | None) -> None:
-        self._entries.setdefault(key, []).append((guard, value))
-        self._entries.move_to_end(key)
-        while len(self) > self.limit:
-            oldest = next(iter(self._entries))
-            self._entries[oldest].pop(0)
-            if not self._entries[oldest]:
-                del self._entries[oldest]
+        with self._lock:
+            self._entries.setdefault(key, []).append((guard, value))
+            self._entries.move_to_end(key)
+            while len(self) > self.limit:
+                oldest = next(iter(self._entries))
+                self._entries[oldest].pop(0)
+                if not self._entries[oldest]:
+                    del self._entries[oldest]
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy and pickle: a lock is neither
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def clear(self) -> None:
         self._entries.clear()

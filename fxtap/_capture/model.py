@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -184,3 +185,26 @@ def own_forward(module: nn.Module) -> Any:
     class ``forward`` whatever the object holds."""
     forward = module.__dict__.get("forward")
     return forward.previous if getattr(forward, "fxtap_installed", False) else forward
+
+
+def structural_twin(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A twin of ``module``'s tree that shares every parameter and buffer (the same tensor
+    objects) but no dict: its own attribute dict, registries (parameters, buffers, submodules,
+    hooks) and containers, each module once (``memo``: a module met twice, a shared one, is
+    one twin). torch.export swaps the parameters of the module it traces for fake tensors while
+    it runs; on a twin, no other thread calling the user's model ever sees them. A router fxtap
+    installs as an instance ``forward`` for a running call is left out."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    twin = object.__new__(type(module))
+    memo[id(module)] = twin
+    for key, value in module.__dict__.items():
+        if key == "_modules":
+            value = {name: None if child is None else structural_twin(child, memo) for name, child in value.items()}
+        elif isinstance(value, (dict, list, set)):
+            value = copy.copy(value)  # an OrderedDict stays one
+        elif key == "forward" and getattr(value, "fxtap_installed", False):
+            continue
+        twin.__dict__[key] = value
+    return twin

@@ -163,3 +163,51 @@ def test_threads_first_calls_of_an_eager_root_build_once() -> None:
     (runner,) = tapped._runners.values()
     (region,) = runner.placement.regions
     assert len(region._graphs) == 1
+
+
+class Exportable(nn.Module):
+    """FX cannot trace this root (a Python bool of a size); torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0:
+            x = x * 2
+        return self.head(self.block(x) + 1)
+
+
+def test_a_first_call_exporting_is_never_seen_by_other_threads_calling_the_model() -> None:
+    # torch.export swaps the parameters of what it traces for fake tensors while it runs: fxtap
+    # exports a twin, so a thread calling the model itself meanwhile computes with the real ones
+    torch.manual_seed(0)
+    model, x = Exportable().eval(), torch.randn(2, 4)
+    with torch.no_grad():
+        truth = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        tapped = fxtap.tap(model, ["block", "head"])
+    exporting = threading.Event()
+    calls = 0
+
+    def call_the_model(i: int) -> None:
+        nonlocal calls
+        if i == 0:  # the tapped call: mixed mode, then the export
+            exporting.set()
+            tapped(x)
+            exporting.clear()
+            return
+        exporting.wait(timeout=60)
+        while exporting.is_set():
+            with torch.no_grad():
+                out = model(x)
+            assert type(out) is torch.Tensor, type(out)  # not a FakeTensor
+            assert_same(out, truth)
+            calls += 1
+
+    assert _run_threads(call_the_model, 3) == []
+    tapped(x)
+    assert tapped.mode == "export", tapped.report()
+    assert all(type(p) is nn.Parameter for p in model.parameters())
