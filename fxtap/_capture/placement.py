@@ -17,6 +17,7 @@ from torch import nn
 from .._errors import TapNameError
 from . import hooks as _hooks
 from . import names as _names
+from . import eager_ops as _eager_ops
 from . import regions as _regions
 from .analysis import Analysis
 from .edit_placement import EditPlacement
@@ -54,6 +55,7 @@ class Placement:
     fallbacks: Fallbacks = field(default_factory=dict)
     regions: list[_regions.Region] = field(default_factory=list)
     edits: EditPlacement = field(default_factory=EditPlacement)  # how each edit is applied
+    eager_ops: _eager_ops.EagerOps = field(default_factory=_eager_ops.EagerOps)  # ops of eager code, named as it runs
 
     @property
     def eager_root(self) -> bool:
@@ -147,11 +149,13 @@ def _place_under_eager_root(analysis: Analysis, request: dict[str, str], edits: 
     model = analysis.model
     found = _regions.resolve(model, list(request) + [n for n in edits if n not in request], analysis.fallbacks[""], hints=analysis.hints)
     placed_edits = edits_in_regions(found, edits, request)  # edit-only names leave what is captured
+    hints = analysis.hints
+    ops, found.unknown = _eager_ops.defer(model, found.unknown, request, found.fallbacks, hints.leaf_modules, hints.autowrap_functions)
     if found.unknown:
         available = found.available + [p for p, _ in model.named_modules() if p and p not in found.available]
         message = _names.unknown_name_message(found.unknown, type(model).__name__, available)
         raise _Unknown("\n".join([message, *_hooks.alias_hints(model, found.unknown)]), found.unknown, eager_root=True)
-    placement = Placement(request, analysis, fallbacks=found.fallbacks, regions=found.regions, edits=placed_edits)
+    placement = Placement(request, analysis, fallbacks=found.fallbacks, regions=found.regions, edits=placed_edits, eager_ops=ops)
     placement.fx = {name: request[name] for name in found.fx}
     placement.hooks = found.hooks
     placement.reasons = {name: "" for name in found.fx}
@@ -160,6 +164,9 @@ def _place_under_eager_root(analysis: Analysis, request: dict[str, str], edits: 
         owner = _names.enclosing(target.path, found.fallbacks) or ""
         placement.reasons[name] = found.fallbacks[owner][1]
         placement.module_types[name] = type(model.get_submodule(target.path)).__name__
+    for name, scope in ops.wanted.items():
+        placement.reasons[name] = _eager_ops.reason(model, scope)
+        placement.module_types[name] = type(model.get_submodule(scope)).__name__
     return placement
 
 

@@ -15,8 +15,9 @@ from typing import Any
 
 from torch import fx, nn
 
-from .._errors import MissingCallError
+from .._errors import MissingCallError, TapNameError
 from .._values import detach_value
+from . import eager_ops as _eager_ops
 from . import hooks as _hooks
 from . import names as _names
 from . import regions as _regions
@@ -132,10 +133,16 @@ class EagerRunner(Runner):
         # Cutting the forward short skips what its rest would do to state (buffers, the RNG):
         # only when nothing in the model may change state (prune.may_change_state).
         stop_early = stop_early and not self._keep_output and not may_change_state(model)
-        with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=len(placement.fx), edits=placement.edits.hooks) as captured:
+        ops = placement.eager_ops
+        extra = len(placement.fx) + len(ops.wanted)
+        with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=extra, edits=placement.edits.hooks) as captured:
             with _regions.serve(placement.regions, captured, detach=self._detach):
-                output = model(*args, **kwargs)
+                with _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced:
+                    output = model(*args, **kwargs)
         self._unapplied(model, captured, list(placement.edits.fx))
+        message = _eager_ops.missing_message(ops, produced, captured.values, type(model).__name__)
+        if message:
+            raise TapNameError(message)
         self._missing(model, captured, set(hooks) | set(placement.fx))
         hooked = self._hooked(captured.values)
         out = {key: hooked[name] if name in hooks else captured.values[name] for name, key in placement.request.items()}
