@@ -341,7 +341,8 @@ class _Naming(TorchFunctionMode):
         scope.produced.append(name)
         self.order.append(name)
         if name in self.wanted:
-            self.keep(name, copy_value(out))  # a later in-place write must not change the value taken
+            value = arguments[0][0] if base == "setitem" else out  # ``x[i] = v`` is x after the write, as in a graph
+            self.keep(name, copy_value(value))  # a later in-place write must not change the value taken
 
     def _is_traced(self, frame: _Frame, tensor: torch.Tensor) -> bool:
         key = id(tensor)
