@@ -8,13 +8,14 @@ out (those it cannot be sure of), never add one that FX does not have.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 import fxtap
-from fxtap._capture import describe
+from fxtap._capture import analyse, default_concrete_args, describe
 from fxtap._capture import eager_ops as _eager_ops
 from fxtap._capture.tracer import is_standard_leaf
 
@@ -27,13 +28,19 @@ class Agreement(NamedTuple):
 
 
 def scopes(model: nn.Module) -> list[str]:
-    """Every module whose own code FX traces through (the root, blocks; not torch.nn's modules)."""
-    return [path for path, module in model.named_modules() if not path or not is_standard_leaf(module)]
+    """Every module whose own code FX traces through: the root and blocks, not torch.nn's modules
+    and not code FX cannot trace (an opaque leaf and everything inside it)."""
+    opaque = list(analyse(model, mode="auto", concrete_args=default_concrete_args(model)).fallbacks)
+    return [
+        path
+        for path, module in model.named_modules()
+        if (not path or not is_standard_leaf(module)) and not any(path == o or path.startswith(o + ".") for o in opaque)
+    ]
 
 
-def eager_values(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Every op name eager naming gives in one call of ``model``, with its value."""
-    everywhere = scopes(model)
+def eager_values(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], everywhere: list[str] | None = None) -> dict[str, Any]:
+    """Every op name eager naming gives in one call of ``model`` (in ``everywhere``: the scopes), with its value."""
+    everywhere = scopes(model) if everywhere is None else everywhere
     names = _eager_ops.list_ops(model, args, kwargs, everywhere)
     values: dict[str, Any] = {}
     ops = _eager_ops.EagerOps({name: "" for name in names})
@@ -47,12 +54,14 @@ def agreement(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | 
     kwargs = kwargs or {}
     eager = eager_values(model, args, kwargs)
     infos = describe(model, train=model.training)
-    fx_names = {info.name for info in infos}
-    fx_ops = [info.name for info in infos if info.kind == "op"]
+    fx_names = {info.name for info in infos if info.path == "fx"}
+    fx_ops = [info.name for info in infos if info.kind == "op" and info.path == "fx"]
     both = [name for name in eager if name in fx_names]
     differ: list[str] = []
     if both:
-        tapped = fxtap.tap(model, both, mode="fx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fxtap.FallbackWarning)
+            tapped = fxtap.tap(model, both)  # the names are in the graph (fx_names of traced scopes)
         torch.default_generator.manual_seed(0)
         with torch.no_grad():
             traced = tapped(*args, **kwargs)
