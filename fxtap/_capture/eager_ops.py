@@ -49,9 +49,9 @@ from . import names as _names
 from .effects import may_draw
 from .hazards import mark_fxtap_hook
 from .model import attribute_paths
-from .tracer import is_standard_leaf
+from .tracer import NO_HINTS, Hints, is_standard_leaf
 
-__all__ = ["EagerOps", "Produced", "defer", "deferrable", "list_ops", "missing_message", "naming", "reason"]
+__all__ = ["EagerOps", "Produced", "defer", "deferrable", "list_ops", "missing_message", "naming", "op_names", "reason"]
 
 
 @dataclass
@@ -438,15 +438,31 @@ def missing_message(ops: EagerOps, produced: Produced, captured: Iterable[str], 
     return "\n".join(lines) + "\n  Op names under code FX cannot trace are listed by fxtap.names(model, example_inputs); see docs/names.md."
 
 
+def op_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, hints: Hints = NO_HINTS) -> list[str]:
+    """The op names of code that runs eagerly (an untraceable root, the children opened under
+    it, opaque leaves) that the call ``model(*args, **kwargs)`` produces, in call order: the names
+    ``tap`` accepts for that call besides those ``describe`` lists. Runs the model once (see ``list_ops``)."""
+    from . import regions as _regions  # the placement's view of what runs eagerly
+    from .analysis import analyse
+    from .call_spec import call_spec
+
+    analysis = analyse(model, mode="auto", concrete_args=dict(call_spec(model, args, kwargs)), hints=hints)
+    scopes = dict(analysis.fallbacks)
+    if analysis.traced is None:
+        scopes = _regions.resolve(model, [], analysis.fallbacks[""], everything=True, hints=hints).fallbacks
+    leaves = [path for path, m in model.named_modules() if path in scopes or (hints.leaf_modules and isinstance(m, hints.leaf_modules))]
+    return list_ops(model, args, kwargs, scopes, leaves=leaves, wrapped=hints.autowrap_functions)
+
+
 def list_ops(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], scopes: Iterable[str], *, leaves: Iterable[str] = (), wrapped: tuple[Any, ...] = ()) -> list[str]:
     """Every op name that one call of ``model`` produces in ``scopes``, in call order.
 
-    Runs the model once; buffers and the RNG are restored afterwards, and no gradient is kept."""
+    Runs the model once, in the caller's grad mode; buffers and the RNG are restored afterwards."""
     ops = EagerOps({}, frozenset(leaves), wrapped)
     produced = Produced({}, [])
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), naming(model, ops, lambda name, value: None, scopes=scopes) as produced:
+        with torch.random.fork_rng(devices=[]), naming(model, ops, lambda name, value: None, scopes=scopes) as produced:
             model(*args, **kwargs)
     finally:
         with torch.no_grad():

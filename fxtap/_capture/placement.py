@@ -65,7 +65,7 @@ class Placement:
     @property
     def mode(self) -> Literal["fx", "mixed", "hooks"]:
         """``"fx"``: one graph computes every name; ``"hooks"``: no graph does; else ``"mixed"``."""
-        if not self.eager_root and not self.hooks:
+        if not self.eager_root and not self.hooks and not self.eager_ops.wanted:
             return "fx"
         return "mixed" if self.fx else "hooks"
 
@@ -79,8 +79,8 @@ class Placement:
                 "its own forward cannot be traced, so it runs eagerly (see Tapped.report()).\n  Tap a traceable submodule "
                 "instead: fxtap.tap(model.get_submodule(path), names), or make the forward traceable (docs/fallback.md)."
             )
-        if self.hooks or self.edits.hooks:
-            hooked = {name: self.reasons[name] for name in self.hooks} | {n: self.edits.reasons[n] for n in self.edits.hooks}
+        if self.hooks or self.edits.hooks or self.eager_ops.wanted:
+            hooked = {name: self.reasons[name] for name in [*self.hooks, *self.eager_ops.wanted]} | {n: self.edits.reasons[n] for n in self.edits.hooks}
             detail = "; ".join(f"{name!r}: {reason}" for name, reason in hooked.items())
             return (
                 f"some are captured or edited by hooks ({detail}).\n"
@@ -129,6 +129,10 @@ def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, n
     leaves = analysis.hookable_under()
     outside = [name for name, t in targets.items() if _names.enclosing(t.path, leaves, strict=True) is None]
     unknown += list(targets) if mode == "fx" and targets else outside
+    ops = _eager_ops.EagerOps()
+    if mode == "auto" and unknown and analysis.traced is not None:  # ops of opaque leaves, named as they run
+        hints = analysis.hints
+        ops, unknown = _eager_ops.defer(analysis.model, unknown, request, analysis.fallbacks, hints.leaf_modules, hints.autowrap_functions)
     if unknown:
         raise _Unknown(_unknown_message(analysis, unknown, note), unknown, eager_root=False)
     placement = Placement(request, analysis, fx=fx_names, fallbacks=dict(analysis.fallbacks))
@@ -141,6 +145,11 @@ def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, n
         placement.reasons[name] = reason or f"inside {leaf!r} ({module_type}), a torch.nn module that FX keeps as one step"
         placement.module_types[name] = type(analysis.model.get_submodule(target.path)).__name__
         placement.leaves[name] = _names.enclosing(target.path, leaves, strict=True, innermost=False) or ""
+    placement.eager_ops = ops
+    for name, scope in ops.wanted.items():
+        placement.reasons[name] = _eager_ops.reason(analysis.model, scope)
+        placement.module_types[name] = type(analysis.model.get_submodule(scope)).__name__
+        placement.leaves[name] = _names.enclosing(scope, leaves, innermost=False) or scope  # the graph must run that leaf
     return placement
 
 

@@ -70,6 +70,12 @@ class Runner:
         if message:
             raise MissingCallError(message)
 
+    def _missing_ops(self, model: nn.Module, produced: _eager_ops.Produced, captured: _hooks.CallLog) -> None:
+        """An op name of eager code that this call did not produce does not exist (for this call)."""
+        message = _eager_ops.missing_message(self.placement.eager_ops, produced, captured.values, type(model).__name__)
+        if message:
+            raise TapNameError(message)
+
     def _missing(self, model: nn.Module, captured: _hooks.CallLog, expected: set[str]) -> None:
         if expected <= set(captured.values):
             return
@@ -110,12 +116,16 @@ class HookedGraphRunner(GraphRunner):
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
+        ops = self.placement.eager_ops
         with _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured:
-            from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
+            with _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced:
+                from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
         self._unapplied(model, captured, [], self._edits_run)
         self._missing(model, captured, set(hooks))
+        self._missing_ops(model, produced, captured)
         hooked = self._hooked(captured.values)
-        out = {key: hooked[name] if name in hooks else from_graph[key] for name, key in self.placement.request.items()}
+        taken = {**captured.values, **hooked}
+        out = {key: taken[name] if name in hooks or name in ops.wanted else from_graph[key] for name, key in self.placement.request.items()}
         if self._keep_output:
             out["output"] = from_graph["output"]
         return out
@@ -140,9 +150,7 @@ class EagerRunner(Runner):
                 with _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced:
                     output = model(*args, **kwargs)
         self._unapplied(model, captured, list(placement.edits.fx))
-        message = _eager_ops.missing_message(ops, produced, captured.values, type(model).__name__)
-        if message:
-            raise TapNameError(message)
+        self._missing_ops(model, produced, captured)
         self._missing(model, captured, set(hooks) | set(placement.fx))
         hooked = self._hooked(captured.values)
         out = {key: hooked[name] if name in hooks else captured.values[name] for name, key in placement.request.items()}
@@ -155,6 +163,6 @@ def make_runner(placement: Placement, graph: fx.GraphModule | None, *, keep_outp
     """The runner for a placement: graph only, graph with hooks, or the eager forward."""
     if graph is None:
         return EagerRunner(placement, keep_output=keep_output, detach=detach)
-    if placement.hooks or placement.edits.hooks:
+    if placement.hooks or placement.edits.hooks or placement.eager_ops.wanted:
         return HookedGraphRunner(graph, placement, keep_output=keep_output, detach=detach)
     return GraphRunner(graph, placement, keep_output=keep_output, detach=detach)

@@ -325,3 +325,33 @@ def test_mask_ops_at_the_root(name: str, reduced: str) -> None:
     assert torch.equal(out["to"], padding) and torch.equal(again["to"], padding)
     truth = padding.all() if reduced == "all" else padding.sum()
     assert torch.equal(out[reduced], truth) and torch.equal(again[reduced], truth)
+
+
+# -- opaque leaves of a traced model, and listing ----------------------------------------------------------
+def test_ops_of_an_opaque_leaf_of_a_traced_model() -> None:
+    torch.manual_seed(0)
+    model, x = toy_models.DataDependent().eval(), torch.randn(2, 4)
+    tapped = _quiet_tap(model, ["gate.sum", "post"])
+    out = tapped(x)
+    assert tapped.mode == "mixed" and tapped.paths == {"gate.sum": "hook", "post": "fx"}
+    with torch.no_grad():
+        assert torch.equal(out["gate.sum"], model.pre(x).sum())
+        assert torch.equal(out["post"], model(x))
+    only = _quiet_tap(model, ["gate.gt"])(x)  # the graph still runs the leaf that holds it
+    assert torch.equal(only["gate.gt"], model.pre(x).sum() > 0)
+    with pytest.raises(fxtap.TapNameError, match="The op names it produced: 'gate.sum', 'gate.gt'"):
+        _quiet_tap(model, ["gate.add"])(x)
+    with pytest.raises(fxtap.TapNameError, match="no tap named 'sum'"):  # the root is traced: no deferral
+        _quiet_tap(model, ["sum"])
+    with pytest.raises(fxtap.FxtapError, match="Hooks cannot be exported"):
+        _quiet_tap(model, ["gate.sum"]).graph_module()
+
+
+def test_op_names_lists_what_tap_accepts_for_that_call() -> None:
+    model, x = _model()
+    names = eager_ops.op_names(model, (x,), {})
+    assert names[:4] == ["add", "relu", "sum", "gt"] and "gate.sum" in names
+    out = _quiet_tap(model, names)(x)
+    assert list(out) == names
+    gpt2, ids = _hf("GPT2Model")
+    assert eager_ops.op_names(gpt2, (ids,), {}) == ["size", "view", "to", "size_1", "view_1"]
