@@ -43,7 +43,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from .._errors import TapNameError
 from .._values import copy_value, detach_value
 from . import names as _names
 from .effects import may_draw
@@ -116,8 +115,7 @@ _UNARY = {"UNARY_NEGATIVE": "neg", "UNARY_POSITIVE": "pos", "UNARY_INVERT": "inv
           "BINARY_SLICE": "getitem", "STORE_SUBSCR": "setitem", "STORE_SLICE": "setitem"}  # fmt: skip
 # Python protocols: never an FX node (FX fails on them, or iterates a proxy by getitem)
 _PROTOCOL = frozenset(
-    "bool len iter int float index complex format repr str hash contains reversed array array_wrap deepcopy reduce_ex "
-    "setstate dir nonzero".split()
+    ["bool", "len", "iter", "int", "float", "index", "complex", "format", "repr", "str", "hash", "contains", "reversed", "array", "array_wrap", "deepcopy", "reduce_ex", "setstate", "dir", "nonzero"]
 )
 
 

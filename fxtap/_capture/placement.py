@@ -15,9 +15,9 @@ from typing import Literal
 from torch import nn
 
 from .._errors import TapNameError
+from . import eager_ops as _eager_ops
 from . import hooks as _hooks
 from . import names as _names
-from . import eager_ops as _eager_ops
 from . import regions as _regions
 from .analysis import Analysis
 from .edit_placement import EditPlacement

@@ -117,9 +117,11 @@ class HookedGraphRunner(GraphRunner):
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
         ops = self.placement.eager_ops
-        with _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured:
-            with _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced:
-                from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
+        with (
+            _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured,
+            _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced,
+        ):
+            from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
         self._unapplied(model, captured, [], self._edits_run)
         self._missing(model, captured, set(hooks))
         self._missing_ops(model, produced, captured)
@@ -145,10 +147,12 @@ class EagerRunner(Runner):
         stop_early = stop_early and not self._keep_output and not may_change_state(model)
         ops = placement.eager_ops
         extra = len(placement.fx) + len(ops.wanted)
-        with _hooks.capture(model, hooks, stop_when_done=stop_early, extra=extra, edits=placement.edits.hooks) as captured:
-            with _regions.serve(placement.regions, captured, detach=self._detach):
-                with _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced:
-                    output = model(*args, **kwargs)
+        with (
+            _hooks.capture(model, hooks, stop_when_done=stop_early, extra=extra, edits=placement.edits.hooks) as captured,
+            _regions.serve(placement.regions, captured, detach=self._detach),
+            _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced,
+        ):
+            output = model(*args, **kwargs)
         self._unapplied(model, captured, list(placement.edits.fx))
         self._missing_ops(model, produced, captured)
         self._missing(model, captured, set(hooks) | set(placement.fx))

@@ -11,10 +11,10 @@ cannot be sure of is left out, never shifted.
 from __future__ import annotations
 
 from hypothesis import assume, given
-
 from support.eager_names import agreement
 from support.strategies import Case, cases
 from support.truth import quiet_fallbacks
+
 
 @given(cases(shapes=True))
 def test_eager_op_names_agree_with_fx(case: Case) -> None:
