@@ -310,8 +310,10 @@ class _Naming(TorchFunctionMode):
         assert scope is not None
         tensors = [t for t in pytree.tree_leaves(arguments) if isinstance(t, torch.Tensor)]
         traced = any(self._is_traced(frame, t) for t in tensors)
-        if wrapped:  # FX records the wrapped function as one node; what it does inside is unseen
-            scope.refuse(_names.op_base_name(wrapped), f"FX records {wrapped}() as one call, which eager code runs op by op")
+        if wrapped:  # FX records the wrapped function as one node (where it patched the caller's globals), else its ops
+            why = f"FX records {wrapped}() as one call where it wraps it, which eager code runs op by op"
+            scope.refuse(_names.op_base_name(wrapped), why)
+            scope.refuse(base, why)
             scope.saw(0, f"the call of {wrapped}()")
             self._mark(frame, arguments, out, traced)
             return

@@ -87,6 +87,24 @@ def test_eager_op_names_mean_what_fx_names_mean_on_timm(name: str) -> None:
     _check_agreement(name, SLOW_MODELS[name])
 
 
+def _scaled_sum(x: torch.Tensor) -> torch.Tensor:
+    return x + x * 0.5  # FX records one call of _scaled_sum: this add and mul are not its nodes
+
+
+torch.fx.wrap("_scaled_sum")
+
+
+class Wrapped(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(_scaled_sum(x) + 1)
+
+
+def test_ops_inside_a_wrapped_function_take_no_name() -> None:
+    found = agreement(Wrapped(), (torch.randn(2, 3),))
+    assert found.differ == [] and found.eager_only == []
+    assert found.both == ["relu"] and found.fx_only == ["_scaled_sum", "add"]
+
+
 def test_agreement_sees_counters_that_drift(monkeypatch: pytest.MonkeyPatch) -> None:
     """Meta-test: an eager naming that misses one op (every later ``_k`` shifted) fails the check."""
     record = eager_ops._Naming._record
