@@ -7,12 +7,19 @@ Two ways to walk the data. A ``DataLoader`` over a map-style dataset in order (n
 iterable is read batch by batch: a shard holds whole batches until it has ``shard_size`` items, and
 a finished shard's batches are read but not computed. Under torchrun (``WORLD_SIZE`` > 1) rank
 ``r`` of ``W`` computes shards ``r, r + W, ...``; rank 0 merges the manifest after a barrier.
+
+A finished shard is written on one background thread while the next shard's batches compute
+(``_Writer``): at most one write is in flight, the walk waits for it before the next one and
+before it returns, also when it stops on an error or a Ctrl-C (the shard lands whole, atomically).
+On CUDA the rows are copied to the host without blocking (pinned pages), and the writer waits
+for those copies (a CUDA event recorded after the shard's last batch) before it reads them.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,11 +97,11 @@ def run_planned(job, loader, items, keys, rank, world, resume, bar, log) -> tupl
             prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
         )  # fmt: skip
         shard = _Shard(job)
-        with _bar(bar, sum(b - a for n, (a, b) in enumerate(spans) if n in set(todo))) as advance:
+        with _bar(bar, sum(b - a for n, (a, b) in enumerate(spans) if n in set(todo))) as advance, _Writer() as writer:
             for (number, indices), batch in zip(order, reader):
                 advance(shard.add(batch, indices[0]))
                 if indices[-1] == spans[number][1] - 1:
-                    shard.write(number, inputs[number])
+                    shard.write(number, inputs[number], writer)
     _ranks.barrier(world)
     return count, len(todo), kept.count(True) if rank == 0 else 0
 
@@ -106,7 +113,7 @@ def run_stream(job, batches, rank, world, resume, bar, log) -> tuple[int, int, i
     number, position, computed, reused = 0, 0, 0, 0
     shard = _Shard(job)
     header = _features.finished(job.out, 0, job.config, None) if resume and rank == 0 else None
-    with _bar(bar, None) as advance:
+    with _bar(bar, None) as advance, _Writer() as writer:
         for batch in batches:
             if number % world != rank:
                 shard.count(batch, position)
@@ -117,18 +124,18 @@ def run_stream(job, batches, rank, world, resume, bar, log) -> tuple[int, int, i
             position += shard.last
             advance(shard.last)
             if shard.items >= job.shard_size:
-                computed, reused = _close(job, shard, number, header, rank, world, computed, reused)
+                computed, reused = _close(job, shard, number, header, rank, world, computed, reused, writer)
                 number += 1
                 header = _features.finished(job.out, number, job.config, None) if resume and number % world == rank else None
         if shard.items or number == 0:
-            computed, reused = _close(job, shard, number, header, rank, world, computed, reused)
+            computed, reused = _close(job, shard, number, header, rank, world, computed, reused, writer)
             number += 1
     _say_kept(log, job.out, reused, number)
     _ranks.barrier(world)
     return number, computed, reused
 
 
-def _close(job, shard, number, header, rank, world, computed, reused) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def _close(job, shard, number, header, rank, world, computed, reused, writer) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     if number % world != rank:
         shard.reset()
         return computed, reused
@@ -141,7 +148,7 @@ def _close(job, shard, number, header, rank, world, computed, reused) -> tuple[i
         shard.reset()
         job.kept += 1
         return computed, reused + 1
-    shard.write(number, None)
+    shard.write(number, None, writer)
     return computed + 1, reused
 
 
@@ -185,12 +192,62 @@ class _Shard:
         self.items += self.last
         return self.last
 
-    def write(self, number: int, inputs: Any) -> None:
-        tensors = {name: torch.cat(parts) for name, parts in self.chunks.items()}
-        _features.write_shard(self.job.out, number, config=self.job.config, inputs=inputs, tensors=tensors, ids=self.ids,
-                              skipped=self.skipped, features=self.features)  # fmt: skip
-        self.job.done.append(number)
+    def write(self, number: int, inputs: Any, writer: _Writer) -> None:
+        """Hand the shard to ``writer`` (it waits for the previous write first) and start a new one."""
+        job, chunks, ids, skipped, features = self.job, self.chunks, self.ids, self.skipped, self.features
+        copied = _copies_done(job.device)
+
+        def write() -> None:
+            copied()
+            tensors = {name: torch.cat(parts) for name, parts in chunks.items()}
+            _features.write_shard(job.out, number, config=job.config, inputs=inputs, tensors=tensors, ids=ids,
+                                  skipped=skipped, features=features)  # fmt: skip
+            job.done.append(number)
+
+        writer.submit(write)
         self.reset()
+
+
+class _Writer:
+    """One background thread that writes shards, one at a time, while the next batches compute.
+
+    ``submit`` waits for the write in flight (so at most two shards' rows are held) and raises its
+    error, if any; leaving the ``with`` block waits for the last write, whatever ended the walk.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="fxtap-shard-writer")
+        self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+def _copies_done(device: torch.device) -> Callable[[], None]:
+    """A wait for the host copies queued so far on ``device``'s current stream (none on the CPU)."""
+    if device.type != "cuda":
+        return lambda: None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event.synchronize
 
 
 def _split(split: Split | None, batch: Any, position: int) -> tuple[Any, list[Any], list[tuple[Any, str]]]:
@@ -228,7 +285,7 @@ def _rows(job: Job, inputs: Any, n: int) -> dict[str, tuple[torch.Tensor, dict[s
         value = pooled.value.to(job.out_dtype) if job.out_dtype is not None else pooled.value
         if len(value) != n:
             raise FxtapError(f"{name!r} has {len(value)} rows for a batch of {n} items (ids): is its dim 0 the batch?")
-        rows[name] = (value.to("cpu"), {"pool": describe(how), "layout": pooled.layout, "pooled_dims": pooled.dims})
+        rows[name] = (value.to("cpu", non_blocking=cuda), {"pool": describe(how), "layout": pooled.layout, "pooled_dims": pooled.dims})
     return rows
 
 

@@ -128,7 +128,8 @@ class ExportRunner(EagerRunner):
                     shelf.insert(0, entry)  # newest first; a refusal without shapes serves every call
                     if sum(e.module is not None for e in shelf) == _MAX_GRAPHS:  # sizes export could not keep dynamic
                         shelf.append(_Entry(None, f"torch.export not used: {_MAX_GRAPHS} graphs for other sizes of these inputs exist already"))
-                    self._last = entry
+                    # this call ran in mixed mode: say so, and what the next calls will run
+                    self._last = _Entry(None, _BUILT) if entry.module is not None else entry
                     return out
         self._last = entry
         if entry.module is None:
@@ -324,13 +325,14 @@ class _Found:
 
 
 _SIMPLE = (type(None), bool, int, float, str)
+_BUILT = "this first call with these input shapes ran in mixed mode; it was exported, and the next calls run one torch.export graph"
 _MAX_GRAPHS = 4  # exported graphs per input structure; calls of other sizes run in mixed mode
 _WRITES = "torch.export not used: the forward writes the attribute {} (Python-side state that a graph cannot record)"
 
 
 def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
-    """The key of the graph for this call (shapes, dtypes, devices, simple values, the grad mode),
-    or why no exported graph serves it."""
+    """The key of the graph for this call (shapes, dtypes, devices, simple values, the grad mode,
+    the default dtype and device), or why no exported graph serves it."""
     if torch.is_inference_mode_enabled():
         return "torch.export not used: the call runs in inference mode"
     if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
@@ -344,7 +346,8 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
             items.append((type(leaf).__name__, leaf))
         else:
             return f"torch.export not used: an argument is a {type(leaf).__name__}, not a tensor or a simple value"
-    return (str(spec), tuple(items), torch.is_grad_enabled())
+    # the graph bakes in the dtype and device of tensors the forward makes without naming them (torch.ones(n))
+    return (str(spec), tuple(items), torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_default_device())
 
 
 def _refusal(model: nn.Module) -> str:

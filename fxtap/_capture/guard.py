@@ -13,7 +13,10 @@ checked before every call by a ``Guard``, and a graph whose guard fails is rebui
   ``training`` (with every module below a traced-through one that does): ``.eval()`` on one
   submodule;
 - the plain Python attributes of the traced-through modules (``self.alpha``, a schedule): by
-  identity, and for a list, dict or set by its items;
+  identity, and for a list, dict or set by its items; an attribute that holds a plain object (a
+  config such as Hugging Face's ``self.config``, a ``SimpleNamespace``) is watched inside too,
+  the attributes of that object and of the objects it holds, three levels deep, so that
+  ``model.config.scale = 2.0`` after ``tap()`` rebuilds what a trace baked in;
 - user hooks: any hook registered anywhere since the last check (``RemovableHandle.next_id``
   moved) makes the guard look at the traced-through modules and the global registries;
 - the grad mode, when the traced code read ``torch.is_grad_enabled()``.
@@ -26,6 +29,7 @@ its own): a model called with ever new argument values rebuilds, it does not gro
 from __future__ import annotations
 
 import enum
+import types
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from typing import Any, Generic, TypeVar
@@ -118,6 +122,7 @@ def watch(
         for key, value in m.__dict__.items()
         if key not in _MODULE_KEYS and not isinstance(value, nn.Module)
     ]
+    plain += _inside_objects([value for _, _, value in plain])
     for target in attributes:  # parameters and buffers the graph reads (get_attr): by identity, with the plain values
         owner_path, _, name = target.rpartition(".")
         owner = at.get(owner_path)
@@ -147,6 +152,41 @@ def watch_paths(root: nn.Module, paths: Iterable[str]) -> Guard:
             slots.append((module._modules, part))
             module = module._modules[part]  # type: ignore[assignment]
     return Guard(slots, [], [], [], False)
+
+
+_NOT_PLAIN = (nn.Module, torch.Tensor, type, types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType, enum.Enum)
+
+
+def _inside_objects(values: list[Any], depth: int = 3) -> list[tuple[dict[str, Any], str, Any]]:
+    """The attributes of the plain objects among ``values`` (and in their lists, tuples and dicts),
+    of the objects those hold, ``depth`` levels deep, each object once: what a trace may have read
+    through ``self.config.x`` and baked in as a constant."""
+    found: list[tuple[dict[str, Any], str, Any]] = []
+    seen: set[int] = set()
+    level = values
+    for _ in range(depth):
+        objects = [o for v in level for o in _objects_in(v) if id(o) not in seen]
+        level = []
+        for obj in objects:
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            attributes = vars(obj)
+            found += [(attributes, key, value) for key, value in attributes.items()]
+            level += list(attributes.values())
+    return found
+
+
+def _objects_in(value: Any, nesting: int = 0) -> list[Any]:
+    if isinstance(value, (dict, list, tuple)):
+        items = value.values() if isinstance(value, dict) else value
+        return [o for v in items for o in _objects_in(v, nesting + 1)] if len(value) <= _MAX_ITEMS and nesting < 2 else []
+    if isinstance(value, _NOT_PLAIN) or isinstance(value, _SCALARS) or not isinstance(getattr(value, "__dict__", None), dict):
+        return []
+    return [value]
+
+
+_MAX_ITEMS = 64  # a longer list or dict is data, not configuration: its objects are not looked into
 
 
 def _reads_training(cls: type, known: dict[type, bool]) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -33,9 +34,12 @@ class Scaled(nn.Module):
         self.register_buffer("shift", torch.full((4,), 0.5))
         self.alpha = 1.0
         self.drop = nn.Dropout(0.5)
+        # a config object, as Hugging Face modules hold one: read at trace time, baked into the graph
+        self.config = SimpleNamespace(scale=1.0, rope=SimpleNamespace(base=0.0), layers=[SimpleNamespace(gain=1.0)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self.fc(x), self.weight) * self.alpha + self.shift
+        y = F.linear(self.fc(x), self.weight) * self.alpha * self.config.scale * self.config.layers[0].gain
+        y = y + self.shift + self.config.rope.base
         if self.training:
             y = y * 2
         return self.drop(y)
@@ -111,6 +115,9 @@ CHANGES: dict[str, Callable[[nn.Module], Any]] = {
     "train_one_dropout": lambda m: m.block.drop.train(),
     "plain_attribute": lambda m: setattr(m.block, "alpha", 3.0),
     "plain_attribute_int": lambda m: setattr(m.block, "alpha", 3),
+    "config_attribute": lambda m: setattr(m.block.config, "scale", -2.0),
+    "nested_config_attribute": lambda m: setattr(m.block.config.rope, "base", 4.0),
+    "config_in_a_list": lambda m: setattr(m.block.config.layers[0], "gain", 0.5),
 }
 DTYPES = {"double": torch.float64, "bfloat16": torch.bfloat16, "half": torch.float16, "to_dtype": torch.float64}
 
@@ -279,3 +286,80 @@ def test_swapped_grandchild_called_from_above_is_seen() -> None:
     tapped(x)
     model.blocks[0][0] = nn.Linear(4, 4)
     assert_same(tapped(x)["add"], model(x))
+
+
+class ExportableRoot(nn.Module):
+    """A root FX cannot trace (a Python bool of a size) and torch.export can, reading its config."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = Scaled().eval()
+        self.config = SimpleNamespace(offset=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0:
+            x = x + self.config.offset
+        return self.block(x)
+
+
+@pytest.mark.parametrize("change", ["root_config", "child_config"])
+def test_a_config_changed_after_the_export_is_seen_on_the_next_call(change: str) -> None:
+    torch.manual_seed(0)
+    model, x = ExportableRoot().eval(), torch.randn(3, 4)
+    tapped = _quiet_tap(model, ["block.fc", "block.add", "block"])
+    tapped(x)
+    tapped(x)
+    assert tapped.mode == "export", tapped.report()
+    if change == "root_config":
+        model.config.offset = 2.5
+    else:
+        model.block.config.rope.base = -1.0
+    out = tapped(x)
+    with torch.no_grad():
+        shifted = x + model.config.offset
+        truth = hook_truth(model.block, shifted)
+        expected = {"block.fc": truth["fc"], "block": truth["output"], "output": model(x)}
+    for name, value in expected.items():
+        assert_same(out[name], value)
+
+
+class DefaultDtypeRoot(nn.Module):
+    """Makes tensors without naming a dtype: their dtype is the default one at call time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 0:  # FX cannot trace this root; torch.export can
+            x = x + torch.ones(x.shape[-1])
+        return self.fc(x.float()) + torch.full((4,), 0.1)
+
+
+def test_a_default_dtype_set_after_the_export_is_seen_on_the_next_call() -> None:
+    torch.manual_seed(0)
+    model, x = DefaultDtypeRoot().eval(), torch.randn(2, 4)
+    tapped = _quiet_tap(model, ["fc"])
+    tapped(x)
+    tapped(x)
+    assert tapped.mode == "export", tapped.report()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = tapped(x)
+        expected = model(x)
+    finally:
+        torch.set_default_dtype(previous)
+    assert out["output"].dtype == expected.dtype == torch.float64
+    assert_same(out["output"], expected)
+    assert_same(tapped(x)["output"], model(x))  # and back: the float32 graph serves again
+
+
+def test_the_first_call_reports_mixed_mode_and_the_next_one_the_export() -> None:
+    model, x = ExportableRoot().eval(), torch.randn(3, 4)
+    tapped = _quiet_tap(model, ["block.fc", "block"])
+    tapped(x)  # ran in mixed mode, then exported
+    assert tapped.mode == "mixed" and set(tapped.paths.values()) == {"fx"}
+    assert "next calls run one torch.export graph" in tapped.report()
+    tapped(x)
+    assert tapped.mode == "export" and set(tapped.paths.values()) == {"export"}

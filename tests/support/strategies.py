@@ -17,7 +17,8 @@ adds (out of place and in place), concatenation, view/flatten/reshape, arithmeti
 branches; one module instance called two or three times; in-place ops (ReLU(inplace=True),
 ``+=``, ``.add_()``, ``F.relu(inplace=True)``, ``.relu_()``, ``.mul_()``, through an alias or a
 view) after a tapped value; dropout and batch norm; a branch on ``self.training``; tuple and
-dict valued submodules; a submodule called with a keyword input; when asked for (``stateful``),
+dict valued submodules; a submodule called with a keyword input; a block that reads a config
+object (``self.config.gain``); when asked for (``stateful``),
 buffers written in place and read later (``Stateful``: an EMA, a counter, a queue); and, when asked for, code that
 torch.fx cannot trace (a branch on a tensor, a data-dependent loop, ``int(x.shape[0])``) or
 whose semantics a graph cannot hold (a grad-mode or autocast context in forward, a user hook
@@ -37,6 +38,7 @@ import contextvars
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -404,6 +406,20 @@ class MixUse(nn.Module):
         return self.mix(self.a(x), y=self.b(x), gain=0.5)
 
 
+class Configured(nn.Module):
+    """Reads a config object, as Hugging Face modules read ``self.config``: a trace bakes its
+    values in (the live property changes them after ``tap()``)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = SimpleNamespace(gain=1.5, sub=SimpleNamespace(shift=0.25))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _op(self, "mul", self.inner(x) * self.config.gain)
+        return _op(self, "add", h + self.config.sub.shift)
+
+
 class Stateful(nn.Module):
     """Model state: a buffer written in place and read later, in this call or the next.
 
@@ -582,7 +598,7 @@ class RootKw(_Root):
 
 # -- specs ------------------------------------------------------------------------------------------------
 LEAVES = ("linear", "tanh", "relu", "gelu", "layernorm", "batchnorm", "dropout", "identity")
-COMPOSITES = ("seq", "stack", "router", "residual", "concat", "arith", "view", "repeat", "inplace", "train", "pair", "mix")
+COMPOSITES = ("seq", "stack", "router", "residual", "concat", "arith", "view", "repeat", "inplace", "train", "pair", "mix", "config")
 UNTRACEABLE = ("gate", "loop", "intshape", "ctx", "hooked", "typedpair")  # the last three: semantics a graph cannot hold
 
 
@@ -634,6 +650,7 @@ def build_block(spec: Spec) -> nn.Module:
         "train": lambda: TrainBranch(kids[0], kids[1]),
         "pair": lambda: PairUse(Pair(kids[0], kids[1], how)),
         "mix": lambda: MixUse(kids[0], kids[1]),
+        "config": lambda: Configured(kids[0]),
         "state": lambda: Stateful(kids[0], how),
         "gate": lambda: Gate(kids[0], kids[1]),
         "loop": lambda: DataLoop(kids[0]),
@@ -661,7 +678,7 @@ _HOW = {
 }
 _ARITY = {
     "state": 1, "router": 2, "residual": 1, "concat": 2, "arith": 2, "repeat": 1, "train": 2, "pair": 2,
-    "mix": 2, "gate": 2, "loop": 1, "intshape": 1, "ctx": 1, "hooked": 1, "typedpair": 2, "shapes": 1,
+    "mix": 2, "config": 1, "gate": 2, "loop": 1, "intshape": 1, "ctx": 1, "hooked": 1, "typedpair": 2, "shapes": 1,
 }  # fmt: skip
 _INPLACE_HOW = ("act", "+=", "add_", "F.relu", "relu_", "mul_")
 _INPLACE_VIA = ("none", "identity", "dropout", "view")
