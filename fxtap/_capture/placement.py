@@ -159,7 +159,8 @@ def _place_under_eager_root(analysis: Analysis, request: dict[str, str], edits: 
     found = _regions.resolve(model, list(request) + [n for n in edits if n not in request], analysis.fallbacks[""], hints=analysis.hints)
     placed_edits = edits_in_regions(found, edits, request)  # edit-only names leave what is captured
     hints = analysis.hints
-    ops, found.unknown = _eager_ops.defer(model, found.unknown, request, found.fallbacks, hints.leaf_modules, hints.autowrap_functions)
+    taps = [name for name in request if name not in edits]  # an op of eager code cannot be edited: it stays unknown
+    ops, found.unknown = _eager_ops.defer(model, found.unknown, taps, found.fallbacks, hints.leaf_modules, hints.autowrap_functions)
     if found.unknown:
         available = found.available + [p for p, _ in model.named_modules() if p and p not in found.available]
         message = _names.unknown_name_message(found.unknown, type(model).__name__, available)
