@@ -378,11 +378,18 @@ def naming(model: nn.Module, ops: EagerOps, keep: Any, *, detach: bool = False, 
     if not found:
         yield Produced(found, [])
         return
+    for path, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):  # no Python hooks: its calls and outputs are unseen
+            for scope in found.values():
+                if _names.inside(path, scope.path, strict=True):
+                    scope.dead = f"it holds the TorchScript module {path!r}, whose calls eager naming cannot follow"
     store = (lambda name, value: keep(name, detach_value(value))) if detach else keep
     mode = _Naming(model, found, ops.wanted, ops, store)
     handles: list[RemovableHandle] = []
     try:
         for path, module in model.named_modules():
+            if isinstance(module, torch.jit.ScriptModule):
+                continue
             handles.append(module.register_forward_pre_hook(_pre_hook(mode, path), with_kwargs=True))
             handles.append(module.register_forward_hook(_post_hook(mode), always_call=True))
         with mode:
