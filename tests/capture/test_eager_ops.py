@@ -373,3 +373,21 @@ def test_op_names_lists_what_tap_accepts_for_that_call() -> None:
     assert list(out) == names
     gpt2, ids = _hf("GPT2Model")
     assert eager_ops.op_names(gpt2, (ids,), {}) == ["size", "view", "to", "size_1", "view_1"]
+
+
+def test_a_scope_holding_a_torchscript_module_names_nothing() -> None:
+    """A scripted child runs no Python hooks: what it returns cannot be followed, so no name is
+    given in the code around it (rather than names counted without its outputs)."""
+
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scripted = torch.jit.script(nn.Linear(4, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:
+                x = x * 2
+            return self.scripted(x) + 1
+
+    with pytest.raises(fxtap.TapNameError, match="it holds the TorchScript module 'scripted'"):
+        _quiet_tap(Root(), ["add"])(torch.ones(2, 4))
