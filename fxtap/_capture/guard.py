@@ -7,6 +7,8 @@ checked before every call by a ``Guard``, and a graph whose guard fails is rebui
 
 - the identity of every child of every module whose code was traced through (a swapped
   submodule), and the class of each of those modules (a parametrization changes it);
+- the ``forward`` those modules run: the class's (a patched ``Block.forward``) and an instance's
+  own (``model.block.forward = ...``; fxtap's routers of a running call excepted);
 - the identity of every parameter and buffer the graph reads itself (``get_attr``): a reassigned
   buffer, ``load_state_dict(assign=True)``, ``.half()`` replacing a buffer;
 - the ``training`` flag of every module the graph traced through or calls whose code mentions
@@ -63,9 +65,11 @@ class Guard:
     ) -> None:
         self._dicts = [d for d, _ in slots]
         self._keys = [k for _, k in slots]
-        self._expected = [d.get(k, _MISSING) for d, k in slots]
+        self._expected = [d.get(k) for d, k in slots]
         self._typed = typed
         self._types = [type(m) for m in typed]
+        self._classes = list({id(type(m)): type(m) for m in typed}.values())
+        self._forwards = [getattr(c, "forward", None) for c in self._classes]
         self._plain = [(d, k, v, _contents(v) if type(v) in _CONTAINERS else None) for d, k, v in plain]
         self._hooked = hooked
         self._next_hook = RemovableHandle.next_id
@@ -75,12 +79,23 @@ class Guard:
     def _slots(self) -> list[tuple[dict[str, Any], str]]:
         return list(zip(self._dicts, self._keys))
 
+    def _routed(self, now: list[Any]) -> bool:
+        """Whether the only differences are fxtap's routers installed as ``forward`` by a running
+        tapped call (``regions.serve``) over what was there before."""
+        for value, expected, key in zip(now, self._expected, self._keys):
+            if value is not expected and not (key == "forward" and getattr(value, "fxtap_installed", False) and value.previous is expected):
+                return False
+        return True
+
     def check(self) -> int:
         """``HOLDS``, ``MODE`` (only the grad mode differs) or ``STALE``."""
         # lists compare items by identity first: modules and bools never reach __eq__ unless changed
-        if list(map(dict.get, self._dicts, self._keys)) != self._expected:
+        now = list(map(dict.get, self._dicts, self._keys))
+        if now != self._expected and not self._routed(now):
             return STALE
         if list(map(type, self._typed)) != self._types:
+            return STALE
+        if [getattr(c, "forward", None) for c in self._classes] != self._forwards:
             return STALE
         for attributes, key, value, contents in self._plain:
             now = attributes.get(key, _MISSING)
@@ -110,6 +125,7 @@ def watch(
     moded = _unique(moded + [m for m in leaves if _reads_training(type(m), known)])
     slots: list[tuple[dict[str, Any], str]] = [(m.__dict__, "training") for m in moded]
     slots += [(m._modules, name) for m in through for name in m._modules]
+    slots += [(m.__dict__, "forward") for m in through]  # an instance's own forward: normally none
     inside = {id(m) for m in through}
     for path in called:  # a leaf called from further up (``self.blocks[0].fc(x)``): guard the way to it
         parent_path, _, name = path.rpartition(".")

@@ -130,6 +130,16 @@ def _call_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Temp
     return _Template(positional, keywords, len(inputs), types), inputs
 
 
+_OWN_FORWARD = "has a forward of its own, set on the object (its class's code is not what runs): it runs eagerly"
+
+
+def own_forward(module: nn.Module) -> Any:
+    """The ``forward`` set on ``module`` itself, not its class's (fxtap's router of a running call
+    looked through); ``None`` when there is none."""
+    forward = module.__dict__.get("forward")
+    return forward.previous if isinstance(forward, _Router) else forward
+
+
 def _default_template(module: nn.Module) -> _Template:
     """The call ``tap()`` checks names with: required arguments are tensors, the rest defaults."""
     positional: list[_Slot] = []
@@ -233,6 +243,9 @@ class Region:
     def _build(self, template: _Template, edits: dict[str, nn.Module]) -> _Graph | None:
         # the submodules that were opaque when the names were placed stay opaque, so that names
         # placed on hooks inside them are still hooked (a list argument may make them traceable)
+        if own_forward(self.module) is not None:  # set on the object since the names were placed
+            self.failed = f"{self.path!r} {_OWN_FORWARD}"
+            return None
         spec: list[Any] = []
         shim = _shim(self.module, template, spec)
         analysis = _plan.analyse(shim, mode="auto", concrete_args=None, fallbacks=self.opaque, hints=self.hints)
@@ -313,6 +326,10 @@ def _resolve_in(
             continue
         leftover = [n for n in leftover if n not in inside]
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):  # never called: look at its items
+            leftover += _resolve_in(child, path, inside, result, everything, paths)
+            continue
+        if own_forward(child) is not None:  # its class's code is not what runs: the child runs eagerly
+            result.fallbacks[path] = (type(child).__name__, _OWN_FORWARD)
             leftover += _resolve_in(child, path, inside, result, everything, paths)
             continue
         try:
