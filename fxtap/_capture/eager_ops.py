@@ -24,17 +24,13 @@ Only requested names cost anything: no mode and no hooks when no such name is re
 
 from __future__ import annotations
 
-import dis
-import functools
-import math
-import operator
 import sys
 import threading
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import CodeType, FrameType
+from types import FrameType
 from typing import Any, NamedTuple
 
 import torch
@@ -45,6 +41,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .._values import copy_value, detach_value
 from . import names as _names
+from . import op_spelling as _spelling
 from .effects import may_draw
 from .hazards import mark_fxtap_hook
 from .model import attribute_paths
@@ -80,7 +77,7 @@ def deferrable(name: str, scopes: Iterable[str]) -> str | None:
     split = _names.split_suffix(leaf)
     base = split[0] if split is not None else leaf
     base = base.removesuffix("_fn")
-    return scope if base in _op_words() else None
+    return scope if base in _spelling.op_words() else None
 
 
 def defer(model: nn.Module, unknown: list[str], request: Iterable[str], fallbacks: dict[str, tuple[str, str]], leaf_types: tuple[type, ...] = (), wrapped: tuple[Any, ...] = ()) -> tuple[EagerOps, list[str]]:
@@ -96,102 +93,6 @@ def reason(model: nn.Module, scope: str) -> str:
     """Why an op name of ``scope`` is captured as the eager code runs (for ``Tapped.report()``)."""
     where = f"{scope!r} ({type(model.get_submodule(scope)).__name__})" if scope else type(model).__name__
     return f"an op of the eagerly running forward of {where}, named as it runs (docs/names.md)"
-
-
-@functools.cache
-def _op_words() -> frozenset[str]:
-    """Every base name an op can have: torch functions and methods, operators (``truediv``)."""
-    words = {*dir(torch), *dir(torch.Tensor), *dir(torch.nn.functional), *dir(operator), *_BINARY.values(), *_INPLACE.values()}
-    return frozenset(_names.op_base_name(w) for w in words if not w.startswith("_") or w.startswith("__")) - {"getattr"}
-
-
-# -- what FX would call an op ------------------------------------------------------------------
-
-_BINARY = {"+": "add", "-": "sub", "*": "mul", "/": "truediv", "//": "floordiv", "%": "mod", "**": "pow", "@": "matmul",
-           "<<": "lshift", ">>": "rshift", "&": "and_", "|": "or_", "^": "xor"}  # fmt: skip
-_INPLACE = {f"{symbol}=": _names.op_base_name("i" + op.rstrip("_")) for symbol, op in _BINARY.items()}
-_COMPARE = {"<": "lt", "<=": "le", "==": "eq", "!=": "ne", ">": "gt", ">=": "ge"}
-_UNARY = {"UNARY_NEGATIVE": "neg", "UNARY_POSITIVE": "pos", "UNARY_INVERT": "invert", "BINARY_SUBSCR": "getitem",
-          "BINARY_SLICE": "getitem", "STORE_SUBSCR": "setitem", "STORE_SLICE": "setitem"}  # fmt: skip
-# Python protocols: never an FX node (FX fails on them, or iterates a proxy by getitem)
-_PROTOCOL = frozenset(
-    ["bool", "len", "iter", "int", "float", "index", "complex", "format", "repr", "str", "hash", "contains", "reversed", "array", "array_wrap", "deepcopy", "reduce_ex", "setstate", "dir", "nonzero"]
-)
-
-
-@functools.lru_cache(maxsize=512)
-def _instructions(code: CodeType) -> dict[int, tuple[str, str]]:
-    return {i.offset: (i.opname, i.argrepr) for i in dis.get_instructions(code)}
-
-
-def _from_instruction(frame: FrameType | None) -> str:
-    """The FX name of the operator the calling instruction applies ("" for a call)."""
-    if frame is None:
-        return ""
-    opname, arg = _instructions(frame.f_code).get(frame.f_lasti, ("", ""))
-    if opname == "BINARY_OP":
-        return _INPLACE.get(arg) or _BINARY.get(arg, "")
-    if opname == "COMPARE_OP":
-        return _COMPARE.get(arg, "")
-    if opname == "CALL_INTRINSIC_1" and arg == "INTRINSIC_UNARY_POSITIVE":
-        return "pos"
-    return _UNARY.get(opname, "")
-
-
-def _base(func: Any, caller: FrameType | None) -> tuple[str, str]:
-    """``(kind, base name)`` of a torch call; kind is ``op``, ``getter`` (``x.shape``) or ``protocol``."""
-    raw = getattr(func, "__name__", "op")
-    if raw == "__get__":
-        return "getter", "getattr"
-    dunder = raw[2:-2] if raw.startswith("__") and raw.endswith("__") and len(raw) > 4 else ""
-    if dunder in _PROTOCOL:
-        return "protocol", dunder
-    from_operator = _from_instruction(caller)  # ``x / y`` and ``x.div(y)`` reach torch alike
-    if from_operator:
-        return "op", from_operator
-    return "op", _dunder_name(dunder) if dunder else _names.op_base_name(raw)
-
-
-def _dunder_name(inner: str) -> str:
-    """FX's name of a Python-level operator method of torch (``__rsub__`` -> ``sub``)."""
-    if inner in ("div", "rdiv", "rtruediv", "idiv"):
-        inner = "itruediv" if inner == "idiv" else "truediv"
-    elif inner.startswith("r") and not hasattr(operator, f"__{inner}__") and hasattr(operator, f"__{inner[1:]}__"):
-        inner = inner[1:]  # a reflected operator: FX records operator.<op> with the arguments swapped
-    found = getattr(operator, f"__{inner}__", None)
-    return _names.op_base_name(found.__name__ if found is not None else inner)
-
-
-def _kind(value: Any) -> str:
-    """Which kind of traced non-tensor FX would hold: ``dtype``, ``device`` or ``number`` (sizes,
-    numbers, tuples and anything else)."""
-    return "dtype" if isinstance(value, torch.dtype) else "device" if isinstance(value, torch.device) else "number"
-
-
-@functools.cache
-def _words(kind: str) -> frozenset[str]:
-    """What FX may also record on a traced non-tensor of ``kind``: for sizes, numbers and tuples
-    every Python operator, ``getattr``, ``math`` functions and their types' methods; for a dtype
-    or a device, comparisons, ``getattr`` and their methods."""
-    words = {"eq", "ne", "getattr"}
-    types: tuple[type, ...] = (torch.dtype,) if kind == "dtype" else (torch.device,) if kind == "device" else ()
-    if kind == "number":
-        words |= {*_BINARY.values(), *_INPLACE.values(), *_COMPARE.values(), *_UNARY.values(), "div"}
-        words |= {w for w in dir(math) if not w.startswith("_")}
-        types = (int, float, bool, tuple, list, dict, str, torch.Size)
-    for cls in types:
-        words |= {w for w in dir(cls) if not w.startswith("_")}
-    return frozenset(_names.op_base_name(w) for w in words)
-
-
-def _fx_wrapped(extra: tuple[Any, ...]) -> dict[CodeType, str]:
-    """The code of every function FX records as one call (``torch.fx.wrap``, ``autowrap_functions``)."""
-    from torch.fx import _symbolic_trace  # private: the registry torch.fx.wrap fills
-
-    functions = [g.get(n) for (_, n), g in getattr(_symbolic_trace, "_wrapped_fns_to_patch", {}).items()]
-    functions += [getattr(c, n, None) for c, n in getattr(_symbolic_trace, "_wrapped_methods_to_patch", [])]
-    functions += list(extra)
-    return {f.__code__: f.__name__ for f in functions if hasattr(f, "__code__")}
 
 
 # -- naming during a call ----------------------------------------------------------------------
@@ -217,15 +118,15 @@ class _Scope:
     def saw(self, value: Any, what: str) -> None:
         """A traced value FX would hold as a proxy and eager code holds as a plain value."""
         leaves = [v for v in pytree.tree_leaves(value) if not isinstance(v, torch.Tensor)] if isinstance(value, (tuple, list)) else [value]
-        kinds = {_kind(v) for v in leaves} | ({"number"} if isinstance(value, (tuple, list)) else set())  # a tuple proxy: getitem
+        kinds = {_spelling.kind(v) for v in leaves} | ({"number"} if isinstance(value, (tuple, list)) else set())  # a tuple proxy: getitem
         for kind in kinds - self.kinds:
             self.kinds.add(kind)
-            for word in _words(kind):
+            for word in _spelling.shape_words(kind):
                 self.refuse(word, f"after {what}, FX would also count Python operations on that value, which eager code hides")
 
     def uncertain(self, values: list[Any]) -> bool:
         """Whether FX might hold one of these non-tensor arguments as a traced value."""
-        return any(_kind(v) in self.kinds for v in values)
+        return any(_spelling.kind(v) in self.kinds for v in values)
 
 
 class _Frame:
@@ -249,7 +150,7 @@ class _Naming(TorchFunctionMode):
         self.state: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary(
             {id(t): t for t in [*model.parameters(), *model.buffers()]}
         )
-        self.wrapped = _fx_wrapped(ops.wrapped)
+        self.wrapped = _spelling.fx_wrapped(ops.wrapped)
         self.stack: list[_Frame] = []
         self.order: list[str] = []  # every name produced, in call order
 
@@ -291,7 +192,7 @@ class _Naming(TorchFunctionMode):
         if frame is None or frame.scope is None:
             return func(*args, **kwargs)
         caller = sys._getframe(1)
-        kind, base = _base(func, caller)
+        kind, base = _spelling.spelling(func, caller)
         wrapped = self._wrapped_by(caller, frame.caller)
         out = func(*args, **kwargs)
         self._record(frame, func, kind, base, wrapped, (args, kwargs), out)
