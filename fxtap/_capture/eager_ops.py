@@ -1,13 +1,14 @@
 """Names for the functional ops of code that runs eagerly: the own ops of a module FX cannot trace.
 
 When a module's ``forward`` cannot be traced (the root of every Hugging Face model), it runs
-eagerly and no graph names its own ops (``inputs_embeds + position_embeds``). ``naming`` names them
+eagerly and no graph names its own ops (its mask building, say). ``naming`` names them
 *while they run*: a ``TorchFunctionMode``, active for the tapped call, sees every torch call;
 forward pre-hooks and hooks (fxtap's own, for that call only) keep the stack of running modules,
 so an op belongs to the module whose own code (or a plain function it calls) made it, as in FX.
 
 The names are FX's (``_names.Namer``, scope + op, ``_k`` in call order), and a name is only given
-where it provably means what FX would name so. FX records a call only when a traced value (an
+where FX, tracing that code, would give it to the same value (tests/capture/test_eager_ops.py and
+the property over random models check it on every model FX traces). FX records a call only when a traced value (an
 input, a parameter or buffer, a module output, or an op's result) is among its arguments, and it
 records the Python operators it sees on traced *non-tensors* too (``x.shape[1] + 1``: a getitem
 and an add), which eager code does not show. So each module call keeps which tensors are traced;
@@ -17,7 +18,7 @@ returns (a size, a dtype, a tuple), the names that FX might also give to ops on 
 tuples) are not given in that scope any more, nor the name of a call whose arguments might be
 such values. A name that could shift is absent, never wrong. ``x / y`` and ``x.div(y)`` reach
 torch as the same function: the instruction that made the call tells them apart (``truediv``
-and ``div``), as FX's Proxy does.
+and ``div``, ``op_spelling``).
 
 Only requested names cost anything: no mode and no hooks when no such name is requested.
 """
