@@ -34,7 +34,7 @@ from torch import nn
 from .._errors import summary
 from . import fx as _fx
 from . import guard as _guard
-from .hazards import global_hooks, user_hooks
+from .hazards import global_hooks, rng_state_set_raises, user_hooks
 from .model import preserved
 from .placement import Placement
 from .runner import EagerRunner
@@ -309,7 +309,8 @@ class _Call(nn.Module):
         leaves, spec = found.call
         args, kwargs = pytree.tree_unflatten([next(given) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
         before = _attributes(self.model)
-        out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)
+        with rng_state_set_raises():  # a forward that puts the generator's state back: mixed mode
+            out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)
         found.written = _written(before)
         found.outputs, computed = _Outputs.split(out)
         return computed

@@ -34,7 +34,7 @@ from .codegen import (
     split_fixed,
     with_fixed,
 )
-from .model import preserved, stand_in
+from .model import own_forward, preserved, stand_in
 from .prune import plan, written_after
 from .state import random_calls_recorded, rebinding_checked
 from .tracer import NO_HINTS, Hints, TapPoint, _TapTracer, is_standard_leaf
@@ -82,6 +82,8 @@ def _root_hazard(model: nn.Module) -> str:
         return f"global module hooks are registered ({found}; fxtap cannot trace through user hooks)"
     if getattr(type(model), "_fxtap_called", False):
         return ""  # a submodule traced on its own: its own __call__ runs its hooks around the graph
+    if own_forward(model) is not None:
+        return "has a forward of its own, set on the object (its class's code, which torch.fx would trace, is not what runs)"
     hooks = _hazards.user_hooks(model)
     return f"{hooks} registered on the model itself (fxtap cannot trace through user hooks)" if hooks else ""
 

@@ -7,6 +7,8 @@ checked before every call by a ``Guard``, and a graph whose guard fails is rebui
 
 - the identity of every child of every module whose code was traced through (a swapped
   submodule), and the class of each of those modules (a parametrization changes it);
+- how many attributes and submodules those modules have: one added after ``tap()`` (an adapter
+  that ``forward`` looks for with ``hasattr``, ``getattr(self, "scale", 1.0)``);
 - the ``forward`` those modules run: the class's (a patched ``Block.forward``) and an instance's
   own (``model.block.forward = ...``; fxtap's routers of a running call excepted);
 - the identity of every parameter and buffer the graph reads itself (``get_attr``): a reassigned
@@ -68,6 +70,8 @@ class Guard:
         self._expected = [d.get(k) for d, k in slots]
         self._typed = typed
         self._types = [type(m) for m in typed]
+        self._sized = [m.__dict__ for m in typed] + [m._modules for m in typed]
+        self._sizes = list(map(len, self._sized))
         self._classes = list({id(type(m)): type(m) for m in typed}.values())
         self._forwards = [getattr(c, "forward", None) for c in self._classes]
         self._plain = [(d, k, v, _contents(v) if type(v) in _CONTAINERS else None) for d, k, v in plain]
@@ -87,6 +91,15 @@ class Guard:
                 return False
         return True
 
+    def _grown_by_routers(self, sizes: list[int]) -> bool:
+        """Whether every attribute added since is a router installed as ``forward`` by a running call."""
+        for attributes, now, then in zip(self._sized, sizes, self._sizes):
+            if now != then:
+                router = attributes.get("forward")
+                if not (now == then + 1 and getattr(router, "fxtap_installed", False) and router.previous is None):
+                    return False
+        return True
+
     def check(self) -> int:
         """``HOLDS``, ``MODE`` (only the grad mode differs) or ``STALE``."""
         # lists compare items by identity first: modules and bools never reach __eq__ unless changed
@@ -94,6 +107,9 @@ class Guard:
         if now != self._expected and not self._routed(now):
             return STALE
         if list(map(type, self._typed)) != self._types:
+            return STALE
+        sizes = list(map(len, self._sized))
+        if sizes != self._sizes and not self._grown_by_routers(sizes):
             return STALE
         if [getattr(c, "forward", None) for c in self._classes] != self._forwards:
             return STALE

@@ -2,7 +2,8 @@
 
 A graph records tensor operations; it does not record what Python does around them. Code that
 changes a global mode (``torch.no_grad``, ``torch.autocast``, ``torch.inference_mode``,
-``torch.utils.checkpoint``'s saved-tensor hooks), runs user hooks (which ``nn.Module.__call__``
+``torch.utils.checkpoint``'s saved-tensor hooks) or the random generator's state
+(``torch.random.fork_rng``, ``torch.manual_seed``), runs user hooks (which ``nn.Module.__call__``
 runs and a graph never does), or keeps Python state on a module (``self.step += 1``, a list used
 as a cache) would run once, at trace time, and never again. ``watching`` makes each of them raise
 ``Hazard`` in the forward that does it, so that ``analysis.analyse`` makes that module an opaque
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-__all__ = ["Hazard", "global_hooks", "is_fxtap_hook", "mark_fxtap_hook", "type_read", "user_hooks", "watching"]
+__all__ = ["Hazard", "global_hooks", "is_fxtap_hook", "mark_fxtap_hook", "rng_state_set_raises", "type_read", "user_hooks", "watching"]
 
 
 class Hazard(RuntimeError):
@@ -127,6 +128,13 @@ def _saved_reason(*args: Any, **kwargs: Any) -> str:
     )
 
 
+def _rng_reason(*args: Any, **kwargs: Any) -> str:
+    return (
+        "sets the random number generator's state (torch.random.fork_rng, set_rng_state or manual_seed), "
+        "which a graph cannot record: its random draws would move the generator on where the eager forward puts it back"
+    )
+
+
 def _setattr_reason(module: nn.Module, name: str, value: Any) -> str:
     if name in module.__dict__.get("_buffers", {}) or name in module.__dict__.get("_parameters", {}):
         return ""  # rebinding a buffer or parameter: state.rebinding_checked decides (``self.calls += 1`` traces)
@@ -141,7 +149,50 @@ def _patches() -> list[tuple[Any, str, Callable[..., Any]]]:
         (torch, "set_autocast_enabled", _autocast_reason),
         (autograd, "_push_saved_tensors_default_hooks", _saved_reason),
         (nn.Module, "__setattr__", _setattr_reason),
+        *_rng_patches(),
     ]
+
+
+def _rng_patches() -> list[tuple[Any, str, Callable[..., Any]]]:
+    """The generator's state, as torch.random.fork_rng and seeding code set it (torch.set_rng_state
+    and torch.random.set_rng_state are two names of one function: code may look up either)."""
+    return [
+        *[(owner, name, _rng_reason) for owner in (torch, torch.random) for name in _RNG_SETTERS],
+        *[(owner, name, _rng_reason) for owner in (torch.cuda, torch.cuda.random) for name in _CUDA_RNG_SETTERS],
+    ]
+
+
+_RNG_SETTERS = ("set_rng_state", "manual_seed", "seed")
+
+
+@contextmanager
+def rng_state_set_raises() -> Iterator[None]:
+    """While the block runs, code in this thread that sets the random generator's state raises
+    ``Hazard`` (torch.export records random draws, not the state the forward puts back); other
+    threads get the original functions."""
+    thread = threading.get_ident()
+    saved: list[tuple[Any, str, Any]] = []
+
+    def raising(original: Callable[..., Any]) -> Callable[..., Any]:
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == thread:
+                raise Hazard(_rng_reason())
+            return original(*args, **kwargs)
+
+        patched.__wrapped__ = original  # type: ignore[attr-defined]
+        return patched
+
+    with _LOCK:
+        try:
+            for owner, name, _ in _rng_patches():
+                original = getattr(owner, name)
+                saved.append((owner, name, original))
+                setattr(owner, name, raising(original))
+            yield
+        finally:
+            for owner, name, original in reversed(saved):
+                setattr(owner, name, original)
+_CUDA_RNG_SETTERS = ("set_rng_state", "set_rng_state_all", "manual_seed", "manual_seed_all", "seed", "seed_all")
 
 
 @contextmanager

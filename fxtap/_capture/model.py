@@ -176,3 +176,11 @@ def hook_counts(model: nn.Module) -> dict[str, Any]:
         for path, module in model.named_modules()
         for kind in kinds
     }
+
+
+def own_forward(module: nn.Module) -> Any:
+    """The ``forward`` set on ``module`` itself, not its class's (fxtap's router of a running call,
+    ``fxtap_installed``, looked through); ``None`` when there is none. torch.fx traces a root's
+    class ``forward`` whatever the object holds."""
+    forward = module.__dict__.get("forward")
+    return forward.previous if getattr(forward, "fxtap_installed", False) else forward

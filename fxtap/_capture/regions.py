@@ -35,7 +35,7 @@ from . import hooks as _hooks
 from . import names as _names
 from .edit import Patch
 from .hazards import is_fxtap_hook
-from .model import ModelPaths, stand_in
+from .model import ModelPaths, own_forward, stand_in
 
 __all__ = ["Region", "Resolution", "resolve", "serve", "trace_alone"]
 
@@ -131,13 +131,6 @@ def _call_template(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Temp
 
 
 _OWN_FORWARD = "has a forward of its own, set on the object (its class's code is not what runs): it runs eagerly"
-
-
-def own_forward(module: nn.Module) -> Any:
-    """The ``forward`` set on ``module`` itself, not its class's (fxtap's router of a running call
-    looked through); ``None`` when there is none."""
-    forward = module.__dict__.get("forward")
-    return forward.previous if isinstance(forward, _Router) else forward
 
 
 def _default_template(module: nn.Module) -> _Template:

@@ -11,6 +11,7 @@ import copy
 import types
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from types import SimpleNamespace
 from typing import Any
 
@@ -406,3 +407,55 @@ def test_an_instance_forward_set_before_tap_is_what_runs(root: type[nn.Module]) 
     _check(tapped, model, torch.randn(3, 4))
     if root is EagerRoot:
         assert "forward of its own" in tapped.report()
+
+
+@pytest.mark.parametrize("when", ["before_tap", "after_tap"])
+def test_a_forward_set_on_the_model_object_is_what_runs(when: str) -> None:
+    torch.manual_seed(0)
+    model, x = Net().eval(), torch.randn(3, 4)
+
+    def patch() -> None:
+        model.forward = types.MethodType(lambda self, x: self.head(self.block(self.stem(x) * 3)), model)  # type: ignore[method-assign]
+
+    if when == "before_tap":
+        patch()
+    tapped = _quiet_tap(model, ["stem", "block.fc", "block", "head"])
+    tapped(x)
+    if when == "after_tap":
+        patch()
+    with pytest.warns(fxtap.FallbackWarning, match="forward of its own") if when == "after_tap" else nullcontext():
+        _check(tapped, model, x)  # rebuilt: the model now runs eagerly
+    _check(tapped, model, x)  # the export frontend's graph, after its first call
+    assert "forward of its own" in tapped.report()
+
+
+class Optional_(nn.Module):
+    """Looks for what may be added later: an adapter submodule, a scale attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        if hasattr(self, "adapter"):
+            y = y + self.adapter(x)
+        return y * getattr(self, "scale", 1.0)
+
+
+@pytest.mark.parametrize("root", ["traced_root", "eager_root", "exported_root"])
+def test_a_submodule_or_attribute_added_after_tap_is_seen_on_the_next_call(root: str) -> None:
+    torch.manual_seed(0)
+    model: nn.Module = {"traced_root": Net, "eager_root": EagerRoot, "exported_root": ExportableRoot}[root]()
+    model.block = Optional_()
+    model.eval()
+    x = torch.randn(3, 4)
+    tapped = _quiet_tap(model, ["block.fc", "block"])
+    tapped(x)
+    tapped(x)
+    for change in (lambda: setattr(model.block, "adapter", nn.Linear(4, 4)), lambda: setattr(model.block, "scale", 3.0)):
+        change()
+        out = tapped(x)
+        truth = hook_truth(model, x)
+        assert_same(out["block"], truth["block"])
+        assert_same(out["output"], truth["output"])

@@ -497,8 +497,8 @@ class IntShape(Untraceable):
 
 
 class Ctx(Untraceable):
-    """A context manager in forward (grad mode, autocast): a graph cannot record it, so fxtap
-    runs this block eagerly, exactly as untraceable code."""
+    """A context manager in forward (grad mode, autocast, the random generator's state put back):
+    a graph cannot record it, so fxtap runs this block eagerly, exactly as untraceable code."""
 
     def __init__(self, f: nn.Module, how: str) -> None:
         super().__init__()
@@ -515,6 +515,15 @@ class Ctx(Untraceable):
         elif self.how == "enable_grad":
             with torch.enable_grad():
                 y = self.f(x)
+        elif self.how == "fork_rng":  # draws that leave the generator where it was, then one more
+            with torch.random.fork_rng():
+                y = self.f(x) + torch.randn_like(x)
+            y = y + torch.randn_like(x)
+        elif self.how == "rng_state":
+            state = torch.get_rng_state()
+            y = self.f(x) * torch.rand_like(x)
+            torch.set_rng_state(state)
+            y = y + torch.rand_like(x)
         else:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = self.f(x)
@@ -671,7 +680,7 @@ _HOW = {
     "repeat": ("chain2", "chain3", "sum2", "sum3"),
     "pair": ("tuple", "dict", "namedtuple", "dataclass"),
     "state": ("ema", "counter", "last", "queue"),
-    "ctx": ("no_grad", "set_grad_enabled", "enable_grad", "autocast"),
+    "ctx": ("no_grad", "set_grad_enabled", "enable_grad", "autocast", "fork_rng", "rng_state"),
     "hooked": ("forward", "pre", "kwargs"),
     "typedpair": ("tuple", "dict", "namedtuple", "dataclass", "tensor"),
     "shapes": ("shape", "size", "unpack", "setitem"),
