@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -26,9 +27,11 @@ import torchvision
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the fxtap of this checkout, not whichever one is installed
+
 import fxtap
 
-ROOT = Path(__file__).resolve().parent.parent
 Row = list[Any]
 
 
@@ -291,45 +294,61 @@ def case_guard(batch: int, rounds: int, device: str) -> list[Row]:
 
 
 def case_export(batch: int, rounds: int, device: str, quick: bool = False) -> list[Row]:
-    """The torch.export frontend on a Hugging Face model (BERT, 4 layers of width 256, random
-    weights, sequences of 128 tokens; width 64 and 16 tokens with --quick): build cost (``tap()`` and the calls until the graph serves,
-    the export frontend against mixed mode alone) and the forward of a tapped call against a
-    plain call of the model."""
+    """The torch.export frontend on every Hugging Face model of the matrix (benchmarks/hf_models.py:
+    4 layers of width 256, random weights, 8 x 128 tokens or 8 images of 224 x 224; width 64 and
+    16 tokens with --quick), each layer's output tapped: build cost (``tap()`` and the calls until
+    the graph serves, the export frontend against mixed mode alone) and the forward of a tapped
+    call against a plain call of the model, side by side per model."""
     import contextlib
     from unittest import mock
 
-    from transformers import BertConfig, BertModel
+    from hf_models import BENCHES, layers
 
     from fxtap._capture import export as frontend
 
-    torch.manual_seed(0)
     width, length = (64, 16) if quick else (256, 128)  # --quick: a smoke run
-    config = BertConfig(vocab_size=1000, hidden_size=width, num_hidden_layers=4, num_attention_heads=4, intermediate_size=4 * width)
-    model = BertModel(config).eval().to(device)
-    tokens = torch.randint(0, 1000, (batch, length), device=device)
-    names = [f"encoder.layer.{i}" for i in range(4)] + ["encoder.layer.1.attention.output.add"]
 
     def mixed_only() -> Any:
         return mock.patch.object(frontend, "applies", lambda placement, mode: False)  # today's mixed mode, for comparison
 
-    def built(exported: bool) -> fxtap.Tapped:
-        with mixed_only() if not exported else contextlib.nullcontext(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", fxtap.FallbackWarning)
-            tapped = fxtap.tap(model, names)
-            tapped(tokens)  # the first call: mixed mode, and the export
-            tapped(tokens)
-        return tapped
+    rows: list[Row] = []
+    for bench in BENCHES:
+        model = bench.build(width).to(device)
+        inputs = bench.inputs(batch, length, device)
+        names = layers(model) + list(bench.extra)
 
-    with torch.no_grad():
-        build = interleaved({"mixed mode": lambda: built(False), "export frontend": lambda: built(True)}, max(2, rounds // 2), device)
-        exported, mixed = built(True), built(False)
-        assert exported.mode == "export" and mixed.mode == "mixed", (exported.mode, mixed.mode)
-        calls = interleaved({"plain model": lambda: model(tokens), "mixed mode": lambda: mixed(tokens), "export frontend": lambda: exported(tokens)}, rounds, device)
-    label = f"7. transformers BertModel (4x{width}, {batch}x{length} tokens)"
-    rows: list[Row] = [[f"{label} build", n, f"{t * 1000:.1f}", f"{t / build['mixed mode']:.2f}", ""] for n, t in build.items()]
-    targets = {"export frontend": "<= 1.05"}
-    rows += [[f"{label} forward", n, f"{t * 1000:.1f}", f"{t / calls['plain model']:.3f}", targets.get(n, "")] for n, t in calls.items()]
+        def built(exported: bool) -> fxtap.Tapped:
+            with mixed_only() if not exported else contextlib.nullcontext(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", fxtap.FallbackWarning)
+                tapped = fxtap.tap(model, names, keep_output=bench.keep_output)  # noqa: B023 - called in this iteration
+                tapped(*inputs)  # noqa: B023 - the first call: mixed mode, and the export
+                tapped(*inputs)  # noqa: B023
+            return tapped
+
+        with torch.no_grad():
+            build = interleaved({"mixed mode": lambda: built(False), "export frontend": lambda: built(True)}, max(2, rounds // 2), device)
+            exported, mixed = built(True), built(False)
+            assert exported.mode == "export" and mixed.mode in ("mixed", "hooks"), (bench.name, exported.mode, mixed.mode, exported.report())
+            calls = interleaved(
+                {"plain model": lambda: model(*inputs), "mixed mode": lambda: mixed(*inputs), "export frontend": lambda: exported(*inputs)},  # noqa: B023
+                rounds, device,
+            )  # fmt: skip
+        shape = "x".join(map(str, inputs[0].shape))
+        label = f"7. {bench.name} ({width} wide, {shape})"
+        rows += [[f"{label} build", n, f"{t * 1000:.1f}", f"{t / build['mixed mode']:.2f}", ""] for n, t in build.items()]
+        targets = {"export frontend": "<= 1.05"}
+        rows += [[f"{label} forward", n, f"{t * 1000:.1f}", f"{t / calls['plain model']:.3f}", targets.get(n, "")] for n, t in calls.items()]
+        print(f"{label}: build {build['export frontend'] / build['mixed mode']:.2f}x mixed mode, forward "
+              f"{calls['export frontend'] / calls['plain model']:.3f}x plain, load {load()}", file=sys.stderr, flush=True)  # fmt: skip
     return rows
+
+
+def load() -> str:
+    """The machine's load averages over 1, 5 and 15 minutes (``uptime``), or "?" where unknown."""
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return "?"
 
 
 def plot(results: dict[int, tuple[float, float]], path: Path) -> None:
@@ -360,10 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="batch 1, fewer rounds and depths: a smoke run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--only", choices=["guard", "edit", "export"], help="run only these rows (and print them; docs/ is left alone)")
+    parser.add_argument("--write-export", action="store_true", help="with --only export: put case 7 into docs/benchmarks.md, the rest as it is")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch's intra-op threads (default: all)")
     args = parser.parse_args(argv)
     batch = 1 if args.quick else 8
     rounds = 2 if args.quick else args.rounds
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     headers = ["case", "contender", "median", "ratio", "target", "page faults/call"]
     if args.only == "guard":
         from fxtap._text import table
@@ -374,13 +395,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "export":
         from fxtap._text import table
 
-        print(table(headers[:5], case_export(batch, rounds, args.device, args.quick)))
+        before = load()
+        rows = case_export(batch, rounds, args.device, args.quick)
+        print(table(headers[:5], rows))
+        if args.write_export:
+            page = ROOT / "docs" / "benchmarks.md"
+            kept = [line for line in page.read_text().split("\n") if not line.startswith("| 7. ")]  # case 7 of a full run
+            text = "\n".join(kept).split(EXPORT_SECTION)[0].rstrip("\n")
+            page.write_text(text + "\n\n" + export_section(rows, args, batch, before))
         return 0
     if args.only == "edit":
         from fxtap._text import table
 
         print(table(["case", "contender", "median", "ratio", "target", "page faults/call"], case_edit("resnet50", batch, rounds, args.device)))
         return 0
+    before = load()
     for arch in STAGES:
         rows += case_stages(arch, batch, rounds, args.device)
         rows += case_early(arch, batch, rounds, args.device)
@@ -397,13 +426,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(table(headers, rows))
     if not args.no_write:
-        write_docs(headers, rows, args, batch)
+        write_docs(headers, rows, args, batch, before)
         plot(scale, ROOT / "docs" / "img" / "benchmarks.png")
     return 0
 
 
-def write_docs(headers: list[str], rows: list[Row], args: argparse.Namespace, batch: int) -> None:
+def write_docs(headers: list[str], rows: list[Row], args: argparse.Namespace, batch: int, before: str) -> None:
     from tabulate import tabulate
+
+    export_rows = [row for row in rows if str(row[0]).startswith("7. ")]
+    rows = [row for row in rows if row not in export_rows]
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else (platform.processor() or platform.machine())
     text = [
@@ -429,8 +461,41 @@ def write_docs(headers: list[str], rows: list[Row], args: argparse.Namespace, ba
         "",
         "![scaling](img/benchmarks.png)",
         "",
+        export_section(export_rows, args, batch, before),
     ]
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(text))
+
+
+EXPORT_SECTION = "## Case 7: Hugging Face models, the torch.export frontend"
+
+
+def export_section(rows: list[Row], args: argparse.Namespace, batch: int, before: str) -> str:
+    """Case 7's part of docs/benchmarks.md: a full run writes it, and so does ``--only export --write-export``."""
+    from tabulate import tabulate
+
+    return "\n".join([
+        EXPORT_SECTION,
+        "",
+        "Every Hugging Face model of the model matrix (docs/models.md; `benchmarks/hf_models.py`: random",
+        "weights, 4 layers of width 256, 8 sequences of 128 tokens or 8 images of 224 x 224), each",
+        "layer's output tapped (and the model's output with its `DynamicCache` for the `+cache`, Mistral",
+        "and Qwen2 rows). **build**: `fxtap.tap()` and the two calls after which the graph serves, the",
+        "torch.export frontend against mixed mode alone (`export.applies` patched off), the ratio to",
+        "mixed mode. **forward**: a tapped call against a plain call of the model, under `torch.no_grad()`",
+        "(the export frontend is not used in inference mode), the ratio to the plain call. Where a decoder",
+        "is traced, transformers builds its causal mask as a tensor (eagerly it passes `is_causal=True`",
+        "and no mask), so the graph's attention takes a mask: equal values, a little more work. The load",
+        "average is printed because on a loaded machine one model's ratio moves by several percent from",
+        "run to run: compare runs, not digits.",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; `python benchmarks/run.py --only export --write-export --threads {args.threads} --rounds {args.rounds}`"
+        if args.only else f"- date: {datetime.date.today().isoformat()}; the full run above",
+        f"- {torch.get_num_threads()} thread(s), batch {batch}, {args.rounds if not args.quick else 2} rounds (build: half as many)",
+        f"- load average (1, 5, 15 min) before: {before}; after: {load()}",
+        "",
+        tabulate(rows, headers=["case", "contender", "median", "ratio", "target"], tablefmt="github", disable_numparse=True),
+        "",
+    ])
 
 
 if __name__ == "__main__":

@@ -85,13 +85,17 @@ def render(rows: list[tuple[Case, matrix.Result | None, str]], seconds: float) -
         "them all; `export`: the model's own forward cannot be traced, and one torch.export graph of the",
         "tapped call computes them all from the second call on, see docs/fallback.md;",
         "`mixed`: the model's own forward, or part of it, runs eagerly and children are traced on their own;",
-        "`hooks`: nothing traced). **FX names** is how many of the names tested come from a graph; **FX leaf",
-        "modules** is the same for every leaf module the forward calls. **Build** is `fxtap.tap()` plus the",
-        "graphs built on the first call, in seconds.",
+        "`hooks`: nothing traced). **graph names** is how many of the names tested come from a graph after",
+        "two calls (an FX graph, or in `export` rows the one torch.export graph); **FX leaf modules** is, for",
+        "every leaf module the forward calls, how many of them FX captures as `tap()` places them, before a",
+        "call (in `export` rows the torch.export graph computes every one of them from the second call on).",
+        "**Build** is `fxtap.tap()` plus the graphs built on the first call (the export too), in seconds.",
         "",
         f"**{len(rows)} models**: " + ", ".join(f"{k}: **{v}**" for k, v in counts.items()) + ".",
         "",
-        "| model | status | mode | FX names | FX leaf modules | names tested | build (s) | input |",
+        _hf_line(rows),
+        "",
+        "| model | status | mode | graph names | FX leaf modules | names tested | build (s) | input |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for case, result, problem in rows:
@@ -130,6 +134,16 @@ def render(rows: list[tuple[Case, matrix.Result | None, str]], seconds: float) -
         "",
     ]
     return "\n".join(lines)
+
+
+def _hf_line(rows: list[tuple[Case, matrix.Result | None, str]]) -> str:
+    """What the Hugging Face rows show: how many of them run as one torch.export graph."""
+    hf = [(c, r) for c, r, _ in rows if c.family == "transformers"]
+    one = [c.short for c, r in hf if r is not None and r.mode == "export" and r.fx_names == len(r.names)]
+    other = [c.short for c, _ in hf if c.short not in one]
+    line = f"**Hugging Face transformers**: {len(one)} of {len(hf)} models run as one torch.export graph from the second call on"
+    line += " (every name tested from it; a `DynamicCache` the model returns comes back as a new, equal cache each call)"
+    return line + (f"; not: {', '.join(other)}." if other else ".")
 
 
 def _input(case: Case) -> str:

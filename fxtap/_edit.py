@@ -76,7 +76,11 @@ class Edited(Tapped):
     @property
     def mode(self) -> str:
         """How the edits are applied in the current train/eval mode: ``"fx"`` (one graph holds the
-        model and every edit), ``"hooks"`` (forward hooks on an eagerly running model) or ``"mixed"``."""
+        model and every edit), ``"export"`` (one ``torch.export`` graph of a model FX cannot trace
+        holds them, from the second call of an input signature on), ``"hooks"`` (forward hooks on
+        an eagerly running model) or ``"mixed"``."""
+        if self._last_runner().mode == "export":
+            return "export"
         placement = self._placement()
         if not placement.eager_root and not placement.edits.hooks:
             return "fx"
@@ -84,17 +88,20 @@ class Edited(Tapped):
 
     @property
     def paths(self) -> dict[str, str]:
-        """Each edited name mapped to ``"fx"`` (in a graph) or ``"hook"`` (a forward hook)."""
+        """Each edited name mapped to ``"fx"`` (in a graph), ``"hook"`` (a forward hook) or
+        ``"export"`` (in the one ``torch.export`` graph of a model FX cannot trace)."""
         placed = self._placement().edits
-        return {name: placed.path(name) for name in self._edits}
+        exported = self._last_runner().mode == "export"
+        return {name: "export" if exported else placed.path(name) for name in self._edits}
 
     def report(self) -> str:
         """A table: one row per edit with its kind, path, module type and fallback reason."""
         from ._text import table
 
-        placed = self._placement().edits
+        placed, paths = self._placement().edits, self.paths
+        note = getattr(self._last_runner(), "note", "")  # the export frontend: its graph, or why none
         rows = [
-            [name, _kind(module), placed.path(name), placed.module_types.get(name, ""), placed.reasons.get(name, "")]
+            [name, _kind(module), paths[name], placed.module_types.get(name, ""), "; ".join(filter(None, [placed.reasons.get(name, ""), note]))]
             for name, module in self._edits.items()
         ]
         return table(["name", "edit", "path", "module type", "reason"], rows)
@@ -102,9 +109,12 @@ class Edited(Tapped):
     def graph_module(self) -> fx.GraphModule:
         """The ``torch.fx.GraphModule`` of the edited model (non-tensor arguments at their
         defaults), returning ``{"output": ...}``: the form to hand to ``torch.export`` or ONNX.
+        For a model only the torch.export frontend captures, the last call's graph (see
+        ``Tapped.graph_module``).
 
         Raises:
-            FxtapError: some edits are applied by hooks, which no graph can hold.
+            FxtapError: some edits are applied by hooks, which no graph can hold; or (export
+                frontend) no call yet, or a function edit kept the call in mixed mode.
         """
         return super().graph_module()
 

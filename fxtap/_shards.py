@@ -33,6 +33,7 @@ from . import _features, _ranks
 from ._errors import FxtapError
 from ._pool import Pool, describe, pool_of
 from ._pool import pool as pool_value
+from ._values import as_call
 
 __all__ = ["BatchFailedError", "Job", "Split", "plan", "planned", "run_planned", "run_stream"]
 
@@ -290,12 +291,9 @@ def _rows(job: Job, inputs: Any, n: int) -> dict[str, tuple[torch.Tensor, dict[s
 
 
 def _call(tapped: nn.Module, inputs: Any) -> dict[str, Any]:
+    args, kwargs = as_call(inputs)
     try:
-        if isinstance(inputs, Mapping):
-            return dict(tapped(**inputs))
-        if isinstance(inputs, (tuple, list)):
-            return dict(tapped(*inputs))
-        return dict(tapped(inputs))
+        return dict(tapped(*args, **kwargs))
     except FxtapError:
         raise
     except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:

@@ -24,13 +24,18 @@ from ._capture import (
     describe,
     exclusive,
     normalize_request,
+    produced,
     unwrap,
 )
 from ._capture import call_spec as _call
 from ._capture import edit_modules
+from ._capture.export import ExportRunner
+from ._capture.export_edits import edit_refusal
+from ._capture.exported import graph_module as exported_graph_module
 from ._capture.guard import GraphCache, freeze
 from ._capture.guard import of_runner as guard_of
 from ._errors import FallbackWarning, FxtapError, TapNameError, TraceFailedError
+from ._values import as_call
 
 __all__ = ["FeatureInfo", "Mode", "Tapped", "names", "tap"]
 
@@ -137,25 +142,54 @@ def _tapped(
 
 def names(
     model: nn.Module,
+    example_inputs: Any = None,
     *,
     train: bool = False,
     mode: Mode = "auto",
     leaf_modules: Sequence[type[nn.Module]] | None = None,
     autowrap_functions: Sequence[Callable[..., Any]] | None = None,
 ) -> list[str]:
-    """Every name ``tap()`` accepts for ``model`` in train or eval mode, in graph order.
+    """Every name ``tap()`` accepts for ``model`` in train or eval mode, in graph order; with
+    ``example_inputs``, exactly the names that a call with those inputs produces.
 
-    Names of modules that only hooks can reach (inside untraceable code) follow the FX names.
-    Later calls of such a module (``blk_1``) are known only once the model runs. Give
-    ``leaf_modules`` and ``autowrap_functions`` as to ``tap()``: they change the names.
+    Without inputs the names are read from the code, and no call is made. Where the model's
+    code runs eagerly (a forward FX cannot trace: every Hugging Face model), every module under
+    that code is listed, and some of them may never be called (a dropout that fused attention
+    skips, an embedding the forward does not use, a branch not taken): tapping such a name raises
+    ``MissingCallError``. Names of modules that only hooks can reach follow the FX names; later
+    calls of them (``blk_1``) are not listed.
+
+    With ``example_inputs`` the model runs once (without gradients, in the mode ``train`` picks;
+    its buffers, the RNG state and its mode are left as they were), and the result is what that
+    call produces: the names above that it produced, in the same order, plus the later calls of
+    modules and ops (``blk_1``, ``blk.add_1``), each right after the calls before it. So
+    ``fxtap.tap(model, fxtap.names(model, x))(x)`` returns a value for every name. In train mode
+    the call draws from the current RNG state (and gives it back): seed the RNG alike before
+    ``names`` and before the tapped call when a random draw decides what runs.
+
+    Args:
+        model: any ``nn.Module``; it is not changed.
+        example_inputs: inputs as for one batch of ``fxtap.extract``: a tensor (``model(x)``), a
+            tuple or list (``model(*inputs)``) or a dict of keyword arguments (``model(**inputs)``).
+        train: list the names of train mode (``if self.training:`` branches, dropout).
+        mode: as for ``tap()``.
+        leaf_modules: as for ``tap()``; it changes the names.
+        autowrap_functions: as for ``tap()``; it changes the names.
 
     Example:
-        >>> import torchvision, fxtap
+        >>> import torch, torchvision, fxtap
         >>> fxtap.names(torchvision.models.resnet18())[:6]
         ['x', 'conv1', 'bn1', 'relu', 'maxpool', 'layer1.0.conv1']
+        >>> len(fxtap.names(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)))
+        85
     """
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}")
     hints = Hints.checked(leaf_modules, autowrap_functions)
-    return [info.name for info in describe(model, train=train, mode=mode, hints=hints)]
+    if example_inputs is None:
+        return [info.name for info in describe(model, train=train, mode=mode, hints=hints)]
+    args, kwargs = as_call(example_inputs)
+    return produced(model, args, kwargs, train=train, mode=mode, hints=hints)
 
 
 class Tapped(nn.Module):
@@ -256,10 +290,21 @@ class Tapped(nn.Module):
         It takes the model's inputs (non-tensor arguments at their defaults) and returns the
         same dict as the ``Tapped``: the form to hand to ``torch.export``, ONNX or TorchScript.
 
+        For a model only the torch.export frontend captures (``mode == "export"``: a Hugging Face
+        model), it is the graph of the *last call*'s input signature, exported again as
+        ``ExportedProgram.module()``: it takes the model's arguments as that call passed them
+        (positional and keyword), its non-tensor arguments fixed at that call's values (another
+        value raises), tensor sizes dynamic where torch.export kept them so. Call the Tapped
+        once with example inputs first.
+
         Raises:
             FxtapError: some names are captured by hooks, which no graph can hold; the message
-                names the untraceable code.
+                names the untraceable code. For an export-captured model: no call yet, or the
+                last call could not be exported (the message says why).
         """
+        last = self._last_runner()
+        if isinstance(last, ExportRunner):
+            return exported_graph_module(last, self.model)
         runner = self._runner(self._spec)
         why = runner.placement.why_no_single_graph()
         if why or runner.graph is None:
@@ -382,15 +427,18 @@ def _eager_root_message(fallbacks: dict[str, tuple[str, str]], placement: Placem
     traced = len(placement.fx) if placement is not None else 0
     did = f"the model runs eagerly; {traced} of {requested} requested names come from submodules traced on their own"
     did += ", the others from forward hooks" if traced < requested else ""
-    if requested and placement is not None and not placement.edits.fx and not placement.edits.hooks:
-        did += (
-            ". After the first call with each input signature, fxtap exports that call with torch.export (non-strict)"
-            " and runs it as one graph, same names and values; Tapped.mode is \"export\" then, or says why not"
-        )
     if requested == 0 and placement is not None:  # fxtap.edit: edits only
         graphs, hooked = len(placement.edits.fx), len(placement.edits.hooks)
         did = f"the model runs eagerly; {graphs} of {graphs + hooked} edits are applied in graphs of submodules traced on their own"
         did += ", the others by forward hooks" if hooked else ""
+    refused = edit_refusal(placement) if placement is not None else ""
+    if placement is not None and (requested or placement.edits.fx or placement.edits.hooks) and not refused:
+        did += (
+            ". After the first call with each input signature, fxtap exports that call with torch.export (non-strict)"
+            " and runs it as one graph, same names and values; .mode is \"export\" then, or .report() says why not"
+        )
+    elif refused:
+        did += f"; {refused}"
     return (
         f"fxtap: torch.fx cannot trace the forward of {root_type} itself: {reason}"
         + (f"\n  Also untraceable:{others}" if others else "")

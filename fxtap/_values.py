@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["Frozen", "assert_is_none", "copy_value", "detach_value", "frozen", "holds_tensor", "map_tensors", "thawed"]
+__all__ = ["Frozen", "as_call", "assert_is_none", "copy_value", "detach_value", "frozen", "holds_tensor", "map_tensors", "thawed"]
 
 
 class Frozen:
@@ -117,6 +117,16 @@ def assert_is_none(value: Any, msg: str) -> None:
 for _helper in (copy_value, detach_value):
     _helper.__annotations__ = {"value": Any, "return": Any}  # objects, not strings: TorchScript reads them
 assert_is_none.__annotations__ = {"value": Any, "msg": str, "return": None}
+
+
+def as_call(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A model's inputs as one argument: a dict of keyword arguments (``model(**inputs)``), a tuple
+    or list of positional ones (``model(*inputs)``), or anything else, one positional argument."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
 
 
 def holds_tensor(value: Any) -> bool:

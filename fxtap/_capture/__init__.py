@@ -5,6 +5,7 @@ It imports nothing above it (``fxtap._tap``, ``_compare``, ``_deploy`` and the C
 
 - ``describe(model, train=..., mode=...)``: every tap name with its kind, module type and path;
 - ``locate(model, name)``: the trace whose graph holds the node of ``name``;
+- ``produced(model, args, kwargs, ...)``: the tap names that one call produces (``produced.py``);
 - ``analyse`` / ``assign`` / ``Runner``: the steps ``fxtap.tap`` builds a call from (see
   docs/architecture.md for how a call flows).
 """
@@ -15,11 +16,13 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
+from .._errors import TapNameError
 from . import export as _export
 from . import fx as _fx
+from . import produced as _produced
 from . import regions as _regions
 from .analysis import Analysis, analyse
-from .call_spec import default_concrete_args, depends_on_arguments
+from .call_spec import CallSpecs, default_concrete_args, depends_on_arguments
 from .edit import as_modules as edit_modules
 from .fx import NO_HINTS, Hints, Traced, exclusive, realize
 from .hooks import HookTarget, hook_targets
@@ -46,6 +49,7 @@ __all__ = [
     "hook_targets",
     "locate",
     "normalize_request",
+    "produced",
     "realize",
     "unwrap",
 ]
@@ -68,14 +72,18 @@ class Located(NamedTuple):
     module: nn.Module
 
 
-def describe(model: nn.Module, *, train: bool = False, mode: str = "auto", hints: Hints = NO_HINTS) -> list[NameInfo]:
+def describe(
+    model: nn.Module, *, train: bool = False, mode: str = "auto", hints: Hints = NO_HINTS, concrete_args: dict[str, Any] | None = None
+) -> list[NameInfo]:
     """Every tap name of ``model`` in train or eval mode, in graph order (FX names first, then
-    the names only hooks reach), with the non-tensor arguments at their defaults."""
+    the names only hooks reach), with the non-tensor arguments at their defaults (or at
+    ``concrete_args``)."""
     model = unwrap(model)
     if model.training != train or any(m.training != train for m in model.modules()):
         model = in_mode(model, train)  # the user's model keeps its mode: another thread may be running it
     # the engine never warns: its callers decide what to say
-    analysis = analyse(model, mode=mode, concrete_args=default_concrete_args(model), hints=hints)
+    args = default_concrete_args(model) if concrete_args is None else concrete_args
+    analysis = analyse(model, mode=mode, concrete_args=args, hints=hints)
     if analysis.traced is not None or mode != "auto":
         graph_names: dict[str, tuple[str, str]] = (
             {n: (p.kind, p.module_type) for n, p in analysis.traced.points.items()} if analysis.traced is not None else {}
@@ -161,3 +169,29 @@ def build(
     if graph is None and _export.applies(placement, mode):  # one torch.export graph from the first call on, if it exports
         return _export.ExportRunner(placement, keep_output=keep_output, detach=detach)
     return make_runner(placement, graph, keep_output=keep_output, detach=detach)
+
+
+def produced(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *, train: bool, mode: str = "auto", hints: Hints = NO_HINTS
+) -> list[str]:
+    """The tap names that one call of ``model`` (in train or eval mode) with these arguments
+    produces, as ``tap`` runs it: ``describe``'s names that the call produced, in its order,
+    with later calls (``blk_1``) after earlier ones. The model is run once, left as it was."""
+    model = in_mode(unwrap(model), train)  # a twin: the user's model keeps its mode and attribute dicts
+    calls = CallSpecs(model)
+    concrete = dict(calls.spec(args, kwargs, checked=calls.default))
+    listed = [info.name for info in describe(model, train=train, mode=mode, hints=hints, concrete_args=concrete)]
+    request = dict.fromkeys(listed, "")
+    while True:  # a name listed for the default arguments may not exist for this call's
+        try:
+            with exclusive():
+                runner = build(model, {n: n for n in request}, mode=mode, concrete_args=concrete, keep_output=False, detach=True, hints=hints)
+            break
+        except TapNameError as error:
+            unknown = set(getattr(error, "unknown", ())) & set(request)
+            if not unknown:
+                raise
+            request = {n: "" for n in request if n not in unknown}
+    with _produced.untouched(model, args, kwargs):
+        recorder = _produced.record(runner, model, args, kwargs)
+    return _produced.ordered(_produced.checked(recorder, model, runner.placement), listed)

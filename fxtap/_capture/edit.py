@@ -37,6 +37,7 @@ class Patch(nn.Module):
     """A tensor edit: the value is replaced by ``tensor``, broadcast as in ``torch.where``."""
 
     _fxtap_pure = True  # its result never aliases its input and it writes nothing (see prune)
+    tensor: torch.Tensor  # a buffer (registered in __init__)
 
     def __init__(self, name: str, tensor: torch.Tensor) -> None:
         super().__init__()
@@ -44,7 +45,7 @@ class Patch(nn.Module):
         self.register_buffer("tensor", tensor, persistent=False)
 
     def forward(self, value: Any) -> torch.Tensor:
-        tensor: torch.Tensor = self.tensor
+        tensor = self.tensor
         if not isinstance(value, torch.Tensor):
             raise FxtapError(
                 f"edit {self.name!r}: a tensor cannot replace a value of type {type(value).__name__}; "
@@ -188,6 +189,7 @@ def _unpack(
             parts.append((item, result))
             return
         getter: Any = operator.getitem
+        pairs: list[tuple[Any, Any]]
         if isinstance(item, Made):  # a namedtuple, dataclass or ModelOutput: its fields
             pairs = list(item.fields.items())
             getter = operator.getitem if issubclass(item.cls, dict) else getattr
@@ -208,6 +210,8 @@ def _unpack(
             if position.get(member, cutoff + 1) > cutoff:
                 continue  # a node made after the edit point is computed from the edit already
             current = done.remap(member, key)
+            if not isinstance(current, fx.Node):
+                raise AssertionError(f"expected a node for {member}, got {type(current).__name__}")
             for user in list(current.users):
                 if position.get(user, -1) > cutoff:  # original nodes after the edit point (inserted ones never)
                     user.replace_input_with(current, replacement)

@@ -34,8 +34,13 @@ from torch import nn
 from .._errors import summary
 from . import fx as _fx
 from . import guard as _guard
+from .edit import Patch
+from .export_edits import edit_modules, edit_refusal
+from .export_edits import edit_paths as _edit_paths
+from .export_edits import meta as _meta
 from .hazards import global_hooks, rng_state_set_raises, user_hooks
 from .model import preserved
+from .outputs import Outputs, made_before
 from .placement import Placement
 from .runner import EagerRunner
 
@@ -44,8 +49,8 @@ __all__ = ["ExportRunner", "applies"]
 
 def applies(placement: Placement, mode: str) -> bool:
     """Whether ``placement`` may run as one exported graph: the root runs eagerly in
-    ``mode="auto"`` and no edit is asked for (edits stay on the paths that apply them today)."""
-    return mode == "auto" and placement.eager_root and not placement.edits.fx and not placement.edits.hooks
+    ``mode="auto"`` (edits included: ``edit_refusal`` says which keep mixed mode, and why)."""
+    return mode == "auto" and placement.eager_root
 
 
 class _Entry(NamedTuple):
@@ -53,44 +58,20 @@ class _Entry(NamedTuple):
 
     module: nn.Module | None  # ``ExportedProgram.module()``: takes the model's arguments, returns the tensors
     reason: str  # why there is no graph ("" when there is one)
-    outputs: _Outputs | None = None  # how the dict is rebuilt around the graph's tensors
+    outputs: Outputs | None = None  # how the dict is rebuilt around the graph's tensors
     shapes: _Shapes | None = None  # which input shapes the graph serves
+    patches: tuple[tuple[torch.Tensor, Any], ...] = ()  # each tensor edit, with the shape, dtype and device baked in
+    example: tuple[pytree.TreeSpec, tuple[Any, ...]] | None = None  # the call's structure; its tensors as (shape, dtype, device)
 
     def fits(self, leaves: list[Any]) -> bool:
+        if any(_meta(tensor) != meta for tensor, meta in self.patches):  # ``.data =`` gave an edit tensor another shape
+            return False
         return self.shapes is None or self.shapes.fit(leaves)
 
     def __call__(self, tensors: list[torch.Tensor]) -> dict[str, Any]:
         if self.module is None or self.outputs is None:
             raise AssertionError("expected an exported graph, found none")
         return self.outputs.rebuild(self.module(*tensors))
-
-
-class _Outputs(NamedTuple):
-    """The dict a call returns, split into what the graph computes (tensors) and constants of the
-    signature (a dtype, a size, ``None``), which torch.export cannot return and bakes in anyway."""
-
-    spec: pytree.TreeSpec
-    constants: tuple[Any, ...]  # per leaf: the constant, or _COMPUTED
-
-    @classmethod
-    def split(cls, value: Any) -> tuple[_Outputs, list[Any]]:
-        leaves, spec = pytree.tree_flatten(value)
-        computed = [leaf for leaf in leaves if isinstance(leaf, _TRACED)]
-        for leaf in leaves:
-            if not isinstance(leaf, (*_TRACED, *_CONSTANTS)):
-                raise TypeError(f"a tapped value holds a {type(leaf).__name__}, which torch.export cannot return")
-        constants = tuple(_COMPUTED if isinstance(leaf, _TRACED) else leaf for leaf in leaves)
-        return cls(spec, constants), computed
-
-    def rebuild(self, computed: list[Any]) -> dict[str, Any]:
-        values = iter(computed)
-        leaves = [next(values) if c is _COMPUTED else c for c in self.constants]
-        return pytree.tree_unflatten(leaves, self.spec)  # type: ignore[no-any-return]
-
-
-_COMPUTED: Any = object()
-_TRACED = (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)
-_CONSTANTS = (type(None), bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 
 
 class ExportRunner(EagerRunner):
@@ -102,13 +83,16 @@ class ExportRunner(EagerRunner):
         # serves the shapes it was exported for (dynamic dimensions within their range)
         self._graphs: _guard.GraphCache[list[_Entry]] = _guard.GraphCache()
         self._last: _Entry | None = None  # what the last call ran
+        self._served: _Entry | None = None  # the graph of the last call's signature (built by that call, or run), or why none
+        self.edits = edit_modules(placement)  # submodules of the exported call: their tensors are the graph's
+        self._edit_refusal = edit_refusal(placement)
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if torch.compiler.is_compiling():  # torch.compile traces the tapped call itself: mixed mode, as before
             return super().run(model, args, kwargs)
-        key = _signature(args, kwargs)
+        key = _signature(args, kwargs) if not self._edit_refusal else self._edit_refusal
         if isinstance(key, str):
-            self._last = _Entry(None, key)
+            self._last = self._served = _Entry(None, key)
             return super().run(model, args, kwargs)
         tensors = _tensor_leaves(args, kwargs)  # the graph's inputs (the rest of the arguments is in the key)
         entry = self._find(key, tensors)
@@ -117,21 +101,22 @@ class ExportRunner(EagerRunner):
                 entry = self._find(key, tensors)
                 if entry is None:
                     # the whole forward, so that every region graph the export will run exists
-                    before = _attributes(model)
+                    before = _attributes(model, self.edits)
                     out = self._run(model, args, kwargs, stop_early=False)
                     written = _written(before)  # seen eagerly already: no export to try
                     entry = _Entry(None, _WRITES.format(written)) if written else self._export(model, args, kwargs)
                     shelf = self._graphs.lookup(key)
                     if shelf is None:
                         shelf = []
-                        self._graphs.put(key, shelf, _model_guard(model))
+                        self._graphs.put(key, shelf, _model_guard(model, self.edits))
                     shelf.insert(0, entry)  # newest first; a refusal without shapes serves every call
                     if sum(e.module is not None for e in shelf) == _MAX_GRAPHS:  # sizes export could not keep dynamic
                         shelf.append(_Entry(None, f"torch.export not used: {_MAX_GRAPHS} graphs for other sizes of these inputs exist already"))
                     # this call ran in mixed mode: say so, and what the next calls will run
                     self._last = _Entry(None, _BUILT) if entry.module is not None else entry
+                    self._served = entry
                     return out
-        self._last = entry
+        self._last = self._served = entry
         if entry.module is None:
             return super().run(model, args, kwargs)
         return entry(tensors)
@@ -140,7 +125,17 @@ class ExportRunner(EagerRunner):
         shelf = self._graphs.lookup(key)  # None when the model changed since (the guard)
         return next((entry for entry in shelf if entry.fits(leaves)), None) if shelf else None
 
+    def eager(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call in mixed mode (the exported graph's truth), whatever the graphs built."""
+        return super().run(model, args, kwargs)
+
     # -- what the last call did ------------------------------------------------------------------
+    @property
+    def last(self) -> _Entry | None:
+        """The exported graph of the last call's input signature (that call built it, or ran it),
+        or why there is none (``None`` before any call)."""
+        return self._served
+
     @property
     def exported(self) -> bool:
         """Whether the last call ran an exported graph."""
@@ -154,16 +149,21 @@ class ExportRunner(EagerRunner):
         return "export" if self.exported else self.placement.path(name)
 
     def reason(self, name: str) -> str:
-        root_type, why = self.placement.fallbacks[""]
-        if self.exported:
-            return f"one torch.export graph (torch.fx cannot trace {root_type} itself: {why})"
         reason = self.placement.reasons.get(name, "")
-        failed = self._last.reason if self._last is not None else ""
-        return f"{reason}; {failed}" if reason and failed else reason or failed
+        note = self.note
+        return note if self.exported else f"{reason}; {note}" if reason and note else reason or note
+
+    @property
+    def note(self) -> str:
+        """What the last call ran: one torch.export graph and why, or why not ("" before a call)."""
+        if self.exported:
+            root_type, why = self.placement.fallbacks[""]
+            return f"one torch.export graph (torch.fx cannot trace {root_type} itself: {why})"
+        return self._last.reason if self._last is not None else ""
 
     # -- building --------------------------------------------------------------------------------
     def _export(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Entry:
-        refused = _refusal(model)
+        refused = _refusal(model, self.edits)
         if refused:
             return _Entry(None, f"torch.export not tried: {refused}")
         devices = sorted({t.device.index or 0 for t in _tensors(model, args, kwargs) if t.device.type == "cuda"})
@@ -181,7 +181,10 @@ class ExportRunner(EagerRunner):
         shapes = _Shapes.of(module, program, tensors)
         if not shapes.fit(tensors):  # sizes related by expressions fxtap does not solve: this call's shapes only
             shapes = _Shapes.exact(tensors)
-        return _Entry(module, "", call.__dict__["_found"].outputs, shapes)
+        patches = tuple((t, _meta(t)) for m in self.edits if isinstance(m, Patch) and isinstance(t := m.tensor, torch.Tensor))
+        example = pytree.tree_flatten((args, kwargs))
+        leaves = tuple(_meta(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in example[0])
+        return _Entry(module, "", call.__dict__["_found"].outputs, shapes, patches, (example[1], leaves))
 
 
 def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Call, Any]:
@@ -297,6 +300,8 @@ class _Call(nn.Module):
     def __init__(self, runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super().__init__()
         self.model = model  # a submodule: the graph reads the model's own parameters and buffers
+        if runner.edits:  # so are the edit modules: their parameters train, a tensor edit is read live
+            self.edits = nn.ModuleList(runner.edits)
         # torch.export puts back the plain attribute values of the modules it traced: what the
         # forward learns goes to an object of its own, which export leaves alone
         self.__dict__["_runner"], self.__dict__["_found"] = runner, _Found()
@@ -308,11 +313,12 @@ class _Call(nn.Module):
         given = iter(args)
         leaves, spec = found.call
         args, kwargs = pytree.tree_unflatten([next(given) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
-        before = _attributes(self.model)
+        runner: ExportRunner = self.__dict__["_runner"]
+        before = _attributes(self.model, runner.edits)
         with rng_state_set_raises():  # a forward that puts the generator's state back: mixed mode
-            out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)
+            out = runner._run(self.model, args, kwargs, stop_early=False)
         found.written = _written(before)
-        found.outputs, computed = _Outputs.split(out)
+        found.outputs, computed = Outputs.split(out, made_before(self.model, found.call[0]))
         return computed
 
 
@@ -321,7 +327,7 @@ class _Found:
     count) and the structure of its output."""
 
     written = ""
-    outputs: _Outputs | None = None
+    outputs: Outputs | None = None
     call: tuple[list[Any], pytree.TreeSpec]  # the leaves of the arguments, and their structure
 
 
@@ -346,17 +352,20 @@ def _signature(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable | str:
         elif type(leaf) in _SIMPLE:
             items.append((type(leaf).__name__, leaf))
         else:
-            return f"torch.export not used: an argument is a {type(leaf).__name__}, not a tensor or a simple value"
+            why = f"an argument is a {type(leaf).__name__}, not a tensor or a simple value"
+            if hasattr(leaf, "__dict__"):  # a transformers cache passed as past_key_values, for one
+                why += " (a graph cannot take an object of the caller's, which the forward reads and updates in place)"
+            return f"torch.export not used: {why}"
     # the graph bakes in the dtype and device of tensors the forward makes without naming them (torch.ones(n))
     return (str(spec), tuple(items), torch.is_grad_enabled(), torch.get_default_dtype(), torch.get_default_device())
 
 
-def _refusal(model: nn.Module) -> str:
+def _refusal(model: nn.Module, edits: list[nn.Module]) -> str:
     """Why the model must not be exported as it is ("" when it may)."""
     found = global_hooks()
     if found:
         return f"global module hooks are registered ({found}), and a graph would bake in what they do"
-    for path, module in model.named_modules():
+    for path, module in [*model.named_modules(), *_edit_paths(edits)]:
         hooks = user_hooks(module)
         if hooks:
             return f"{hooks} registered on {path or 'the model itself'!r}, and a graph would bake in what they do"
@@ -366,11 +375,12 @@ def _refusal(model: nn.Module) -> str:
 _Snapshot = list[tuple[str, dict[str, Any], dict[str, Any], dict[str, list[Any]]]]
 
 
-def _attributes(model: nn.Module) -> _Snapshot:
-    """Every module's attributes, and the items of those that are lists, dicts or sets (a cache)."""
+def _attributes(model: nn.Module, edits: list[nn.Module]) -> _Snapshot:
+    """Every module's attributes (the edits' too), and the items of those that are lists, dicts
+    or sets (a cache)."""
     return [
         (path, m.__dict__, dict(m.__dict__), {k: _items(v) for k, v in m.__dict__.items() if type(v) in (list, dict, set)})
-        for path, m in model.named_modules()
+        for path, m in [*model.named_modules(), *_edit_paths(edits)]
     ]
 
 
@@ -398,8 +408,12 @@ def _tensors(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return [t for t in [*leaves, *model.parameters(), *model.buffers()] if isinstance(t, torch.Tensor)]
 
 
-def _model_guard(model: nn.Module) -> _guard.Guard:
-    """Every module, parameter and buffer: an exported graph traced through all of them."""
-    paths = [path for path, _ in model.named_modules() if path]
-    state = [name for name, _ in [*model.named_parameters(), *model.named_buffers()]]
-    return _guard.watch(model, paths, [], False, state)
+def _model_guard(model: nn.Module, edits: list[nn.Module]) -> _guard.Guard:
+    """Every module, parameter and buffer (the edits' too): an exported graph traced through all of them."""
+    root = model
+    if edits:  # one tree for the guard: a holder of its own, the model is not changed
+        root = nn.Module()
+        root.model, root.edits = model, nn.ModuleList(edits)
+    paths = [path for path, _ in root.named_modules() if path]
+    state = [name for name, _ in [*root.named_parameters(), *root.named_buffers()]]
+    return _guard.watch(root, paths, [], False, state)

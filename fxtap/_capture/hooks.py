@@ -8,7 +8,7 @@ cloned, containers rebuilt): a hook cannot know whether a later in-place op will
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
@@ -21,7 +21,7 @@ from .edit import Patch
 from .hazards import mark_fxtap_hook
 from .model import ModelPaths
 
-__all__ = ["CallLog", "HookTarget", "alias_hints", "aliases", "capture", "hook_targets", "module_paths", "nearest_module", "unapplied_edits_message"]
+__all__ = ["CallLog", "HookTarget", "Recorder", "alias_hints", "aliases", "capture", "hook_targets", "module_paths", "nearest_module", "unapplied_edits_message"]
 
 
 class HookTarget(NamedTuple):
@@ -117,6 +117,34 @@ class _StopForward(BaseException):
     """
 
 
+class Recorder:
+    """Every tap name that one call produces, in the order produced: what ``fxtap.names(model,
+    example_inputs)`` lists (``produced.py``).
+
+    Each source of names reports what it produced through ``add``: a ``CallLog`` given a recorder
+    hooks every module of ``paths`` and names every call of them (``path``, ``path_1``, ...), and
+    the region graphs add the names of every call they serve. Another source of names produced
+    during the call (names of functional ops run by eager code) calls ``add`` the same way.
+    """
+
+    def __init__(self, paths: Iterable[str], reserved: frozenset[str]) -> None:
+        self.paths = frozenset(paths)  # modules whose every call is named
+        self.reserved = reserved  # names a later call's ``_k`` suffix skips
+        self.names: dict[str, None] = {}  # an ordered set
+        self.sources: dict[str, tuple[str, str]] = {}  # name -> (region path, local name) for names of region graphs
+        self.hooked: set[str] = set()  # module calls a forward hook saw
+
+    def add(self, name: str, source: tuple[str, str] | None = None) -> None:
+        self.names.setdefault(name, None)
+        if source is not None:
+            self.sources[name] = source
+
+    def called(self, name: str) -> None:
+        """A module call that a forward hook saw."""
+        self.add(name)
+        self.hooked.add(name)
+
+
 class CallLog:
     """What one tapped call captured: the protocol between hooks, regions and the runner.
 
@@ -128,7 +156,13 @@ class CallLog:
     """
 
     def __init__(
-        self, targets: dict[str, HookTarget], copy: bool, stop_when_done: bool, extra: int, edits: dict[str, tuple[HookTarget, Any]]
+        self,
+        targets: dict[str, HookTarget],
+        copy: bool,
+        stop_when_done: bool,
+        extra: int,
+        edits: dict[str, tuple[HookTarget, Any]],
+        record: Recorder | None = None,
     ) -> None:
         self.values: dict[str, Any] = {}
         self._edits = {(t.path, t.call_index): fn for t, fn in edits.values()}
@@ -139,13 +173,16 @@ class CallLog:
         self.served: dict[str, int] = {}  # calls of modules served by their own graph (_regions)
         self._wanted = {(t.path, t.call_index): t.name for t in targets.values()}
         self._copy = copy
-        self._stop = stop_when_done
+        self.record = record  # names every name this call produces (``Recorder``), when given
+        self._stop = stop_when_done and record is None  # a recorded call runs to its end
         self._expected = len(self._wanted) + extra
         self.thread = threading.get_ident()
 
     def add(self, name: str, value: Any) -> None:
         """Store a value captured by other means (a locally traced submodule); may end the forward."""
         self.values[name] = value
+        if self.record is not None:
+            self.record.add(name)
         if self._stop and len(self.values) == self._expected:
             raise _StopForward
 
@@ -155,6 +192,8 @@ class CallLog:
                 return None  # another thread's call of the same model: not ours
             index = self.calls.get(path, 0)
             self.calls[path] = index + 1
+            if self.record is not None:
+                self.record.called(_names.module_call_name(path, index, self.record.reserved))
             edit = self._edits.get((path, index))
             if edit is not None:
                 self.edited.add((path, index))
@@ -178,6 +217,7 @@ def capture(
     stop_when_done: bool = False,
     extra: int = 0,
     edits: dict[str, tuple[HookTarget, Any]] | None = None,
+    record: Recorder | None = None,
 ) -> Iterator[CallLog]:
     """Hook the modules of ``targets`` for the duration of the ``with`` block.
 
@@ -186,11 +226,12 @@ def capture(
 
     The handles are removed in ``finally``, whatever happens. With ``stop_when_done`` the forward
     is cut short (a private exception, swallowed here) as soon as every target is captured,
-    and ``extra`` more values arrived through ``add``.
+    and ``extra`` more values arrived through ``add``. With ``record``, every module of
+    ``record.paths`` is hooked too, every call of them is named in it, and the forward runs to its end.
     """
     edits = edits or {}
-    paths = {t.path for t in targets.values()} | {t.path for t, _ in edits.values()}
-    state = CallLog(targets, copy, stop_when_done, extra, edits)
+    paths = {t.path for t in targets.values()} | {t.path for t, _ in edits.values()} | (record.paths if record else set())
+    state = CallLog(targets, copy, stop_when_done, extra, edits, record)
     handles: list[RemovableHandle] = []
     try:
         for path in sorted(paths):
@@ -221,6 +262,8 @@ def missing_calls_message(targets: dict[str, HookTarget], state: CallLog, owner:
         )
     return (
         f"{owner}: these names were not produced by this call: {', '.join(parts)}.{why}\n"
+        "  fxtap.names(model, example_inputs) lists exactly the names that a call with those inputs produces; "
+        "fxtap.names(model) lists names that some calls may not produce.\n"
         "  A module's later calls are named path_1, path_2, ...; see docs/names.md."
     )
 

@@ -196,6 +196,7 @@ class Region:
     failed: str = ""  # why the last call could not use a graph
     edits: dict[str, nn.Module] = field(default_factory=dict)  # global name -> edit, inserted in the graph of that call
     hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
+    lenient: bool = False  # a recorded call (fxtap.names(model, inputs)): a graph with the wanted names it has
     _graphs: _guard.GraphCache[_Graph | _NoGraph] = field(default_factory=_guard.GraphCache)
 
     def __post_init__(self) -> None:
@@ -246,6 +247,8 @@ class Region:
             self.failed = f"{self.path!r} cannot be traced for this call: {analysis.fallbacks[''][1]}"
             return None
         inner = sorted({local for local in self.wanted.values() if local})  # "" is the output itself
+        if self.lenient:  # names this call's graph lacks are simply not produced by it
+            inner = [local for local in inner if local in analysis.traced.points]
         missing = [local for local in [*inner, *edits] if local not in analysis.traced.points]
         if missing:
             self.failed = f"{self.path!r} traced for this call has no {', '.join(map(repr, missing))}"
@@ -253,7 +256,8 @@ class Region:
         keys = {local: f"v{i}" for i, local in enumerate(inner)}  # a local name may be "output"
         graph = _fx.build(analysis.traced, keys, keep_output=True, detach=False, run_modules=self.keep, edits=edits)
         inlined = {_names.join(self.path, p): n for p, n in analysis.traced.inlined.items()}
-        return _Graph(graph, keys, inlined, analysis.traced.naming, spec[0] if spec else None)
+        points = tuple(local for local, point in analysis.traced.points.items() if point.kind != "input")
+        return _Graph(graph, keys, inlined, analysis.traced.naming, spec[0] if spec else None, points)
 
 
 class _NoGraph:
@@ -267,6 +271,7 @@ class _Graph:
     inlined: dict[str, int]  # module path -> calls traced through (no hook fires)
     naming: list[tuple[str, str, str]]  # the trace's naming log, for _names.Replay
     structure: Any  # the output's pytree structure (the shim returns its flat leaves)
+    points: tuple[str, ...] = ()  # every local name this graph computes, for a recorded call
 
 
 @dataclass
@@ -456,6 +461,9 @@ def _dispatcher(region: Region, original: Callable[..., Any], state: _hooks.Call
             replay = None  # later calls cannot be named without this call's graph: they run eagerly too
             return _eager(region, original, state, own, keep, args, kwargs)
         output, values, graph, names = result
+        if state.record is not None:  # fxtap.names(model, inputs): every name this call produces
+            for local in (*graph.points, ""):
+                state.record.add(names[local], (region.path, local))
         output = _edit_output(region, names[""], output)
         state.edited_in_graphs.update(name for name in names.values() if name in region.edits)
         for path, calls in graph.inlined.items():  # keep hook call numbering right for later calls

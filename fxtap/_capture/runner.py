@@ -37,6 +37,7 @@ class Runner:
     """
 
     graph: fx.GraphModule | None = None
+    recorder: _hooks.Recorder | None = None  # names every name a call produces (``produced.py``), when set
 
     def __init__(self, placement: Placement, *, keep_output: bool, detach: bool) -> None:
         self.placement = placement
@@ -118,7 +119,7 @@ class HookedGraphRunner(GraphRunner):
         hooks = self.placement.hooks
         ops = self.placement.eager_ops
         with (
-            _hooks.capture(model, hooks, edits=self.placement.edits.hooks) as captured,
+            _hooks.capture(model, hooks, edits=self.placement.edits.hooks, record=self.recorder) as captured,
             _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced,
         ):
             from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
@@ -148,7 +149,7 @@ class EagerRunner(Runner):
         ops = placement.eager_ops
         extra = len(placement.fx) + len(ops.wanted)
         with (
-            _hooks.capture(model, hooks, stop_when_done=stop_early, extra=extra, edits=placement.edits.hooks) as captured,
+            _hooks.capture(model, hooks, stop_when_done=stop_early, extra=extra, edits=placement.edits.hooks, record=self.recorder) as captured,
             _regions.serve(placement.regions, captured, detach=self._detach),
             _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced,
         ):

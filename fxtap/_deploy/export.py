@@ -10,7 +10,7 @@ copy of the graph in which copies are plain ``clone`` calls and the guards are g
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,13 +18,15 @@ import torch
 from torch import fx, nn
 
 from .._capture import Placement
+from .._capture.export import ExportRunner
 from .._errors import (
     FxtapError,
     summary,
 )
 from .._surgery.cut import Cut
-from .._tap import _tapped
+from .._tap import Tapped, _tapped
 from .._values import assert_is_none, copy_value
+from .from_export import as_call, write_exported
 from .verify import as_args as _as_args
 from .verify import doubled as _doubled
 from .verify import flat as _flat
@@ -56,15 +58,20 @@ def export(
     (``key.0``, ``key.1``, ... for the tensors of a tap that returns a tuple).
 
     Args:
-        model: an ``nn.Module`` in eval mode whose requested names torch.fx can capture.
+        model: an ``nn.Module`` in eval mode whose requested names torch.fx can capture, or one
+            only the torch.export frontend captures (a Hugging Face model: the file is the
+            tapped call exported with the model's own arguments; docs/export.md).
         names: tap names, or ``{name: output key}``, as for ``fxtap.tap``; ``None`` when ``model``
             is a ``fxtap.Cut``, which writes the cut's graph (inputs named by its keys).
         example_input: one input tensor, or a tuple of the model's positional tensor arguments.
-            Later arguments of ``forward`` are fixed at their defaults.
+            Later arguments of ``forward`` are fixed at their defaults. For a model torch.export
+            captures, also a dict of keyword arguments (``{"input_ids": ..., "attention_mask":
+            ...}``); its non-tensor arguments are fixed at their example values.
         path: where to write; parent folders must exist.
         format: ``"onnx"``, ``"pt2"`` (``torch.export``) or ``"torchscript"``; by default from
             the suffix of ``path`` (``.onnx``, ``.pt2``, ``.pt`` or ``.ts``).
-        dynamic_batch: let dim 0 of every input vary (TorchScript always does).
+        dynamic_batch: let dim 0 of every input vary (TorchScript always does); for a model
+            torch.export captures, every size torch.export can keep dynamic (``False``: none).
         atol: absolute tolerance: each output ``a`` of the written file must match eager's ``e``
             within ``|a - e| <= atol + rtol * max|e|`` (the largest value of that output).
         rtol: relative tolerance (other runtimes' float32 kernels add in another order; the
@@ -78,8 +85,10 @@ def export(
     Raises:
         FxtapError: a name is captured by forward hooks (the message names the untraceable
             submodule), an exporter failed, or the written file does not match eager (the file
-            is then removed).
+            is then removed). For a model torch.export captures: TorchScript was asked for, or
+            torch.export could not record the call (the message gives its reason).
         ValueError: the format is unknown, or the model is in train mode.
+        TypeError: a dict of keyword arguments for a model torch.fx traces (pass a tuple).
 
     Example:
         >>> import tempfile, torch, torchvision, fxtap
@@ -94,15 +103,29 @@ def export(
         raise ValueError(
             f"export needs {type(model).__name__} in eval mode (train-mode layers change state and differ per run): call model.eval() first"
         )
-    args = _as_args(example_input)
     if names is None and not isinstance(model, Cut):
         raise ValueError("names is None: pass the tap names to export (None is for a fxtap.Cut, which knows its outputs)")
-    graph = model.graph_module() if isinstance(model, Cut) else _fx_graph(model, names or [], edit)
+    tapped = None if isinstance(model, Cut) else _tapped(model, names or [], mode="auto", warn=False, edit=edit)  # export raises instead
+    if tapped is not None and isinstance(tapped._last_runner(), ExportRunner):  # no FX graph: the torch.export frontend's
+        hf = tapped
+        call = as_call(example_input)
+
+        def refused(reason: str) -> None:  # raises the FX path's error, naming the untraceable code, with the reason
+            _fx_graph(hf, edit, reason)
+
+        return _write_checked(path, lambda: write_exported(hf, fmt, path, call, dynamic_batch, atol=atol, rtol=rtol, refused=refused))
+    if isinstance(example_input, Mapping):
+        raise TypeError(
+            f"example_input is a mapping (keyword arguments), which only models captured by torch.export take; {type(model).__name__} "
+            "is traced by torch.fx: pass one tensor or a tuple of its positional tensor arguments"
+        )
+    args = _as_args(example_input)
+    graph = _fx_graph(tapped, edit) if tapped is not None else model.graph_module()  # type: ignore[operator]
     with torch.no_grad():
         outputs = dict(graph(*args))
     writer = {"onnx": _write_onnx, "pt2": _write_pt2, "torchscript": _write_torchscript}[fmt]
-    before = _stamps(path)
-    try:
+
+    def write() -> None:
         try:
             writer(graph, args, path, dynamic_batch, outputs)
         except FxtapError:
@@ -113,6 +136,15 @@ def export(
                 f"{fmt} export of the taps of {type(model).__name__} failed: {summary(error)}{hint}"
             ) from error
         _verify(fmt, graph, path, args, dynamic_batch, atol=atol, rtol=rtol)
+
+    return _write_checked(path, write)
+
+
+def _write_checked(path: Path, write: Callable[[], None]) -> Path:
+    """``write()`` the file and check it; a file that did not pass is removed."""
+    before = _stamps(path)
+    try:
+        write()
     except FxtapError:
         _remove_written(path, before)  # never leave a file that did not pass the check
         raise
@@ -148,9 +180,19 @@ def _remove_written(path: Path, before: list[tuple[int, int, int] | None]) -> No
             file.unlink()
 
 
-def _fx_graph(model: nn.Module, names: Mapping[str, str] | Sequence[str], edit: Mapping[str, Any] | None = None) -> fx.GraphModule:
-    """The pruned graph of the taps, or an ``FxtapError`` naming the code that keeps them out of one graph."""
-    tapped = _tapped(model, names, mode="auto", warn=False, edit=edit)  # export raises instead, naming the same code
+def _fx_graph(tapped: Tapped, edit: Mapping[str, Any] | None = None, export_failed: str = "") -> fx.GraphModule:
+    """The pruned graph of the taps, or an ``FxtapError`` naming the code that keeps them out of one graph
+    (and ``export_failed``: why the torch.export frontend could not capture them either)."""
+    try:
+        return _fx_graph_or_error(tapped, edit)
+    except FxtapError as error:
+        if not export_failed:
+            raise
+        raise FxtapError(f"{error}\n  torch.export could not capture the call either: {export_failed}") from None
+
+
+def _fx_graph_or_error(tapped: Tapped, edit: Mapping[str, Any] | None = None) -> fx.GraphModule:
+    model = tapped.model
     placement = tapped._placement(tapped._spec)
     if placement.edits.hooks and not placement.hooks:
         return tapped.graph_module()  # raises, naming the edits that hooks apply

@@ -12,7 +12,7 @@ from torch import fx
 
 from .._errors import FxtapError, summary
 
-__all__ = ["as_args", "doubled", "flat", "verify"]
+__all__ = ["as_args", "compare", "doubled", "flat", "verify"]
 
 
 # -- inputs and checks --------------------------------------------------------------------------
@@ -58,7 +58,7 @@ def verify(fmt: str, graph: fx.GraphModule, path: Path, args: tuple[Any, ...], d
                 raise FxtapError(
                     f"the {fmt} file {path.name!r} fails on inputs of shape {_shapes(inputs)}: {summary(error)}"
                 ) from error
-        _compare(fmt, path, expected, actual, inputs, atol=atol, rtol=rtol)
+        compare(fmt, path, expected, actual, _shapes(inputs), atol=atol, rtol=rtol)
 
 
 def _loader(fmt: str, path: Path) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
@@ -84,9 +84,9 @@ def _loader(fmt: str, path: Path) -> Callable[[tuple[Any, ...]], dict[str, Any]]
     return run
 
 
-def _compare(
-    fmt: str, path: Path, expected: dict[str, Any], actual: dict[str, Any], inputs: tuple[Any, ...], *, atol: float, rtol: float
-) -> None:
+def compare(fmt: str, path: Path, expected: dict[str, Any], actual: dict[str, Any], shapes: str, *, atol: float, rtol: float) -> None:
+    """An ``FxtapError`` unless the file's outputs (``actual``) match eager's, name by name,
+    on the inputs of ``shapes``."""
     got = {k: v for k, v in actual.items() if isinstance(v, torch.Tensor)}
     if list(got) != list(expected):
         raise FxtapError(f"the {fmt} file {path.name!r} returns outputs named {list(got)}, expected the tap keys {list(expected)}")
@@ -100,7 +100,7 @@ def _compare(
             problems.append(f"{key!r}: max abs diff {diff:.3g} (largest |eager| {want.double().abs().max().item():.3g})")
     if problems:
         raise FxtapError(
-            f"the {fmt} file {path.name!r} differs from eager on inputs of shape {_shapes(inputs)} "
+            f"the {fmt} file {path.name!r} differs from eager on inputs of shape {shapes} "
             f"(atol={atol}, rtol={rtol}): {'; '.join(problems)}"
         )
 

@@ -12,7 +12,7 @@ from .._capture import names as _names
 from .._capture.call_spec import default_concrete_args
 from .._capture.edit import as_modules
 from .._capture.model import unwrap
-from .._errors import TapNameError
+from .._errors import TapNameError, TraceFailedError
 from .graph import Split, split
 from .shapes import Evidence
 
@@ -133,7 +133,12 @@ class Cut(nn.Module):
 
     def _build(self) -> tuple[fx.GraphModule, Split]:
         model = self.model
-        analysis = _analysis.analyse(model, mode="fx", concrete_args=default_concrete_args(model))
+        try:
+            analysis = _analysis.analyse(model, mode="fx", concrete_args=default_concrete_args(model))
+        except TraceFailedError as error:
+            raise TraceFailedError(
+                _untraceable(model, error, self._inputs, self._outputs), module=error.module, module_type=error.module_type, reason=error.reason
+            ) from None
         traced = analysis.traced
         assert traced is not None  # mode="fx" raises instead
         unknown = [n for n in [*self._inputs, *self._outputs, *self._edits] if n not in traced.points and n != "output"]
@@ -156,6 +161,28 @@ class Cut(nn.Module):
         state = self.__dict__.copy()
         state["_splits"] = {}
         return state
+
+
+def _untraceable(model: nn.Module, error: TraceFailedError, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    """Why a model FX cannot trace cannot be cut, and what to do instead."""
+    owner = type(model).__name__
+    where = f"submodule {error.module!r} ({error.module_type})" if error.module else f"the forward of {owner} itself"
+    wanted = [name for name in outputs if name != "output"]
+    patch = "{" + ", ".join(f"{name!r}: value" for name in inputs) + "}"
+    run = f"fxtap.tap(model, {wanted!r}, edit={patch})" if wanted else f"fxtap.edit(model, {patch})"
+    message = (
+        f"cannot cut {owner}: a cut is one torch.fx graph, and torch.fx cannot trace {where}: {error.reason}.\n"
+    )
+    if not error.module:  # the torch.export frontend captures such a model, but its graph is not cut
+        message += (
+            f"  fxtap runs {owner} as one torch.export graph for tap, edit and export (docs/fallback.md), but a cut "
+            "needs the FX graph's names and in-place facts, which that graph does not carry.\n"
+        )
+    return message + (
+        f"  Instead, compute the outputs from values you have by patching them into the whole model: "
+        f"{run}(*model_inputs) (the part before the cut runs too); "
+        "or cut a submodule torch.fx traces, or make the code traceable (docs/cut.md)."
+    )
 
 
 def _bind(names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:

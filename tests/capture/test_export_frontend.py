@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from support import toy_models
+from support import matrix, toy_models
 from support.registry import CASES
 from support.truth import assert_same, assert_unchanged, hook_truth, model_fingerprint, quiet_fallbacks
 from torch import nn
@@ -111,7 +111,7 @@ def test_export_hf_values_equal_eager_and_mixed(name: str) -> None:
     model = case.build().eval()
     args, kwargs = case.inputs()
     if name == "transformers/GPT2Model":
-        kwargs = {**kwargs, "use_cache": False}  # a DynamicCache output is no pytree unless transformers registers one
+        kwargs = {**kwargs, "use_cache": False}  # assert_same does not open a DynamicCache: see the cache tests below
     truth = hook_truth(model, *args, **kwargs)
     module_paths = {p for p, _ in model.named_modules()}
     with quiet_fallbacks():
@@ -131,21 +131,122 @@ def test_export_hf_values_equal_eager_and_mixed(name: str) -> None:
     assert _attributes(model) == attributes  # torch.export's own attribute writes are undone too
 
 
-def test_export_hf_cache_output_keeps_mixed_mode() -> None:
-    case = CASES["transformers/GPT2Model"]
-    model = case.build().eval()
+# -- a cache in what the tapped call returns, and one passed in -------------------------------------------
+
+_CACHED = ["transformers/GPT2Model+cache", "transformers/LlamaModel+cache", "transformers/MistralModel", "transformers/Qwen2Model"]
+
+
+def _eager(model: nn.Module, *args: object, **kwargs: object) -> object:
+    with torch.no_grad():
+        return model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", [_CACHED[0], *(pytest.param(n, marks=pytest.mark.slow) for n in _CACHED[1:])])
+def test_export_hf_returned_cache_is_a_new_usable_cache_equal_to_eager(name: str) -> None:
+    from transformers import DynamicCache
+
+    case = CASES[name]
+    model = case.build()
     args, kwargs = case.inputs()
-    tapped = _tap(model, ["h.0", "h.1.attn"], keep_output=True)
-    mixed = tapped(*args, **kwargs)
-    again = tapped(*args, **kwargs)
+    truth = _eager(model, *args, **kwargs)
+    before, attributes = model_fingerprint(model), _attributes(model)
+    tapped = _tap(model, [n for n, _ in model.named_modules() if n.endswith(".1")][:1], keep_output=True)
+    with torch.no_grad():
+        first = tapped(*args, **kwargs)
+        second = tapped(*args, **kwargs)  # from the graph
+    assert tapped.mode == "export", tapped.report()
+    caches = [first["output"].cache, second["output"].cache]
+    for out in (first, second):
+        matrix.assert_close(out["output"], truth, where=name)  # every layer's keys, values and attributes
+    assert all(type(c) is DynamicCache for c in caches)
+    # a new object each call, as eagerly: nothing of one call's cache is another's
+    assert caches[0] is not caches[1] and caches[0].layers is not caches[1].layers
+    for mine, other in zip(caches[0].layers, caches[1].layers, strict=True):
+        assert mine is not other and mine.keys is not other.keys and mine.values is not other.values
+    assert_unchanged(before, model)
+    assert _attributes(model) == attributes
+    # the returned cache is a real one: generation goes on from it as from eager's
+    torch.manual_seed(5)
+    token = torch.randint(0, 100, (args[0].shape[0], 1))
+    go_on = _eager(model, token, cache=caches[1])
+    matrix.assert_close(go_on, _eager(model, token, cache=truth.cache), where=f"{name}, one more token")
+    assert caches[1].get_seq_length() == args[0].shape[1] + 1
+
+
+def test_export_hf_cache_passed_in_runs_eagerly_and_says_why() -> None:
+    case = CASES["transformers/GPT2Model+cache"]
+    model = case.build()
+    args, kwargs = case.inputs()
+    tapped = _tap(model, ["h.1"], keep_output=True)
+    with torch.no_grad():
+        cache = tapped(*args, **kwargs)["output"].cache
+    eager_cache = _eager(model, *args, **kwargs).cache
+    token = torch.randint(0, 100, (args[0].shape[0], 1))
+    with torch.no_grad():
+        for _ in range(2):
+            out = tapped(token, cache=cache)
+            truth = hook_truth(model, token, cache=eager_cache)  # the same update, eagerly
     assert tapped.mode == "mixed"
-    assert "torch.export failed: TypeError: a tapped value holds a DynamicCache" in tapped.report()
-    assert_same(again["h.0"], mixed["h.0"])
-    without_output = _tap(model, ["h.0", "h.1.attn"])  # the cache stays inside the graph
-    without_output(*args, **kwargs)
-    out = without_output(*args, **kwargs)
-    assert without_output.mode == "export"
-    assert_same(out["h.1.attn"], mixed["h.1.attn"])
+    assert "an argument is a DynamicCache" in tapped.report()
+    assert "updates in place" in tapped.report()  # why the cache cannot go into the graph
+    assert_same(out["h.1"], truth["h.1"])
+    matrix.assert_close(cache, eager_cache, where="the cache passed in, updated as eagerly (2 more tokens)")
+
+
+@pytest.mark.slow
+def test_export_hf_cache_graph_serves_other_lengths() -> None:
+    case = CASES["transformers/MistralModel"]  # sliding-window layers: the cache keeps the last 3 tokens
+    model = case.build()
+    tapped = _tap(model, ["layers.0"], keep_output=True)
+    for length in (8, 6, 12, 2):
+        tokens = torch.randint(0, 100, (2, length))
+        with torch.no_grad():
+            tapped(tokens)
+            out = tapped(tokens)
+        assert tapped.mode == "export", (length, tapped.report())
+        matrix.assert_close(out["output"], _eager(model, tokens), where=f"{length} tokens")
+
+
+class _Pair:
+    def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.a, self.b, self.label = a, b, "pair"
+
+
+class _Holder(nn.Module):
+    """Returns objects that hold tensors: one made by the forward, twice; and one it holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.kept = _Pair(torch.zeros(1), torch.ones(1))
+
+    def forward(self, x: torch.Tensor, keep: bool = False) -> tuple[object, ...]:
+        y = self.fc(x)
+        if keep:
+            return (y, self.kept)
+        pair = _Pair(y, {"double": [y * 2]})
+        return (pair, [pair])
+
+
+def test_export_rebuilds_objects_made_by_the_forward_and_refuses_held_ones() -> None:
+    model = EagerRoot(_Holder())
+    tapped = _tap(model, ["inner"], keep_output=True)
+    x = torch.randn(2, 3)
+    tapped(x)
+    out = tapped(x)
+    assert tapped.mode == "export", tapped.report()
+    pair, [again] = out["inner"]
+    assert type(pair) is _Pair and pair is again  # one object, as eagerly
+    assert_same(pair.a, model.inner.fc(x))
+    assert_same(pair.b, {"double": [model.inner.fc(x) * 2]})
+    assert pair.label == "pair"
+    assert tapped(x)["inner"][0] is not pair  # a new one each call
+    held = _tap(model, ["inner"])
+    held(x, True)
+    out = held(x, True)
+    assert out["inner"][1] is model.inner.kept  # the model's own object, as eagerly
+    assert held.mode != "export"
+    assert "a _Pair that the call did not make" in held.report()
 
 
 def test_export_hf_train_mode_draws_what_eager_draws() -> None:

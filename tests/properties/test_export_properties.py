@@ -19,7 +19,7 @@ from torch import nn
 
 import fxtap
 from fxtap._capture import describe
-from support.strategies import Case, cases, seed_rng
+from support.strategies import Bag, Case, cases, make_output, output_recipes, seed_rng
 from support.truth import assert_same, assert_unchanged, model_fingerprint, quiet_fallbacks
 
 SEED = 0
@@ -61,3 +61,71 @@ def test_property_export_values_equal_fx_values(case: Case, data: st.DataObject)
     if not model.training:  # a train-mode call updates batch-norm statistics, as the eager one does
         assert_unchanged(before, model)
     assert torch.is_grad_enabled()
+
+
+class _Makes(nn.Module):
+    """Makes a new value of ``recipe`` each call; returns it once, or twice (one object, twice)."""
+
+    def __init__(self, recipe: Any, twice: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.recipe, self.twice = recipe, twice
+
+    def forward(self, x: torch.Tensor) -> Any:
+        value = make_output(self.recipe, self.fc(x))
+        return (value, value) if self.twice else value
+
+
+def _assert_like(actual: Any, expected: Any, pairs: dict[int, Any]) -> None:
+    """Equal values, the same types, and the same objects where eager has one object twice."""
+    if isinstance(expected, torch.Tensor):
+        assert_same(actual, expected)
+    elif isinstance(expected, Bag):
+        assert type(actual) is Bag
+        if id(expected) in pairs:
+            assert pairs[id(expected)] is actual  # one object, as eagerly
+            return
+        pairs[id(expected)] = actual
+        assert list(vars(actual)) == list(vars(expected))
+        for key, value in vars(expected).items():
+            _assert_like(getattr(actual, key), value, pairs)
+    elif isinstance(expected, (list, tuple, dict)):
+        assert type(actual) is type(expected) and len(actual) == len(expected)
+        if isinstance(expected, dict):
+            assert list(actual) == list(expected)
+            actual, expected = list(actual.values()), list(expected.values())
+        for a, e in zip(actual, expected, strict=True):
+            _assert_like(a, e, pairs)
+    else:
+        assert type(actual) is type(expected) and actual == expected
+
+
+def _bags(value: Any) -> set[int]:
+    if isinstance(value, Bag):
+        return {id(value)} | {i for v in vars(value).values() for i in _bags(v)}
+    if isinstance(value, (list, tuple)):
+        return {i for v in value for i in _bags(v)}
+    if isinstance(value, dict):
+        return {i for v in value.values() for i in _bags(v)}
+    return set()
+
+
+@settings(max_examples=20, print_blob=True)
+@given(recipe=output_recipes(), twice=st.booleans())
+def test_property_export_returns_what_the_forward_makes(recipe: Any, twice: bool) -> None:
+    """Objects that the forward makes and returns (a transformers cache is one) come back from the
+    exported graph equal to eager's, new on every call, one object wherever eager has one."""
+    torch.manual_seed(0)
+    model = EagerRoot(_Makes(recipe, twice))
+    x = torch.randn(2, 3)
+    with quiet_fallbacks():
+        tapped = fxtap.tap(model, ["inner"], keep_output=True)
+    first = tapped(x)  # mixed mode, then the export
+    second = tapped(x)
+    assert tapped.mode == "export", tapped.report()
+    with torch.no_grad():
+        truth = model(x)
+    for out in (first, second):
+        _assert_like(out["output"], truth, {})
+        _assert_like(out["inner"], truth, {})
+    assert not _bags(first["output"]) & _bags(second["output"])  # nothing of one call's objects in the next's

@@ -14,6 +14,8 @@ For one model (random weights, eval mode, small input):
    model's inputs and its parameters); an op whose inputs cannot all be found that way is
    compared with the value it has when tapped alone on a fresh copy of the model.
 4. **Model unchanged** (parameters, buffers, modules, modes, hooks, and its own output), and the mode, the FX share and the timings are returned in a ``Result``.
+   With ``Case.keep_output``, the model's output returned by the tapped call (a transformers
+   ``DynamicCache`` in it, layer by layer) must equal the eager one too, on both calls.
 
 Truth and tap both run under ``torch.no_grad()``: some kernels differ between grad modes.
 """
@@ -383,7 +385,8 @@ class Result:
 
     @property
     def fx_names(self) -> int:
-        return sum(path == "fx" for path in self.paths.values())
+        """Names tested that a graph computes: an FX graph, or the torch.export graph (``export``)."""
+        return sum(path in ("fx", "export") for path in self.paths.values())
 
 
 def _tap(model: nn.Module, names: list[str], **options: Any) -> tuple[fxtap.Tapped, list[str]]:
@@ -415,7 +418,7 @@ def check(case: Case, *, timings: bool = False) -> Result:
     before = model_fingerprint(model)
 
     start = time.perf_counter()
-    tapped, fallback = _tap(model, picked.names)
+    tapped, fallback = _tap(model, picked.names, keep_output=case.keep_output)
     tap_s = time.perf_counter() - start
     # mode "fx" may still warn: an opaque submodule can run inside the one graph that computes every name
     assert tapped.mode == "fx" or fallback, f"mode {tapped.mode!r} without a FallbackWarning"
@@ -429,7 +432,9 @@ def check(case: Case, *, timings: bool = False) -> Result:
         if timings:
             build_s += max(0.0, first_s - (time.perf_counter() - start))
     for result, which in ((out, "first call"), (second, "second call")):
-        assert list(result) == picked.names
+        assert list(result) == picked.names + ["output"] * case.keep_output
+        if case.keep_output:  # the model's own output, a transformers cache in it: a new equal object each call
+            assert_close(result["output"], calls.output, atol=case.atol, where=f"{case.name} output ({which})")
         for name in picked.names:
             if name in calls.values:
                 where = f"{case.name} {name!r} ({picked.why[name]}, {which})"
@@ -480,3 +485,45 @@ def _check_ops(
                 how[name] = recipe
             assert_close(out[name], expected, atol=case.atol, where=f"{case.name} {name!r} = {recipe}")
     return how
+
+
+# -- names(model, inputs): exactly what one call produces ---------------------------------------------------
+
+
+def _batch(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The call as one batch (fxtap.extract's convention): positional arguments, or all by keyword."""
+    if not kwargs:
+        return tuple(args)
+    return {**dict(zip(inspect.signature(model.forward).parameters, args)), **kwargs}
+
+
+def module_calls(model: nn.Module, names: list[str]) -> set[str]:
+    """The names among ``names`` that are module calls (``path`` or ``path_k``)."""
+    paths = {path for path, _ in model.named_modules() if path}
+    return {n for n in names if n in paths or (_SUFFIX.search(n) is not None and _SUFFIX.sub("", n) in paths)}
+
+
+def check_names(case: Case) -> list[str]:
+    """``fxtap.names(model, inputs)`` lists exactly the module calls that the forward makes (and
+    functional ops); ``tap`` of all of them returns every one, module calls equal to the hook
+    clones; the model is unchanged. Returns the names."""
+    model = case.build()
+    args, kwargs = case.inputs()
+    calls = record_calls(model, *args, **kwargs)
+    before = model_fingerprint(model)
+    produced = fxtap.names(model, _batch(model, args, kwargs))
+    assert_unchanged(before, model)
+    assert len(set(produced)) == len(produced), f"{case.name}: names(model, inputs) repeats a name"
+    made = module_calls(model, produced)
+    assert made == set(calls.values), (
+        f"{case.name}: module calls not listed: {sorted(set(calls.values) - made)[:10]}; listed, not made: {sorted(made - set(calls.values))[:10]}"
+    )
+    tapped, _ = _tap(model, produced)
+    with torch.no_grad():
+        out = tapped(*args, **kwargs)
+    assert list(out) == produced
+    for name in produced:
+        if name in calls.values:
+            assert_close(out[name], calls.values[name], atol=case.atol, where=f"{case.name} {name!r} (names(model, inputs))")
+    assert_unchanged(before, model)
+    return produced

@@ -34,6 +34,7 @@ class Case:
     xfail: str = ""  # a known failure, run as a strict xfail: "fxtap bug: ..." or why it cannot be supported
     raises: type[BaseException] | None = None  # the exception the xfail must raise (None: any)
     note: str = ""  # what docs/models.md says about the input or the configuration
+    keep_output: bool = False  # tap with keep_output=True: the model's own output (a transformers cache in it) is checked too
 
     @property
     def family(self) -> str:
@@ -205,6 +206,8 @@ def _hf(model: str, config: str, **config_kwargs: Any) -> Callable[[], nn.Module
 
 
 _TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+_DECODER = {"vocab_size": 100, "num_key_value_heads": 1, "max_position_embeddings": 64, **_TINY}
+_GPT2 = {"vocab_size": 100, "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64, "bos_token_id": 0, "eos_token_id": 0}
 
 
 def _whisper_features() -> Inputs:
@@ -216,7 +219,7 @@ TRANSFORMERS = [
     Case("transformers/BertModel", _hf("BertModel", "BertConfig", vocab_size=100, max_position_embeddings=64, **_TINY), _tokens(), "export"),
     Case(
         "transformers/GPT2Model",
-        _hf("GPT2Model", "GPT2Config", vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0),
+        _hf("GPT2Model", "GPT2Config", **_GPT2),
         _tokens(),
         "export",
     ),
@@ -224,7 +227,7 @@ TRANSFORMERS = [
     Case("transformers/CLIPVisionModel", _hf("CLIPVisionModel", "CLIPVisionConfig", image_size=32, patch_size=8, **_TINY), _image(32), "export", slow=True),
     Case(
         "transformers/LlamaModel",
-        _hf("LlamaModel", "LlamaConfig", vocab_size=100, num_key_value_heads=1, max_position_embeddings=64, use_cache=False, **_TINY),
+        _hf("LlamaModel", "LlamaConfig", use_cache=False, **_DECODER),
         _tokens(),
         "export",
     ),
@@ -254,4 +257,36 @@ TRANSFORMERS = [
     ),
 ]
 
-CASES: dict[str, Case] = {case.name: case for case in [*TORCHVISION, *TIMM, *TRANSFORMERS]}
+# issue 17: decoders that return their key/value cache (a DynamicCache in the output, checked
+# with keep_output=True against eager, layer by layer), and newer architectures
+TRANSFORMERS_17 = [
+    Case(
+        "transformers/GPT2Model+cache", _hf("GPT2Model", "GPT2Config", use_cache=True, **_GPT2), _tokens(), "export", slow=True,
+        keep_output=True, note="use_cache=True, keep_output=True: the DynamicCache it returns is checked",
+    ),
+    Case(
+        "transformers/LlamaModel+cache", _hf("LlamaModel", "LlamaConfig", use_cache=True, **_DECODER), _tokens(), "export", slow=True,
+        keep_output=True, note="use_cache=True, keep_output=True: the DynamicCache it returns is checked",
+    ),
+    Case(
+        "transformers/MistralModel", _hf("MistralModel", "MistralConfig", sliding_window=4, **_DECODER), _tokens(), "export", slow=True,
+        keep_output=True, note="sliding_window=4, grouped-query attention; its DynamicCache (sliding-window layers) is checked",
+    ),
+    Case(
+        "transformers/Qwen2Model",
+        _hf("Qwen2Model", "Qwen2Config", use_sliding_window=True, sliding_window=4, max_window_layers=1, **_DECODER),
+        _tokens(), "export", slow=True, keep_output=True,
+        note="one full and one sliding-window layer (window 4); its DynamicCache is checked",
+    ),
+    Case(
+        "transformers/ModernBertModel",
+        _hf(
+            "ModernBertModel", "ModernBertConfig", vocab_size=100, max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+            **{**_TINY, "num_hidden_layers": 3},
+        ),
+        _tokens(), "export", slow=True, note="3 layers, global and local (window 4) attention",
+    ),
+]
+
+CASES: dict[str, Case] = {case.name: case for case in [*TORCHVISION, *TIMM, *TRANSFORMERS, *TRANSFORMERS_17]}

@@ -900,3 +900,44 @@ def _clone(value: Any) -> Any:
     from .truth import _clone as clone  # namedtuples and dataclasses too
 
     return clone(value)
+
+
+# -- values a forward makes and returns (the export frontend rebuilds them around its graph) -------------
+
+
+class Bag:
+    """A plain object that a forward makes and fills with tensors, as transformers' ``DynamicCache``
+    and its layers are."""
+
+
+def output_recipes(max_leaves: int = 10) -> st.SearchStrategy[Any]:
+    """Recipes (``make_output``) of a value a forward returns: tensors computed from the input,
+    simple constants, and lists, tuples, dicts and ``Bag`` objects of them, nested."""
+    constants = st.one_of(st.none(), st.integers(-3, 3), st.booleans(), st.sampled_from(["a", "b"]))
+    leaves = st.one_of(st.tuples(st.just("tensor"), st.integers(1, 5)), st.tuples(st.just("constant"), constants))
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(
+            st.tuples(st.sampled_from(["list", "tuple"]), st.lists(inner, max_size=3).map(tuple)),
+            st.tuples(st.sampled_from(["dict", "bag"]), st.dictionaries(st.sampled_from(["keys", "values", "layers"]), inner, max_size=3)),
+        ),
+        max_leaves=max_leaves,
+    )
+
+
+def make_output(recipe: Any, x: torch.Tensor) -> Any:
+    """The value ``recipe`` describes, its tensors computed from ``x`` (a new value each call)."""
+    kind, body = recipe
+    if kind == "tensor":
+        return x * body + body
+    if kind == "constant":
+        return body
+    if kind in ("list", "tuple"):
+        items = [make_output(r, x) for r in body]
+        return items if kind == "list" else tuple(items)
+    if kind == "dict":
+        return {k: make_output(v, x) for k, v in body.items()}
+    bag = Bag()
+    for k, v in body.items():
+        setattr(bag, k, make_output(v, x))
+    return bag

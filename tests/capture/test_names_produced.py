@@ -1,0 +1,238 @@
+"""``fxtap.names(model, example_inputs)``: exactly the names that one call produces (issue 17).
+
+Without inputs, ``names`` reads the code: under eagerly run code it lists every submodule, and
+some are never called. With inputs it runs the model once and lists what that call produced,
+so that ``tap(model, names(model, x))(x)`` works; the model is left exactly as it was.
+Truth: plain forward hooks (``support.truth.hook_truth``), never fxtap.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support.truth import (
+    assert_same,
+    assert_unchanged,
+    hook_truth,
+    model_fingerprint,
+    quiet_fallbacks,
+)
+from torch import nn
+
+import fxtap
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x  # fc, add
+
+
+class Skips(nn.Module):
+    """An eager root (a branch on a value) that calls ``blk`` twice and never calls ``unused``;
+    ``drop`` runs in train mode only, ``bn`` updates its statistics in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk = Block()
+        self.unused = nn.Linear(4, 4)
+        self.drop = nn.Dropout(0.5)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor, fail: bool = False) -> torch.Tensor:
+        if fail:
+            raise ValueError("this input is refused")
+        if x.sum() > 1e9:  # never true: FX cannot trace a branch on a value
+            x = self.unused(x)
+        x = self.bn(self.blk(self.blk(x)))
+        if self.training:
+            x = self.drop(x)
+        return x
+
+
+def _skips() -> Skips:
+    torch.manual_seed(0)
+    return Skips().eval()
+
+
+def _tap(model: nn.Module, names: list[str], **options: object) -> fxtap.Tapped:
+    with quiet_fallbacks():
+        return fxtap.tap(model, names, **options)  # type: ignore[arg-type]
+
+
+def test_names_with_inputs_lists_what_the_call_produces() -> None:
+    model, x = _skips(), torch.randn(3, 4)
+    with quiet_fallbacks():
+        static = fxtap.names(model)
+        produced = fxtap.names(model, x)
+    assert "unused" in static and "drop" in static  # listed from the code, never called in eval mode
+    assert produced == ["blk.fc", "blk.fc_1", "blk.add", "blk.add_1", "blk", "blk_1", "bn"]
+    out = _tap(model, produced)(x)
+    truth = hook_truth(model, x)
+    assert list(out) == produced
+    assert_same({n: out[n] for n in ["blk", "blk_1", "bn"]}, {n: truth[n] for n in ["blk", "blk_1", "bn"]})
+    assert_same(out["blk.add_1"], truth["blk_1"])  # the second call's add is that call's output
+    assert_same(out["blk.fc_1"], model.blk.fc(truth["blk"]))
+
+
+def test_names_without_inputs_may_list_names_no_call_produces() -> None:
+    model, x = _skips(), torch.randn(3, 4)
+    with pytest.raises(fxtap.MissingCallError, match=r"fxtap\.names\(model, example_inputs\) lists exactly the names"):
+        _tap(model, fxtap.names(model))(x)
+
+
+def test_names_with_inputs_follows_train() -> None:
+    model, x = _skips(), torch.randn(3, 4)
+    eval_names = fxtap.names(model, x)
+    train_names = fxtap.names(model, x, train=True)
+    assert "drop" not in eval_names and "drop" in train_names
+    assert [n for n in train_names if n != "drop"] == eval_names
+    assert not model.training
+    model.train()
+    torch.manual_seed(1)
+    out = _tap(model, train_names)(x)
+    torch.manual_seed(1)
+    truth = hook_truth(model, x)
+    assert list(out) == train_names
+    assert_same(out["drop"], truth["drop"])
+
+
+def test_names_with_inputs_leaves_the_model_as_it_was() -> None:
+    model, x = _skips(), torch.randn(3, 4)
+    model.train()
+    model.blk.eval()  # a mode per module, kept as it is
+    before = model_fingerprint(model)
+    rng = torch.get_rng_state()
+    names = fxtap.names(model, x, train=True)
+    assert "drop" in names
+    assert_unchanged(before, model)  # BatchNorm's running statistics too
+    assert torch.equal(torch.get_rng_state(), rng)  # the dropout drew from a forked RNG
+    assert "forward" not in model.blk.__dict__  # no router left on the traced child
+
+
+def test_names_with_inputs_leaves_the_model_as_it_was_when_forward_raises() -> None:
+    model, x = _skips(), torch.randn(3, 4)
+    model.train()
+    before = model_fingerprint(model)
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="this input is refused"):
+        fxtap.names(model, {"x": x, "fail": True}, train=True)
+    assert_unchanged(before, model)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert "forward" not in model.blk.__dict__
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "list", "dict"])
+def test_names_with_inputs_takes_a_batch_as_extract_does(form: str) -> None:
+    model, x = _skips(), torch.randn(3, 4)
+    inputs = {"tensor": x, "tuple": (x,), "list": [x], "dict": {"x": x}}[form]
+    assert fxtap.names(model, inputs) == fxtap.names(model, (x, False))
+
+
+class Attention(nn.Module):
+    """Traced root: ``nn.MultiheadAttention`` is one step and never calls its ``out_proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_names_with_inputs_leaves_out_a_module_of_a_torch_nn_leaf_never_called() -> None:
+    model, x = Attention().eval(), torch.randn(2, 3, 4)
+    static = fxtap.names(model)
+    produced = fxtap.names(model, x)
+    assert "attn.out_proj" in static and "attn.out_proj" not in produced
+    assert produced == [n for n in static if n != "attn.out_proj"]
+    out = _tap(model, produced)(x)
+    assert list(out) == produced
+    assert_same(out["fc"], model(x))
+
+
+class Twice(nn.Module):
+    """Eager root whose untraceable child ``loop`` calls ``f`` (a ``torch.nn`` leaf, hooked) twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = Loop()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.loop(x)) if x.sum() > -1e9 else x
+
+
+class Loop(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(int(x.shape[0]) - 1):  # int() of a size: untraceable
+            x = self.f(x)
+        return x
+
+
+def test_names_with_inputs_lists_later_calls_of_hooked_modules() -> None:
+    model, x = Twice().eval(), torch.randn(3, 4)
+    produced = fxtap.names(model, x)
+    assert produced == ["loop", "loop.f", "loop.f_1"]  # hooked names in names(model)'s order, later calls after
+    out = _tap(model, produced)(x)
+    truth = hook_truth(model, x)
+    assert_same(dict(out), {n: truth[n] for n in produced})
+    assert fxtap.names(model, torch.randn(2, 4)) == ["loop", "loop.f"]  # another call, other names
+
+
+def test_names_with_inputs_checks_its_arguments() -> None:
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fxtap.names(_skips(), torch.randn(3, 4), mode="graph")  # type: ignore[arg-type]
+
+
+class Pairwise(nn.Module):
+    """Called with a list: its default call (one tensor) traces to another graph, whose
+    ``getitem`` nodes the list call does not have (timm's crossvit blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return self.fc(xs[0]) + xs[1]
+
+
+class ListCaller(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = Pairwise()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pair([x, x * 2]) if x.sum() > -1e9 else x
+
+
+def test_names_with_inputs_keeps_the_names_of_a_child_called_with_other_arguments() -> None:
+    model, x = ListCaller().eval(), torch.randn(3, 4)
+    with quiet_fallbacks():
+        static = fxtap.names(model)
+    produced = fxtap.names(model, x)
+    assert "pair.getitem" in static and "pair.getitem" not in produced  # a node of the default call's graph only
+    assert produced == ["pair.fc", "pair.add", "pair"]
+    out = _tap(model, produced)(x)
+    assert_same(out["pair.add"], model(x))
+    assert_same(out["pair.fc"], model.pair.fc(x))
+    for name in [n for n in static if n not in produced]:  # tapped alone, no call of x makes it either
+        with pytest.raises(fxtap.MissingCallError):
+            _tap(model, [name])(x)
+
+
+def test_names_with_inputs_in_hooks_mode_lists_every_module_call() -> None:
+    model, x = _skips(), torch.randn(3, 4)
+    produced = fxtap.names(model, x, mode="hooks")
+    assert produced == ["blk", "blk_1", "blk.fc", "blk.fc_1", "bn"]
+    out = _tap(model, produced, mode="hooks")(x)
+    truth = hook_truth(model, x)
+    assert_same(dict(out), {n: truth[n] for n in produced})
