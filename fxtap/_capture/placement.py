@@ -15,6 +15,7 @@ from typing import Literal
 from torch import nn
 
 from .._errors import TapNameError
+from . import eager_ops as _eager_ops
 from . import hooks as _hooks
 from . import names as _names
 from . import regions as _regions
@@ -54,6 +55,7 @@ class Placement:
     fallbacks: Fallbacks = field(default_factory=dict)
     regions: list[_regions.Region] = field(default_factory=list)
     edits: EditPlacement = field(default_factory=EditPlacement)  # how each edit is applied
+    eager_ops: _eager_ops.EagerOps = field(default_factory=_eager_ops.EagerOps)  # ops of eager code, named as it runs
 
     @property
     def eager_root(self) -> bool:
@@ -63,7 +65,7 @@ class Placement:
     @property
     def mode(self) -> Literal["fx", "mixed", "hooks"]:
         """``"fx"``: one graph computes every name; ``"hooks"``: no graph does; else ``"mixed"``."""
-        if not self.eager_root and not self.hooks:
+        if not self.eager_root and not self.hooks and not self.eager_ops.wanted:
             return "fx"
         return "mixed" if self.fx else "hooks"
 
@@ -77,8 +79,8 @@ class Placement:
                 "its own forward cannot be traced, so it runs eagerly (see Tapped.report()).\n  Tap a traceable submodule "
                 "instead: fxtap.tap(model.get_submodule(path), names), or make the forward traceable (docs/fallback.md)."
             )
-        if self.hooks or self.edits.hooks:
-            hooked = {name: self.reasons[name] for name in self.hooks} | {n: self.edits.reasons[n] for n in self.edits.hooks}
+        if self.hooks or self.edits.hooks or self.eager_ops.wanted:
+            hooked = {name: self.reasons[name] for name in [*self.hooks, *self.eager_ops.wanted]} | {n: self.edits.reasons[n] for n in self.edits.hooks}
             detail = "; ".join(f"{name!r}: {reason}" for name, reason in hooked.items())
             return (
                 f"some are captured or edited by hooks ({detail}).\n"
@@ -127,6 +129,10 @@ def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, n
     leaves = analysis.hookable_under()
     outside = [name for name, t in targets.items() if _names.enclosing(t.path, leaves, strict=True) is None]
     unknown += list(targets) if mode == "fx" and targets else outside
+    ops = _eager_ops.EagerOps()
+    if mode == "auto" and unknown and analysis.traced is not None:  # ops of opaque leaves, named as they run
+        hints = analysis.hints
+        ops, unknown = _eager_ops.defer(analysis.model, unknown, request, analysis.fallbacks, hints.leaf_modules, hints.autowrap_functions)
     if unknown:
         raise _Unknown(_unknown_message(analysis, unknown, note), unknown, eager_root=False)
     placement = Placement(request, analysis, fx=fx_names, fallbacks=dict(analysis.fallbacks))
@@ -139,6 +145,11 @@ def _place_on_graph(analysis: Analysis, request: dict[str, str], *, mode: str, n
         placement.reasons[name] = reason or f"inside {leaf!r} ({module_type}), a torch.nn module that FX keeps as one step"
         placement.module_types[name] = type(analysis.model.get_submodule(target.path)).__name__
         placement.leaves[name] = _names.enclosing(target.path, leaves, strict=True, innermost=False) or ""
+    placement.eager_ops = ops
+    for name, scope in ops.wanted.items():
+        placement.reasons[name] = _eager_ops.reason(analysis.model, scope)
+        placement.module_types[name] = type(analysis.model.get_submodule(scope)).__name__
+        placement.leaves[name] = _names.enclosing(scope, leaves, innermost=False) or scope  # the graph must run that leaf
     return placement
 
 
@@ -147,11 +158,14 @@ def _place_under_eager_root(analysis: Analysis, request: dict[str, str], edits: 
     model = analysis.model
     found = _regions.resolve(model, list(request) + [n for n in edits if n not in request], analysis.fallbacks[""], hints=analysis.hints)
     placed_edits = edits_in_regions(found, edits, request)  # edit-only names leave what is captured
+    hints = analysis.hints
+    taps = [name for name in request if name not in edits]  # an op of eager code cannot be edited: it stays unknown
+    ops, found.unknown = _eager_ops.defer(model, found.unknown, taps, found.fallbacks, hints.leaf_modules, hints.autowrap_functions)
     if found.unknown:
         available = found.available + [p for p, _ in model.named_modules() if p and p not in found.available]
         message = _names.unknown_name_message(found.unknown, type(model).__name__, available)
         raise _Unknown("\n".join([message, *_hooks.alias_hints(model, found.unknown)]), found.unknown, eager_root=True)
-    placement = Placement(request, analysis, fallbacks=found.fallbacks, regions=found.regions, edits=placed_edits)
+    placement = Placement(request, analysis, fallbacks=found.fallbacks, regions=found.regions, edits=placed_edits, eager_ops=ops)
     placement.fx = {name: request[name] for name in found.fx}
     placement.hooks = found.hooks
     placement.reasons = {name: "" for name in found.fx}
@@ -160,6 +174,9 @@ def _place_under_eager_root(analysis: Analysis, request: dict[str, str], edits: 
         owner = _names.enclosing(target.path, found.fallbacks) or ""
         placement.reasons[name] = found.fallbacks[owner][1]
         placement.module_types[name] = type(model.get_submodule(target.path)).__name__
+    for name, scope in ops.wanted.items():
+        placement.reasons[name] = _eager_ops.reason(model, scope)
+        placement.module_types[name] = type(model.get_submodule(scope)).__name__
     return placement
 
 

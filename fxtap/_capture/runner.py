@@ -15,8 +15,9 @@ from typing import Any
 
 from torch import fx, nn
 
-from .._errors import MissingCallError
+from .._errors import MissingCallError, TapNameError
 from .._values import detach_value
+from . import eager_ops as _eager_ops
 from . import hooks as _hooks
 from . import names as _names
 from . import regions as _regions
@@ -70,6 +71,12 @@ class Runner:
         if message:
             raise MissingCallError(message)
 
+    def _missing_ops(self, model: nn.Module, produced: _eager_ops.Produced, captured: _hooks.CallLog) -> None:
+        """An op name of eager code that this call did not produce does not exist (for this call)."""
+        message = _eager_ops.missing_message(self.placement.eager_ops, produced, captured.values, type(model).__name__)
+        if message:
+            raise TapNameError(message)
+
     def _missing(self, model: nn.Module, captured: _hooks.CallLog, expected: set[str]) -> None:
         if expected <= set(captured.values):
             return
@@ -110,12 +117,18 @@ class HookedGraphRunner(GraphRunner):
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         hooks = self.placement.hooks
-        with _hooks.capture(model, hooks, edits=self.placement.edits.hooks, record=self.recorder) as captured:
+        ops = self.placement.eager_ops
+        with (
+            _hooks.capture(model, hooks, edits=self.placement.edits.hooks, record=self.recorder) as captured,
+            _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced,
+        ):
             from_graph = self._graph(*graph_args(model, args, kwargs), **graph_kwargs(model, kwargs))
         self._unapplied(model, captured, [], self._edits_run)
         self._missing(model, captured, set(hooks))
+        self._missing_ops(model, produced, captured)
         hooked = self._hooked(captured.values)
-        out = {key: hooked[name] if name in hooks else from_graph[key] for name, key in self.placement.request.items()}
+        taken = {**captured.values, **hooked}
+        out = {key: taken[name] if name in hooks or name in ops.wanted else from_graph[key] for name, key in self.placement.request.items()}
         if self._keep_output:
             out["output"] = from_graph["output"]
         return out
@@ -133,12 +146,16 @@ class EagerRunner(Runner):
         # Cutting the forward short skips what its rest would do to state (buffers, the RNG):
         # only when nothing in the model may change state (prune.may_change_state).
         stop_early = stop_early and not self._keep_output and not may_change_state(model)
-        with _hooks.capture(
-            model, hooks, stop_when_done=stop_early, extra=len(placement.fx), edits=placement.edits.hooks, record=self.recorder
-        ) as captured:
-            with _regions.serve(placement.regions, captured, detach=self._detach):
-                output = model(*args, **kwargs)
+        ops = placement.eager_ops
+        extra = len(placement.fx) + len(ops.wanted)
+        with (
+            _hooks.capture(model, hooks, stop_when_done=stop_early, extra=extra, edits=placement.edits.hooks, record=self.recorder) as captured,
+            _regions.serve(placement.regions, captured, detach=self._detach),
+            _eager_ops.naming(model, ops, captured.add, detach=self._detach) as produced,
+        ):
+            output = model(*args, **kwargs)
         self._unapplied(model, captured, list(placement.edits.fx))
+        self._missing_ops(model, produced, captured)
         self._missing(model, captured, set(hooks) | set(placement.fx))
         hooked = self._hooked(captured.values)
         out = {key: hooked[name] if name in hooks else captured.values[name] for name, key in placement.request.items()}
@@ -151,6 +168,6 @@ def make_runner(placement: Placement, graph: fx.GraphModule | None, *, keep_outp
     """The runner for a placement: graph only, graph with hooks, or the eager forward."""
     if graph is None:
         return EagerRunner(placement, keep_output=keep_output, detach=detach)
-    if placement.hooks or placement.edits.hooks:
+    if placement.hooks or placement.edits.hooks or placement.eager_ops.wanted:
         return HookedGraphRunner(graph, placement, keep_output=keep_output, detach=detach)
     return GraphRunner(graph, placement, keep_output=keep_output, detach=detach)

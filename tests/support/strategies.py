@@ -240,6 +240,55 @@ class Inplace(nn.Module):
         return h if self.via == "view" else t
 
 
+def _tick(module: nn.Module, op: str) -> None:
+    """Count an op FX records but whose value is no tensor to compare (a size, a tuple, ``setitem``)."""
+    recorder = _RECORDING.get()
+    if recorder is not None and module._code == "traced":
+        recorder.name(f"{module._scope}.{op}" if module._scope else op)
+
+
+class Shapes(nn.Module):
+    """Sizes and indexing: ``h.shape[0]``, ``h.size(-1) // 2``, ``a, b = h.chunk(2)``, ``h[:, 1] += 1``.
+    FX records ``getattr``, ``getitem`` and the arithmetic on sizes too, which eager code does not show
+    (drawn only with ``cases(shapes=True)``)."""
+
+    def __init__(self, inner: nn.Module, how: str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x)
+        if self.how == "shape":
+            n = h.shape[0]
+            _tick(self, "getattr"), _tick(self, "getitem")
+            v = _op(self, "view", h.view(n, 2, W // 2))
+            u = _op(self, "getitem", v[:, 0])
+            w = _op(self, "mul", _op(self, "getitem", v[:, 1]) * 2.0)
+            return _op(self, "cat", torch.cat([u, w], 1))
+        if self.how == "size":
+            d = h.size(-1)
+            _tick(self, "size")
+            h = _op(self, "truediv", h / d)
+            half = d // 2
+            _tick(self, "floordiv")
+            return _op(self, "cat", torch.cat([_op(self, "getitem", h[:, half:]), _op(self, "getitem", h[:, :half])], 1))
+        if self.how == "unpack":
+            a, b = h.chunk(2, dim=1)
+            _tick(self, "chunk"), _tick(self, "getitem"), _tick(self, "getitem")
+            return _op(self, "cat", torch.cat([_op(self, "sub", b - a), a], 1))
+        h = _op(self, "clone", h.clone())
+        h[:, 0] = 0
+        _tick(self, "setitem")
+        row = h[:, 1]
+        _tick(self, "getitem")
+        row += 1
+        _tick(self, "add")
+        h[:, 1] = row
+        _tick(self, "setitem")
+        return _op(self, "neg", -h)
+
+
 class TrainBranch(nn.Module):
     def __init__(self, a: nn.Module, b: nn.Module) -> None:
         super().__init__()
@@ -618,6 +667,7 @@ def build_block(spec: Spec) -> nn.Module:
         "ctx": lambda: Ctx(kids[0], how),
         "hooked": lambda: Hooked(kids[0], how),
         "typedpair": lambda: TypedPairUse(HookedPair(kids[0], kids[1], how)),
+        "shapes": lambda: Shapes(kids[0], how),
     }
     return simple[kind]()
 
@@ -633,26 +683,30 @@ _HOW = {
     "ctx": ("no_grad", "set_grad_enabled", "enable_grad", "autocast", "fork_rng", "rng_state"),
     "hooked": ("forward", "pre", "kwargs"),
     "typedpair": ("tuple", "dict", "namedtuple", "dataclass", "tensor"),
+    "shapes": ("shape", "size", "unpack", "setitem"),
 }
 _ARITY = {
     "state": 1, "router": 2, "residual": 1, "concat": 2, "arith": 2, "repeat": 1, "train": 2, "pair": 2,
-    "mix": 2, "config": 1, "gate": 2, "loop": 1, "intshape": 1, "ctx": 1, "hooked": 1, "typedpair": 2,
+    "mix": 2, "config": 1, "gate": 2, "loop": 1, "intshape": 1, "ctx": 1, "hooked": 1, "typedpair": 2, "shapes": 1,
 }  # fmt: skip
 _INPLACE_HOW = ("act", "+=", "add_", "F.relu", "relu_", "mul_")
 _INPLACE_VIA = ("none", "identity", "dropout", "view")
 
 
 @st.composite
-def blocks(draw: st.DrawFn, depth: int, untraceable: bool, stateful: bool = False) -> Spec:
+def blocks(draw: st.DrawFn, depth: int, untraceable: bool, stateful: bool = False, shapes: bool = False) -> Spec:
     """A random block of at most ``depth`` levels of nesting (``stateful``: also blocks with
-    buffers written in place; at least one when it is the top level's only choice)."""
+    buffers written in place; at least one when it is the top level's only choice; ``shapes``:
+    also ``Shapes`` blocks, in most drawn models)."""
     kinds = LEAVES if depth == 0 else LEAVES[:2] + COMPOSITES + (UNTRACEABLE if untraceable else ())
     if stateful and depth > 0:
         kinds += ("state",) * 4  # state in most drawn models
+    if shapes and depth > 0:
+        kinds += ("shapes",) * 4
     kind = draw(st.sampled_from(kinds))
     if kind in LEAVES:
         return Spec(kind)
-    child = blocks(depth - 1, untraceable, stateful)
+    child = blocks(depth - 1, untraceable, stateful, shapes)
     if kind in ("seq", "stack"):
         return Spec(kind, tuple(draw(st.lists(child, min_size=1, max_size=3))))
     if kind == "view":
@@ -746,11 +800,12 @@ _CALLS = {
 
 
 @st.composite
-def cases(draw: st.DrawFn, *, untraceable: bool = False, train: bool | None = None, stateful: bool = False) -> Case:
+def cases(draw: st.DrawFn, *, untraceable: bool = False, train: bool | None = None, stateful: bool = False, shapes: bool = False) -> Case:
     """A random model and inputs; ``untraceable=True`` allows code torch.fx cannot trace,
-    ``stateful=True`` blocks whose buffers change on every call (``Stateful``)."""
+    ``stateful=True`` blocks whose buffers change on every call (``Stateful``), ``shapes=True``
+    blocks that compute with sizes and index tensors (``Shapes``)."""
     # sampled_from draws uniformly (st.integers leans to its low end) and still shrinks to the first item
-    body = draw(blocks(draw(st.sampled_from((1, 2, 3))), untraceable, stateful))
+    body = draw(blocks(draw(st.sampled_from((1, 2, 3))), untraceable, stateful, shapes))
     signature = draw(st.sampled_from(list(_CALLS)))
     call = draw(st.sampled_from(_CALLS[signature]))
     out = draw(st.sampled_from(("tensor", "tuple", "dict")))
