@@ -262,9 +262,12 @@ def test_nothing_is_installed_when_no_op_name_of_eager_code_is_requested() -> No
             return self.probe(x)
 
     model = Root()
-    _quiet_tap(model, ["probe"])(torch.ones(2))
+    _quiet_tap(model, ["probe"])(torch.ones(2))  # the first call also runs a twin before it tries torch.export
+    without = list(seen)
+    seen.clear()
     _quiet_tap(model, ["probe", "add"])(torch.ones(2))
-    assert seen == [0, 1]
+    assert without and set(without) == {0}
+    assert seen and set(seen) == {1}
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
