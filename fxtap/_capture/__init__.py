@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from .._errors import TapNameError
+from . import eager_ops as _eager_ops
 from . import export as _export
 from . import fx as _fx
 from . import produced as _produced
@@ -200,4 +201,10 @@ def produced(
             request = {n: "" for n in request if n not in unknown}
     with _produced.untouched(model, args, kwargs):
         recorder = _produced.record(runner, model, args, kwargs)
-    return _produced.ordered(_produced.checked(recorder, model, runner.placement), listed)
+    found = _produced.ordered(_produced.checked(recorder, model, runner.placement), listed)
+    if mode == "hooks":  # the names of eagerly run code's own ops need the graph path's naming
+        return found
+    with _produced.untouched(model, args, kwargs):  # the own ops of code that runs eagerly (eager_ops)
+        ops = _eager_ops.op_names(model, args, kwargs, hints=hints)
+    known = set(found)
+    return found + [name for name in ops if name not in known]
