@@ -39,7 +39,7 @@ from .export_edits import edit_modules, edit_refusal
 from .export_edits import edit_paths as _edit_paths
 from .export_edits import meta as _meta
 from .hazards import global_hooks, rng_state_set_raises, user_hooks
-from .model import preserved, structural_twin
+from .model import buffer_values_kept, preserved, structural_twin
 from .outputs import Outputs, made_before
 from .placement import Placement
 from .runner import EagerRunner
@@ -211,16 +211,9 @@ class ExportRunner(EagerRunner):
 def _warm_up(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], dict[str, Any]]]:
     """A call that leaves no trace: on copies of the inputs (the forward may write into them), with
     the buffers' values put back afterwards (the twin shares them with the model)."""
-    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     copies = pytree.tree_map(lambda v: v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v, (args, kwargs))
-    try:
+    with buffer_values_kept(model):
         yield copies
-    finally:
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                if buffer.shape != saved.shape:
-                    buffer.resize_(saved.shape)
-                buffer.copy_(saved)
 
 
 def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Call, Any]:

@@ -97,7 +97,7 @@ class Guard:
         """Whether every attribute added since is a router installed as ``forward`` by a running call."""
         for attributes, now, then in zip(self._sized, sizes, self._sizes):
             if now != then:
-                router = attributes.get("forward")
+                router: Any = attributes.get("forward")
                 if not (now == then + 1 and getattr(router, "fxtap_installed", False) and router.previous is None):
                     return False
         return True
@@ -135,7 +135,7 @@ def _unrouted(forward: Any) -> Any:
 
 def _routed_key(attributes: dict[str, Any]) -> int:
     """1 when ``forward`` is a router a running call added (it had no instance forward), else 0."""
-    forward = attributes.get("forward")
+    forward: Any = attributes.get("forward")
     return 1 if getattr(forward, "fxtap_installed", False) and forward.previous is None else 0
 
 

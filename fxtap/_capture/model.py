@@ -183,8 +183,25 @@ def own_forward(module: nn.Module) -> Any:
     """The ``forward`` set on ``module`` itself, not its class's (fxtap's router of a running call,
     ``fxtap_installed``, looked through); ``None`` when there is none. torch.fx traces a root's
     class ``forward`` whatever the object holds."""
-    forward = module.__dict__.get("forward")
+    forward: Any = module.__dict__.get("forward")
     return forward.previous if getattr(forward, "fxtap_installed", False) else forward
+
+
+@contextmanager
+def buffer_values_kept(model: nn.Module) -> Iterator[None]:
+    """Put the values of ``model``'s buffers back after the block (a BatchNorm's running
+    statistics that a call in train mode updates in place)."""
+    import torch
+
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if buffer.shape != saved.shape:
+                    buffer.resize_(saved.shape)
+                buffer.copy_(saved)
 
 
 def structural_twin(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:

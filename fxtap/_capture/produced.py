@@ -24,7 +24,7 @@ from .._errors import MissingCallError
 from . import names as _names
 from . import regions as _regions
 from .hooks import Recorder, module_paths
-from .model import ModelPaths, preserved
+from .model import ModelPaths, buffer_values_kept, preserved
 from .placement import Placement
 from .runner import EagerRunner, Runner
 
@@ -100,15 +100,7 @@ def untouched(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     """Run the block without gradients and leave ``model`` as it was: its buffers' values (a
     BatchNorm's running statistics in train mode), the RNG state (dropout draws) and the
     attributes its forward may write (``model.preserved``)."""
-    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     devices = sorted({t.device.index or 0 for t in [*tensors, *model.parameters(), *model.buffers()] if t.is_cuda})
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), preserved(model):
-            yield
-    finally:
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                if buffer.shape != saved.shape:
-                    buffer.resize_(saved.shape)
-                buffer.copy_(saved)
+    with buffer_values_kept(model), torch.random.fork_rng(devices=devices), torch.no_grad(), preserved(model):
+        yield
