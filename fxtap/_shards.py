@@ -220,7 +220,7 @@ class _Writer:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
 
-    def __enter__(self) -> _Writer:
+    def __enter__(self) -> _Writer:  # noqa: PYI034 - a private class, never subclassed (typing.Self needs 3.11)
         return self
 
     def __exit__(self, *exc: object) -> None:

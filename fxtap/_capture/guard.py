@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .hazards import global_hooks, user_hooks
+from .model import unrouted
 
 __all__ = ["HOLDS", "LIMIT", "MODE", "STALE", "GraphCache", "Guard", "freeze", "of_runner", "watch", "watch_paths"]
 
@@ -69,7 +70,7 @@ class Guard:
         self._dicts = [d for d, _ in slots]
         self._keys = [k for _, k in slots]
         # a router a running call installed as ``forward`` is not part of what was traced
-        self._expected = [_unrouted(d.get(k)) if k == "forward" else d.get(k) for d, k in slots]
+        self._expected = [unrouted(d.get(k)) if k == "forward" else d.get(k) for d, k in slots]
         self._typed = typed
         self._types = [type(m) for m in typed]
         self._sized = [m.__dict__ for m in typed] + [m._modules for m in typed]
@@ -89,7 +90,7 @@ class Guard:
         """Whether the only differences are fxtap's routers installed as ``forward`` by a running
         tapped call (``regions.serve``) over what was there before."""
         for value, expected, key in zip(now, self._expected, self._keys):
-            if value is not expected and not (key == "forward" and _unrouted(value) is expected):
+            if value is not expected and not (key == "forward" and unrouted(value) is expected):
                 return False
         return True
 
@@ -126,11 +127,6 @@ class Guard:
         if self._reads_grad_mode and torch.is_grad_enabled() != self._grad_mode:
             return MODE
         return HOLDS
-
-
-def _unrouted(forward: Any) -> Any:
-    """An instance ``forward``, with fxtap's router of a running call looked through."""
-    return forward.previous if getattr(forward, "fxtap_installed", False) else forward
 
 
 def _routed_key(attributes: dict[str, Any]) -> int:
@@ -226,7 +222,7 @@ def _objects_in(value: Any, nesting: int = 0) -> list[Any]:
     if isinstance(value, (dict, list, tuple)):
         items = value.values() if isinstance(value, dict) else value
         return [o for v in items for o in _objects_in(v, nesting + 1)] if len(value) <= _MAX_ITEMS and nesting < 2 else []
-    if isinstance(value, _NOT_PLAIN) or isinstance(value, _SCALARS) or not isinstance(getattr(value, "__dict__", None), dict):
+    if isinstance(value, (*_NOT_PLAIN, *_SCALARS)) or not isinstance(getattr(value, "__dict__", None), dict):
         return []
     return [value]
 

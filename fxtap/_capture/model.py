@@ -183,7 +183,11 @@ def own_forward(module: nn.Module) -> Any:
     """The ``forward`` set on ``module`` itself, not its class's (fxtap's router of a running call,
     ``fxtap_installed``, looked through); ``None`` when there is none. torch.fx traces a root's
     class ``forward`` whatever the object holds."""
-    forward: Any = module.__dict__.get("forward")
+    return unrouted(module.__dict__.get("forward"))
+
+
+def unrouted(forward: Any) -> Any:
+    """An instance ``forward`` value, with fxtap's router of a running call looked through."""
     return forward.previous if getattr(forward, "fxtap_installed", False) else forward
 
 

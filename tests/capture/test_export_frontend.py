@@ -16,24 +16,18 @@ import torch
 import torchvision
 from support import matrix, toy_models
 from support.registry import CASES
-from support.truth import assert_same, assert_unchanged, hook_truth, model_fingerprint, quiet_fallbacks
+from support.toy_models import ExportRoot
+from support.truth import (
+    assert_same,
+    assert_unchanged,
+    hook_truth,
+    model_fingerprint,
+    quiet_fallbacks,
+)
 from torch import nn
 
 import fxtap
 from fxtap._capture import describe
-
-
-class EagerRoot(nn.Module):
-    """``inner`` under a root FX cannot trace (a Python bool of a size) and torch.export can."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        if args[0].shape[0] > 0:
-            return self.inner(*args)  # type: ignore[no-any-return]
-        return args[0]
 
 
 def _tap(model: nn.Module, names: list[str], **kwargs: object) -> fxtap.Tapped:
@@ -64,7 +58,7 @@ def test_export_names_mean_what_fx_names_mean(which: str) -> None:
     args = inputs()
     infos = [i for i in describe(inner) if i.kind in ("module", "op") and i.path == "fx"]
     fx_values = fxtap.tap(inner, [i.name for i in infos], mode="fx")(*args)
-    root = EagerRoot(inner)
+    root = ExportRoot(inner)
     wanted = {f"inner.{i.name}": i.name for i in infos} | {"inner": "output"}
     tapped = _tap(root, list(wanted))
     tapped(*args)  # mixed mode, then the export
@@ -229,7 +223,7 @@ class _Holder(nn.Module):
 
 
 def test_export_rebuilds_objects_made_by_the_forward_and_refuses_held_ones() -> None:
-    model = EagerRoot(_Holder())
+    model = ExportRoot(_Holder())
     tapped = _tap(model, ["inner"], keep_output=True)
     x = torch.randn(2, 3)
     tapped(x)
@@ -270,7 +264,7 @@ def test_export_hf_train_mode_draws_what_eager_draws() -> None:
 def test_export_updates_buffers_as_eager_does() -> None:
     torch.manual_seed(0)
     inner = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
-    model, twin = EagerRoot(inner).train(), EagerRoot(copy.deepcopy(inner)).train()
+    model, twin = ExportRoot(inner).train(), ExportRoot(copy.deepcopy(inner)).train()
     tapped = _tap(model, ["inner.1", "inner.0"])
     for step in range(3):
         x = torch.randn(2, 3, 8, 8)
@@ -286,7 +280,7 @@ def test_export_updates_buffers_as_eager_does() -> None:
 
 
 def test_export_refused_with_user_hooks() -> None:
-    model = EagerRoot(toy_models.InplaceZoo())
+    model = ExportRoot(toy_models.InplaceZoo())
     seen: list[torch.Tensor] = []
     handle = model.inner.fc2.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
     try:
@@ -353,7 +347,7 @@ def test_export_failure_keeps_mixed_mode_and_says_why(capsys: pytest.CaptureFixt
 
 
 def test_export_graph_rebuilt_for_new_shapes_and_swapped_modules() -> None:
-    model = EagerRoot(toy_models.InplaceZoo())
+    model = ExportRoot(toy_models.InplaceZoo())
     tapped = _tap(model, ["inner.fc2", "inner.add"])
     for batch in (2, 2, 5, 5):
         x = torch.randn(batch, 4)
@@ -380,7 +374,7 @@ def test_export_refused_when_forward_fills_a_cache() -> None:
                 self.seen.append(x.shape[0])  # Python-side state, filled in place
             return self.fc(x)
 
-    model = EagerRoot(Caching())
+    model = ExportRoot(Caching())
     tapped = _tap(model, ["inner.fc"])
     for _ in range(3):
         tapped(torch.randn(2, 2))
@@ -390,7 +384,7 @@ def test_export_refused_when_forward_fills_a_cache() -> None:
 
 def test_export_graph_gradients_equal_eager() -> None:
     torch.manual_seed(0)
-    model = EagerRoot(toy_models.InplaceZoo())
+    model = ExportRoot(toy_models.InplaceZoo())
     twin = copy.deepcopy(model)
     tapped = _tap(model, ["inner.fc2", "inner.add"])
     x = torch.randn(3, 4)
@@ -420,7 +414,7 @@ def test_export_graphs_per_input_kind_are_bounded() -> None:
                     return self.fc(x) * k
             return self.fc(x)
 
-    model = EagerRoot(SizeBranch())
+    model = ExportRoot(SizeBranch())
     tapped = _tap(model, ["inner.fc", "inner"])
     for batch in (2, 3, 4, 5, 6, 7, 2, 6):
         x = torch.randn(batch, 2)
@@ -433,7 +427,7 @@ def test_export_graphs_per_input_kind_are_bounded() -> None:
 
 def test_export_train_and_eval_graphs_follow_the_mode() -> None:
     torch.manual_seed(0)
-    model = EagerRoot(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4)))
+    model = ExportRoot(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 4)))
     tapped = _tap(model, ["inner.1", "inner.2"])
     x = torch.randn(3, 4)
     for training in (False, True, False, True):

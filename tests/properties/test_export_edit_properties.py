@@ -19,6 +19,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support.strategies import Case, case_truth, cases, edited_truth, seed_rng
+from support.toy_models import ExportRoot
 from support.truth import assert_same
 from test_edit_properties import _draw_edits, _truth_fn
 from torch import nn
@@ -29,17 +30,6 @@ SEED = 0
 EXAMPLES = settings.default.max_examples if settings.default.max_examples > 200 else 12  # each example exports once
 
 
-class ExportableRoot(nn.Module):
-    """``inner`` under a root FX cannot trace (a bool of a size) and torch.export can."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if args[0].shape[0] > 0:
-            return self.inner(*args, **kwargs)
-        return args[0]
 
 
 def _graph_edits(edits: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +39,7 @@ def _graph_edits(edits: dict[str, Any]) -> dict[str, Any]:
 
 def _check(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], edits: dict[str, Any], taps: list[str]) -> fxtap.Tapped:
     _expected, values = edited_truth(model, args, kwargs, {n: _truth_fn(e) for n, e in edits.items()}, seed=SEED)
-    root = ExportableRoot(model)
+    root = ExportRoot(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxtap.FallbackWarning)
         tapped = fxtap.tap(root, [f"inner.{n}" for n in taps], edit={f"inner.{n}": e for n, e in edits.items()})
@@ -70,7 +60,7 @@ def test_export_edits_match_truth_and_follow_in_place_changes(case: Case, data: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxtap.FallbackWarning)
         # under an eager root, names are known for the default arguments (a ``scale=`` op is not)
-        known = set(fxtap.names(ExportableRoot(model)))
+        known = set(fxtap.names(ExportRoot(model)))
     names = [n for n in truth.order if f"inner.{n}" in known and isinstance(truth.values.get(n), torch.Tensor)]
     edits = _graph_edits(_draw_edits(data, names, truth.values, "edits")) if names else {}
     if not edits:

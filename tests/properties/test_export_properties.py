@@ -15,34 +15,29 @@ from typing import Any
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.strategies import Bag, Case, cases, make_output, output_recipes, seed_rng
+from support.toy_models import ExportRoot
+from support.truth import (
+    assert_same,
+    assert_unchanged,
+    model_fingerprint,
+    quiet_fallbacks,
+)
 from torch import nn
 
 import fxtap
 from fxtap._capture import describe
-from support.strategies import Bag, Case, cases, make_output, output_recipes, seed_rng
-from support.truth import assert_same, assert_unchanged, model_fingerprint, quiet_fallbacks
 
 SEED = 0
 
 
-class EagerRoot(nn.Module):
-    """``inner`` under a root FX cannot trace (a Python bool of a size) and torch.export can."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if args[0].shape[0] > 0:
-            return self.inner(*args, **kwargs)
-        return args[0]
 
 
 @settings(max_examples=15, print_blob=True)
 @given(case=cases(), data=st.data())
 def test_property_export_values_equal_fx_values(case: Case, data: st.DataObject) -> None:
     model, args, kwargs = case.build()
-    root = EagerRoot(model)
+    root = ExportRoot(model)
     with quiet_fallbacks():  # the names both have (a child traced alone fixes None and flags: no ``eq`` of them)
         under_root = {info.name for info in describe(root, train=model.training)}
     common = [i.name for i in describe(model, train=model.training) if i.kind in ("module", "op") and f"inner.{i.name}" in under_root]
@@ -116,7 +111,7 @@ def test_property_export_returns_what_the_forward_makes(recipe: Any, twice: bool
     """Objects that the forward makes and returns (a transformers cache is one) come back from the
     exported graph equal to eager's, new on every call, one object wherever eager has one."""
     torch.manual_seed(0)
-    model = EagerRoot(_Makes(recipe, twice))
+    model = ExportRoot(_Makes(recipe, twice))
     x = torch.randn(2, 3)
     with quiet_fallbacks():
         tapped = fxtap.tap(model, ["inner"], keep_output=True)

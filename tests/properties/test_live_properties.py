@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from support.strategies import Configured, _annotate, case_truth, cases, seed_rng
+from support.truth import assert_same, quiet_fallbacks
 from torch import nn
 
 import fxtap
-from support.strategies import Configured, _annotate, case_truth, cases, seed_rng
-from support.truth import assert_same, quiet_fallbacks
 
 SEED = 0
 
