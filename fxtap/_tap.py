@@ -157,7 +157,7 @@ def names(
     that code is listed, and some of them may never be called (a dropout that fused attention
     skips, an embedding the forward does not use, a branch not taken): tapping such a name raises
     ``MissingCallError``. Inside a child that FX traces on its own, its graph decides, as for a
-    traced model; a module reached under several paths is listed under the innermost ones. Names of modules that only hooks can reach follow the FX names; later
+    traced model. Names of modules that only hooks can reach follow the FX names; later
     calls of them (``blk_1``) are not listed.
 
     With ``example_inputs`` the model runs once (without gradients, in the mode ``train`` picks;

@@ -95,19 +95,7 @@ def describe(
         found = _regions.resolve(model, [], analysis.fallbacks[""], everything=True, hints=hints)
         graph_names = {n: ("", "") for n in found.available}  # kinds and types below, as hooks see them
         known = set(found.available)
-        by_path = dict(model.named_modules(remove_duplicate=False))
-        called = {id(by_path[name]) for name in found.available if name in by_path}
-        aliases: dict[int, list[str]] = {}  # the paths of each module reached under several
-        for path, module in by_path.items():
-            aliases.setdefault(id(module), []).append(path)
-        aliases = {key: paths for key, paths in aliases.items() if len(paths) > 1}
-        ordered = found.available + [
-            path
-            for path in analysis.names()
-            if path not in known
-            and not (path in by_path and (id(by_path[path]) in called or _outer_alias(path, by_path, aliases)))
-            and not _read_by_graph(path, found)
-        ]
+        ordered = found.available + [path for path in analysis.names() if path not in known and not _read_by_graph(path, found)]
     # one pass over the model's paths for every name whose kind hooks decide (a module call or not)
     targets, _ = hook_targets(model, [n for n in ordered if not graph_names.get(n, ("", ""))[0]])
     infos = []
@@ -121,17 +109,6 @@ def describe(
         else:  # found by a child's own trace: a module call, or an op
             infos.append(NameInfo(name, "module" if target is not None else "op", module_type, "fx"))
     return infos
-
-
-def _outer_alias(path: str, by_path: dict[str, nn.Module], aliases: dict[int, list[str]]) -> bool:
-    """Whether the module at ``path`` has another path inside the module that holds ``path``
-    (T5's ``shared`` is ``encoder.embed_tokens``): code calls such a module through the innermost
-    owner, and hooks name a call by the module that made it, so only the inner paths are listed
-    (the outer one stays a valid name: a call from the outer owner's own code produces it)."""
-    owner = path.rpartition(".")[0]
-    return any(
-        other != path and _names_inside(other.rpartition(".")[0], owner, strict=True) for other in aliases.get(id(by_path[path]), ())
-    )
 
 
 def _read_by_graph(path: str, found: _regions.Resolution) -> bool:
