@@ -13,7 +13,8 @@ A value is *certainly a tensor* when the node that made it is
   annotated to return ``Tensor`` (``F.layer_norm``);
 - a tensor method of such an op (``x.view(...)``, ``x.transpose(...)``) called on a value that
   is certainly a tensor;
-- a call of a ``torch.nn`` module whose ``forward`` is annotated to return ``Tensor``.
+- a call of a ``torch.nn`` module whose ``forward`` is annotated to return ``Tensor`` (but
+  ``nn.Identity``, which returns whatever it is given).
 
 The classes asked about are read from the bytecode of the check: a name (``list``) or a tuple of
 names (``(list, tuple)``) loaded right before the call, resolved in the asking frame.
@@ -34,6 +35,8 @@ __all__ = ["answered_alike"]
 
 # classes no tensor is an instance of: a Proxy (not one either) answers ``isinstance`` alike
 _NEVER_TENSORS = frozenset({list, tuple, dict, set, frozenset, str, bytes, int, float, complex, bool, type(None), range, slice})
+# torch.nn modules annotated "-> Tensor" that return whatever they are given (a list, too)
+_PASS_ANYTHING = frozenset({torch.nn.Identity})
 _LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST", "LOAD_CONST"})
 
 
@@ -110,7 +113,7 @@ def _certainly_tensor(node: fx.Node, root: Any, depth: int) -> bool:
         except AttributeError:
             return False
         kind = type(module)
-        if not kind.__module__.startswith("torch.nn."):
+        if not kind.__module__.startswith("torch.nn.") or kind in _PASS_ANYTHING:
             return False  # a user's annotation is a promise, not a fact
         return _annotated_tensor(kind.forward)
     return False
@@ -132,9 +135,15 @@ def _returns_tensor(target: Any) -> bool:
     return op is not None and _aten_returns_tensor(op.split("::", 1)[-1])
 
 
+# ops whose Python binding may return something their schemas do not say: ``nonzero(as_tuple=True)`` is a tuple
+_BINDING_DIFFERS = frozenset({"nonzero"})
+
+
 @functools.lru_cache(maxsize=1024)
 def _aten_returns_tensor(name: str) -> bool:
     """Whether every overload of ``aten::name`` returns exactly one ``Tensor``."""
+    if name in _BINDING_DIFFERS:
+        return False
     schemas = torch._C._jit_get_schemas_for_operator(f"aten::{name}")
     return bool(schemas) and all(len(s.returns) == 1 and str(s.returns[0].type) == "Tensor" for s in schemas)
 

@@ -216,6 +216,7 @@ class _ContainerCheck(nn.Module):
         self.norm = nn.LayerNorm(W)
         self.lstm = nn.LSTM(W, W, batch_first=True)
         self.lying = _Lying()
+        self.identity = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> Any:
         if self.made == "functional":
@@ -232,6 +233,10 @@ class _ContainerCheck(nn.Module):
             h = torch.split(x, 1, dim=-1)
         elif self.made == "lying":  # a user's module annotated "-> Tensor" that returns a list
             h = self.lying(x)
+        elif self.made == "nonzero":  # a tuple with as_tuple=True, though aten::nonzero returns a Tensor
+            h = torch.nonzero(x, as_tuple=True)
+        elif self.made == "identity":  # nn.Identity is annotated "-> Tensor" and returns its input
+            h = self.identity([x])
         else:  # "size": an int when the model runs
             h = x.size(0)
         classes = {"list": list, "tuple": tuple, "list_tuple": (list, tuple), "int": int, "tensor": torch.Tensor}[self.classes]
@@ -249,7 +254,7 @@ class _Lying(nn.Module):
         return [x]  # type: ignore[return-value]
 
 
-MADE = ["functional", "torch_op", "method", "nn_module", "lstm", "split", "lying", "size"]
+MADE = ["functional", "torch_op", "method", "nn_module", "lstm", "split", "lying", "identity", "nonzero", "size"]
 CLASSES = ["list", "tuple", "list_tuple", "int", "tensor"]
 TENSORS = {"functional", "torch_op", "method", "nn_module"}  # what certainly makes a tensor
 NEVER_TENSORS = {"list", "tuple", "list_tuple", "int"}  # classes no tensor is an instance of
