@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["answered_alike"]
+__all__ = ["answered_alike", "leaves_relied_on"]
 
 # classes no tensor is an instance of: a Proxy (not one either) answers ``isinstance`` alike
 _NEVER_TENSORS = frozenset({list, tuple, dict, set, frozenset, str, bytes, int, float, complex, bool, type(None), range, slice})
@@ -48,6 +48,14 @@ def answered_alike(node: fx.Node | None, root: Any, frame: Any) -> bool:
         return False
     classes = _checked_classes(frame)
     return classes is not None and all(c in _NEVER_TENSORS for c in classes) and _certainly_tensor(node, root, 0)
+
+
+def leaves_relied_on(node: fx.Node) -> list[str]:
+    """The module (its path) whose output ``answered_alike`` took for a tensor on the way to
+    ``node``: a hook or an own ``forward`` added to it later would make the answer wrong."""
+    while node.op == "call_method" and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return [str(node.target)] if node.op == "call_module" else []
 
 
 def _checked_classes(frame: Any) -> tuple[type, ...] | None:
