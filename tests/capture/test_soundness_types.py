@@ -381,3 +381,27 @@ def test_isinstance_called_by_another_name_is_a_type_check(hit: Any) -> None:
     """Not proxy_types (hazards._inspects_type): ``isinstance`` reached by another name is taken
     for a C function's argument check, so the Proxy's answer (False) goes into the graph."""
     _assert_like_eager(_AnswersByFunction(hit))
+
+
+class _ListingTensor(torch.Tensor):
+    """A tensor subclass whose ``torch.relu`` and ``F.layer_norm`` return a list: the value is
+    no tensor though the op's schema says so."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return [out] if func in (torch.relu, torch.nn.functional.layer_norm) else out
+
+
+@pytest.mark.parametrize("where", ["input", "parameter"])
+def test_a_tensor_subclass_whose_torch_function_returns_a_list(where: str) -> None:
+    torch.manual_seed(0)
+    inner = _AnswersByFunction(_checks_list, by_module=where == "parameter")
+    model, x = nn.Sequential(inner, nn.Identity()).eval(), torch.randn(2, 3, W)
+    if where == "parameter":
+        inner.norm.weight = nn.Parameter(torch.ones(W).as_subclass(_ListingTensor))
+    else:
+        x = x.as_subclass(_ListingTensor)
+    with quiet_fallbacks():
+        tapped = fxtap.tap(model, ["1"])
+    assert_same(tapped(x)["1"].as_subclass(torch.Tensor), model(x).as_subclass(torch.Tensor))
