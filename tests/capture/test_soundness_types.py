@@ -405,3 +405,13 @@ def test_a_tensor_subclass_whose_torch_function_returns_a_list(where: str) -> No
     with quiet_fallbacks():
         tapped = fxtap.tap(model, ["1"])
     assert_same(tapped(x)["1"].as_subclass(torch.Tensor), model(x).as_subclass(torch.Tensor))
+
+
+def test_a_users_forward_put_on_a_torch_nn_class_is_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = nn.LayerNorm.forward
+
+    def forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:  # annotated, and a list
+        return [original(self, x)]  # type: ignore[return-value]
+
+    monkeypatch.setattr(nn.LayerNorm, "forward", forward)
+    _assert_like_eager(_AnswersByFunction(_checks_list, by_module=True))
