@@ -143,6 +143,8 @@ def _certainly_tensor(node: fx.Node, root: Any, depth: int) -> bool:
             return False  # a user's annotation is a promise, not a fact
         if "forward" in module.__dict__ or _returns_through_hooks(module):
             return False  # an instance's own forward, or a forward hook, may return anything
+        if not (getattr(kind.forward, "__module__", None) or "").startswith("torch.nn."):
+            return False  # a user's forward put on torch's class: its annotation is the user's too
         return _annotated_tensor(kind.forward)
     return False
 
