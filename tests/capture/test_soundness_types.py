@@ -415,3 +415,13 @@ def test_a_users_forward_put_on_a_torch_nn_class_is_not_trusted(monkeypatch: pyt
 
     monkeypatch.setattr(nn.LayerNorm, "forward", forward)
     _assert_like_eager(_AnswersByFunction(_checks_list, by_module=True))
+
+
+def test_a_users_function_put_on_torch_tensor_is_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = torch.Tensor.transpose
+
+    def transpose(self: torch.Tensor, *dims: int) -> torch.Tensor:  # annotated, and a list
+        return [original(self, *dims)]  # type: ignore[return-value]
+
+    monkeypatch.setattr(torch.Tensor, "transpose", transpose)
+    _assert_like_eager(_ContainerCheck("method", "list"))
