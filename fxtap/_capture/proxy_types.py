@@ -132,7 +132,8 @@ def _certainly_tensor(node: fx.Node, root: Any, depth: int) -> bool:
         return _returns_tensor(node.target)
     if node.op == "call_method":
         owner = node.args[0] if node.args else None
-        return isinstance(owner, fx.Node) and _certainly_tensor(owner, root, depth + 1) and _aten_returns_tensor(str(node.target))
+        name = str(node.target)
+        return isinstance(owner, fx.Node) and _torchs_method(name) and _certainly_tensor(owner, root, depth + 1) and _aten_returns_tensor(name)
     if node.op == "call_module":
         try:
             module = root.get_submodule(str(node.target))
@@ -147,6 +148,12 @@ def _certainly_tensor(node: fx.Node, root: Any, depth: int) -> bool:
             return False  # a user's forward put on torch's class: its annotation is the user's too
         return _annotated_tensor(kind.forward)
     return False
+
+
+def _torchs_method(name: str) -> bool:
+    """Whether ``torch.Tensor.<name>`` is torch's own (not a function a user put on the class)."""
+    method = getattr(torch.Tensor, name, None)
+    return type(method).__name__ == "method_descriptor" or (getattr(method, "__module__", None) or "").startswith("torch.")
 
 
 @functools.lru_cache(maxsize=1024)
