@@ -22,8 +22,10 @@ any other thread gets the original functions.
 
 from __future__ import annotations
 
+import builtins
 import dis
 import functools
+import inspect
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -259,7 +261,7 @@ def type_read(proxy: Any, frame: Any) -> type:
     while module in _PASS_THROUGH and frame.f_back is not None:
         frame = frame.f_back
         module = frame.f_globals.get("__name__", "")
-    if module.startswith(_INTERNAL) or module == "torch" or not _inspects_type(frame.f_code, frame.f_lasti):
+    if module.startswith(_INTERNAL) or module == "torch" or not _inspects_type(frame):
         return own  # e.g. torch's C argument parser, which checks every argument's type for a SymInt
     if _proxy_types.answered_alike(_node_of(proxy), tracer.root, frame):
         tracer.typed_leaves.update(_proxy_types.leaves_relied_on(_node_of(proxy)))  # guarded: a hook added later makes the graph stale
@@ -288,7 +290,6 @@ def _what(proxy: Any) -> str:
     return f"a traced value ({node.op} {getattr(node.target, '__name__', node.target)})"
 
 
-_TYPE_CHECKS = frozenset({"isinstance", "issubclass"})
 # how a call by position is spelled: PRECALL/CALL (3.11), CALL (3.12 and later; 3.13 pushes a NULL
 # with the callable, which LOAD_GLOBAL's stack effect counts), CALL_FUNCTION and CALL_METHOD (3.10); any other
 # call (``f(*args)``) is judged from the instructions before it, or taken as a check
@@ -296,15 +297,65 @@ _CALLS = frozenset({"PRECALL", "CALL", "CALL_FUNCTION", "CALL_METHOD"})
 _KEYWORD_CALLS = frozenset({"CALL_KW", "CALL_FUNCTION_KW"})
 
 
-@functools.lru_cache(maxsize=4096)
-def _inspects_type(code: Any, lasti: int) -> bool:
-    """Whether the instruction at ``lasti`` of ``code`` reads a type: a call of the builtin
-    ``isinstance`` (or ``issubclass``), or ``x.__class__``. A C function called there that
-    checks its arguments' types (torch's argument parser) is no type check of the model's.
-    When the bytecode around the call is not understood (a conditional expression among the
-    arguments), it is taken as a type check: the caller then runs eagerly, which is always right.
+def _inspects_type(frame: Any) -> bool:
+    """Whether the instruction ``frame`` is at reads a type: a call of ``isinstance`` or
+    ``issubclass`` (by any name: ``check = isinstance``, ``builtins.isinstance``, a
+    ``functools.partial`` of it), a call of another builtin of Python's (``list(map(isinstance,
+    ...))`` checks inside it), or ``x.__class__``. A function of torch called there that checks its
+    arguments' types (its C argument parser) is no type check of the model's. When the callable is
+    not a plain name or attribute chain, or the bytecode is not understood, it is taken as a type
+    check: the caller then runs eagerly, which is always right.
     """
-    instructions = list(dis.get_instructions(code))
+    callee = _callee(frame.f_code, frame.f_lasti)
+    if isinstance(callee, bool):
+        return callee
+    value = _resolve(frame, callee)
+    if value is _UNRESOLVED:
+        return True
+    while isinstance(value, functools.partial):
+        value = value.func
+    if value is builtins.isinstance or value is builtins.issubclass:
+        return True
+    return getattr(value, "__module__", None) == "builtins"  # a builtin of Python's (``map`` calling ``isinstance``)
+
+
+_UNRESOLVED = object()
+
+
+def _resolve(frame: Any, chain: tuple[tuple[str, Any], ...]) -> Any:
+    """The value of a load chain (``LOAD_GLOBAL builtins``, ``LOAD_ATTR isinstance``) in ``frame``."""
+    (opname, name), *attributes = chain
+    if opname in ("LOAD_FAST", "LOAD_DEREF"):
+        value = frame.f_locals.get(name, _UNRESOLVED)
+    elif opname == "LOAD_NAME" and name in frame.f_locals:
+        value = frame.f_locals[name]
+    else:
+        value = frame.f_globals.get(name, frame.f_builtins.get(name, _UNRESOLVED))
+    for _, attribute in attributes:
+        if value is _UNRESOLVED:
+            break
+        try:
+            value = inspect.getattr_static(value, attribute)
+        except AttributeError:
+            held = [d for d in ("_modules", "_parameters", "_buffers") if attribute in getattr(value, "__dict__", {}).get(d, {})]
+            if not isinstance(value, nn.Module) or not held:
+                return _UNRESOLVED
+            value = value.__dict__[held[0]][attribute]  # a submodule, parameter or buffer, as nn.Module.__getattr__ finds it
+        if isinstance(value, (staticmethod, classmethod)):
+            return _UNRESOLVED  # a descriptor: what it gives is not read statically
+    return value
+
+
+_BASE_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST"})
+_ATTRIBUTE_LOADS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _callee(code: Any, lasti: int) -> bool | tuple[tuple[str, Any], ...]:
+    """What the instruction at ``lasti`` of ``code`` calls, as the load chain of the callable
+    (a name, then attributes); ``True`` where it reads a type for sure (``x.__class__``) or is not
+    understood, ``False`` where it cannot be a type check (a call with keywords)."""
+    instructions = [ins for ins in dis.get_instructions(code) if ins.opname != "CACHE"]
     at = next((i for i, ins in enumerate(instructions) if ins.offset == lasti), None)
     if at is None:
         return True
@@ -315,13 +366,40 @@ def _inspects_type(code: Any, lasti: int) -> bool:
         return False  # isinstance and issubclass take no keywords
     if call.opname not in _CALLS or call.arg is None:
         return True  # (a specialized PRECALL makes the call itself: lasti is either)
-    need = call.arg + 1  # the arguments and the callable, pushed before the call
-    for ins in reversed(instructions[:at]):
-        if ins.opname in ("PRECALL", "KW_NAMES", "NOP", "CACHE"):
+    need = call.arg  # the arguments, pushed after the callable: walk back to the first one's start
+    index = at
+    while need > 0:
+        index -= 1
+        if index < 0:
+            return True
+        ins = instructions[index]
+        if ins.opname in _SKIPPED:
             continue
         if ins.is_jump_target or "JUMP" in ins.opname:
             return True
         need -= dis.stack_effect(ins.opcode, ins.arg if ins.opcode >= dis.HAVE_ARGUMENT else None, jump=False)
-        if need <= 0:
-            return ins.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_FAST") and ins.argval in _TYPE_CHECKS
-    return True
+    if need < 0:
+        return True  # an instruction pushed more than the arguments: not understood
+    return _chain(instructions, index)
+
+
+_SKIPPED = frozenset({"PRECALL", "KW_NAMES", "NOP", "PUSH_NULL"})
+
+
+def _chain(instructions: list[Any], first_argument: int) -> bool | tuple[tuple[str, Any], ...]:
+    """The load chain (a name, then attributes) that pushed the callable, whose last instruction
+    is right before ``first_argument``; ``True`` when the callable is anything else (a call's result)."""
+    loads = []
+    index = first_argument - 1
+    while index >= 0 and instructions[index].opname in _SKIPPED:
+        index -= 1
+    while index >= 0 and instructions[index].opname in _ATTRIBUTE_LOADS:
+        loads.append(instructions[index])
+        index -= 1
+    if index < 0 or instructions[index].opname not in _BASE_LOADS:
+        return True
+    loads.append(instructions[index])
+    loads.reverse()
+    if any(ins.is_jump_target for ins in loads[1:]) or instructions[first_argument].is_jump_target:
+        return True
+    return tuple((ins.opname, ins.argval) for ins in loads)

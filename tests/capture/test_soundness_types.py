@@ -393,6 +393,13 @@ class _ListingTensor(torch.Tensor):
         return [out] if func in (torch.relu, torch.nn.functional.layer_norm) else out
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known limit (docs/fallback.md): a tensor subclass whose __torch_function__ makes an op that returns a tensor "
+        "return a list; fxtap does not check the types of a call's inputs or of a leaf's parameters for it"
+    ),
+)
 @pytest.mark.parametrize("where", ["input", "parameter"])
 def test_a_tensor_subclass_whose_torch_function_returns_a_list(where: str) -> None:
     torch.manual_seed(0)
