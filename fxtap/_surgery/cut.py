@@ -13,7 +13,9 @@ from .._capture.call_spec import default_concrete_args
 from .._capture.edit import as_modules
 from .._capture.model import unwrap
 from .._errors import TapNameError, TraceFailedError
-from .graph import Split, split
+from . import export_cut as _export_cut
+from .export_graph import Shapes
+from .graph import split
 from .shapes import Evidence
 
 __all__ = ["Cut", "cut"]
@@ -25,7 +27,7 @@ def cut(
     outputs: Mapping[str, str] | Sequence[str] = ("output",),
     *,
     example: Any = None,
-    mode: Literal["fx"] = "fx",
+    mode: Literal["auto", "fx"] = "auto",
     edit: Mapping[str, Any] | None = None,
 ) -> Cut:
     """The part of ``model`` that computes ``outputs`` from the values of ``inputs``, as a module.
@@ -68,14 +70,14 @@ def cut(
         >>> torch.equal(head(features)["output"], model(x))
         True
     """
-    if mode != "fx":
-        raise ValueError(f'mode must be "fx" (a cut is one FX graph), not {mode!r}')
+    if mode not in ("auto", "fx"):
+        raise ValueError(f'mode must be "auto" or "fx", not {mode!r}')
     request_in = _names.normalize_request(inputs)
     request_out = _names.normalize_request(outputs)
     if "output" in request_in:
         raise ValueError('"output" is the model\'s output, not a value a cut can start from')
     edits = as_modules(edit) if edit else {}
-    return Cut(unwrap(model), request_in, request_out, example, edits)
+    return Cut(unwrap(model), request_in, request_out, example, edits, mode)
 
 
 class Cut(nn.Module):
@@ -90,8 +92,11 @@ class Cut(nn.Module):
         edits: the edit modules (``edit=``), when there are any: their parameters train with the cut.
     """
 
-    def __init__(self, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, edits: dict[str, nn.Module] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, edits: dict[str, nn.Module] | None = None, mode: str = "auto"
+    ) -> None:
         super().__init__()
+        self._mode = mode
         self.model = model
         self._edits = dict(edits or {})
         if self._edits:  # submodules, as in a Tapped: their parameters are the cut's
@@ -100,13 +105,13 @@ class Cut(nn.Module):
         self._inputs = inputs
         self._outputs = outputs
         self._example = example
-        self._splits: dict[bool, tuple[fx.GraphModule, Split]] = {}
+        self._splits: dict[bool, tuple[fx.GraphModule, list[str], Shapes | None]] = {}
         self._split()  # errors now, not at the first call
 
     @property
     def inputs(self) -> list[str]:
         """The argument names, in order: the cut inputs' keys, then the model inputs the rest still reads."""
-        return list(self._split()[1].inputs)
+        return list(self._split()[1])
 
     @property
     def outputs(self) -> list[str]:
@@ -118,12 +123,14 @@ class Cut(nn.Module):
         return self._split()[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        graph, found = self._split()
-        if kwargs or len(args) != len(found.inputs):
-            args = _bind(found.inputs, args, kwargs)
+        graph, inputs, shapes = self._split()
+        if kwargs or len(args) != len(inputs):
+            args = _bind(inputs, args, kwargs)
+        if shapes is not None:
+            shapes.check(args)
         return dict(graph(*args))
 
-    def _split(self) -> tuple[fx.GraphModule, Split]:
+    def _split(self) -> tuple[fx.GraphModule, list[str], Shapes | None]:
         training = self.model.training
         built = self._splits.get(training)
         if built is None:
@@ -131,11 +138,13 @@ class Cut(nn.Module):
             self._splits[training] = built
         return built
 
-    def _build(self) -> tuple[fx.GraphModule, Split]:
+    def _build(self) -> tuple[fx.GraphModule, list[str], Shapes | None]:
         model = self.model
         try:
             analysis = _analysis.analyse(model, mode="fx", concrete_args=default_concrete_args(model))
         except TraceFailedError as error:
+            if not error.module and self._mode == "auto":  # the root: one torch.export graph of the cut call
+                return self._exported(error)
             raise TraceFailedError(
                 _untraceable(model, error, self._inputs, self._outputs), module=error.module, module_type=error.module_type, reason=error.reason
             ) from None
@@ -149,7 +158,28 @@ class Cut(nn.Module):
         found = split(traced, self._inputs, self._outputs, evidence, self._edits)
         graph = fx.GraphModule(found.root, found.graph, class_name=f"Cut{type(model).__name__}")
         graph.meta["fxtap_input_names"] = list(found.inputs)
-        return graph, found
+        return graph, list(found.inputs), None
+
+    def _exported(self, error: TraceFailedError) -> tuple[fx.GraphModule, list[str], Shapes | None]:
+        """The cut of a model whose root FX cannot trace, from one torch.export graph (``export_cut``)."""
+        owner = type(self.model).__name__
+        if self._edits:
+            raise TraceFailedError(
+                f"cannot cut {owner} with edit=: torch.fx cannot trace the forward of {owner} itself ({error.reason}), and a cut "
+                "built from its torch.export graph takes no edits yet.\n  Cut without edit= and edit the values around the cut, "
+                "or patch everything into the whole model: fxtap.tap(model, outputs, edit={...}); see docs/cut.md.",
+                module="", module_type=owner, reason=error.reason,
+            )
+        if self._example is None:
+            raise TraceFailedError(
+                f"cannot cut {owner} without example=: torch.fx cannot trace the forward of {owner} itself ({error.reason}), so the "
+                "cut is built from one torch.export graph of the model's call, which needs the model's inputs.\n  Pass them: "
+                f"fxtap.cut(model, {list(self._inputs)!r}, ..., example=model_inputs) (a tensor, a tuple of positional "
+                "arguments or a dict of keyword arguments); see docs/cut.md, \"Models torch.fx cannot trace\".",
+                module="", module_type=owner, reason=error.reason,
+            )
+        built = _export_cut.build(self.model, self._inputs, self._outputs, self._example, error.reason)
+        return built.module, built.inputs, built.shapes
 
     # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Cut:

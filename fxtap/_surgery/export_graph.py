@@ -1,0 +1,348 @@
+"""The graph of a cut, from the functional torch.export graph of the cut call (``export_cut.py``).
+
+In that graph each cut input is a ``fxtap::cut_point(value, given)`` node: ``value`` is what the
+model computed, ``given`` the cut's argument. ``cut_graph`` replaces each by ``given`` and keeps
+what the outputs need, by these rules (those of the FX cut, docs/cut.md, where the graph allows):
+
+- **Upstream** values are the ones computed from the model's input *values* (shape reads do not
+  count) that the cut inputs are computed from (their ancestors), or that read the replaced value.
+  The cut never runs them, with one exception: code of the model's own ``forward`` (no submodule),
+  such as attention masks and position ids built from the model inputs, which the cut runs again;
+  the model inputs it reads become arguments of the cut, after the cut inputs.
+- A needed upstream value computed *inside a submodule* (a skip connection that bypasses the cut)
+  is missing: ``CutError`` lists the tap name of the module that returns it (``.missing``).
+- **Shape reads** of a model input (``input_ids.shape[1]`` for positions) are taken from a cut
+  input's dimension where torch.export proved the two equal; else the model input is an argument.
+- **State writes** (buffer updates; the graph is functional, they are its outputs) after the last
+  cut point, or computed from a cut input, run; those before the cut do not. Writes into a cut
+  input never reach the caller's tensor. Random ops after the last cut point run.
+- Dimensions: the graph holds the sizes torch.export kept static, and its symbols' ranges:
+  ``Shapes`` checks a call against them (another static size must be exported again).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+from .._errors import CutError, FxtapError
+
+__all__ = ["Built", "Shapes", "cut_graph"]
+
+_PREFIX = "model."  # the model's modules, as the cut call names them
+
+
+@dataclass
+class Shapes:
+    """What a call's tensors must satisfy: static sizes, symbols equal, symbols in range."""
+
+    dims: list[tuple[str, list[Any]]]  # per input: its key, each dim an int or a sympy expression
+    ranges: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
+    owner: str = ""
+
+    def check(self, values: tuple[Any, ...]) -> None:
+        bound: dict[Any, int] = {}
+        problems: list[str] = []
+        for (key, dims), value in zip(self.dims, values):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"the cut's input {key!r} must be a tensor, not {type(value).__name__}")
+            if value.dim() != len(dims):
+                problems.append(f"{key!r} has {value.dim()} dimensions, not {len(dims)}")
+                continue
+            for i, (want, have) in enumerate(zip(dims, value.shape)):
+                if isinstance(want, int):
+                    if want != have:
+                        problems.append(f"{key!r} dim {i} is {have}, the graph holds {want}")
+                elif isinstance(want, sympy.Symbol):
+                    low, high = self.ranges.get(want, (0, None))
+                    if want in bound and bound[want] != have:
+                        problems.append(f"{key!r} dim {i} is {have}, but must equal {bound[want]} (the same size in the model)")
+                    elif have < low or (high is not None and have > high):
+                        problems.append(f"{key!r} dim {i} is {have}, outside the range {low}..{high} the graph was exported for")
+                    bound[want] = have
+        for (key, dims), value in zip(self.dims, values):
+            for i, want in enumerate(dims):
+                if not isinstance(want, (int, sympy.Symbol)) and want.free_symbols <= bound.keys() and int(want.subs(bound)) != value.shape[i]:
+                    problems.append(f"{key!r} dim {i} is {value.shape[i]}, the graph needs {want.subs(bound)}")
+        if problems:
+            raise FxtapError(
+                f"this cut of {self.owner} is one torch.export graph, exported at the example's sizes: "
+                + "; ".join(problems)
+                + ".\n  Build the cut again with an example of these sizes (sizes torch.export keeps dynamic may differ)."
+            )
+
+
+@dataclass
+class Built:
+    """A cut's graph module and its arguments (cut input keys, then model inputs)."""
+
+    module: fx.GraphModule
+    inputs: list[str]
+    shapes: Shapes
+
+
+def cut_graph(program: Any, call: nn.Module, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], model_names: list[str]) -> Built:
+    """The cut's ``GraphModule`` from ``program`` (``run_decompositions``'d export of ``call``)."""
+    owner = type(model).__name__
+    graph: fx.Graph = program.graph_module.graph
+    signature = program.graph_signature
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    by_name = {n.name: n for n in placeholders}
+    user = [by_name[s.arg.name] for s in signature.input_specs if s.kind == InputKind.USER_INPUT]
+    given, model_inputs = user[: len(inputs)], user[len(inputs) :]
+    keys = list(inputs.values())
+    names = dict(zip(model_inputs, model_names))
+    points = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.fxtap.cut_point.default]
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max((order[p] for p in points), default=-1)
+    replaced = [p.args[0] for p in points]
+    for point in points:
+        point.replace_all_uses_with(point.args[1])
+    derived = _descendants(graph, set(given))
+    upstream = _upstream(graph, set(model_inputs), replaced)
+
+    output_node = next(n for n in graph.nodes if n.op == "output")
+    results = list(output_node.args[0])
+    user_out: list[Any] = []
+    writes: list[tuple[str, str, fx.Node]] = []  # (kind, target, value)
+    for spec, value in zip(signature.output_specs, results):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            user_out.append(value)
+        elif spec.kind == OutputKind.BUFFER_MUTATION:
+            writes.append(("buffer", spec.target, value))
+        elif spec.kind == OutputKind.USER_INPUT_MUTATION:
+            writes.append(("input", spec.target, value))
+        else:
+            raise CutError(f"cannot cut {owner}: its torch.export graph has an output of kind {spec.kind.name}, which a cut does not reproduce")
+    kept_writes = [
+        (kind, target, value)
+        for kind, target, value in writes
+        if isinstance(value, fx.Node)
+        and not (kind == "input" and by_name[target] in given)
+        and (value in derived or order[value] > last)
+    ]
+
+    out_spec = program.call_spec.out_spec
+    per_key = pytree.tree_unflatten(user_out, out_spec)  # the call's tuple: one value per output
+    early = [name for name, value in zip(outputs, per_key) if any(isinstance(v, fx.Node) and v in upstream and v.op != "placeholder" for v in pytree.tree_leaves(value))]
+    if early:
+        raise CutError(
+            f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the output{'s' if len(early) > 1 else ''} "
+            f"{', '.join(map(repr, early))} {'are' if len(early) > 1 else 'is'} computed before the cut.\n"
+            "  Add them to the inputs (the cut then returns them as given), or ask for outputs after the cut; see docs/cut.md.",
+            missing=early,
+        )
+    randoms = [n for n in graph.nodes if order.get(n, -1) > last and _random(n) and not (_ancestors(n) & upstream)]
+    seeds = [v for v in user_out if isinstance(v, fx.Node)] + [v for _, _, v in kept_writes] + randoms
+    walk = _Walk(graph, upstream, set(model_inputs), given, owner)
+    walk.run(seeds)
+    if walk.missing:
+        listed = ", ".join(map(repr, walk.missing))
+        raise CutError(
+            f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the outputs {', '.join(map(repr, outputs))} also need "
+            f"{listed}, which {'is' if len(walk.missing) == 1 else 'are'} computed before the cut from the model's inputs.\n"
+            f"  Add {'it' if len(walk.missing) == 1 else 'them'} to the inputs: fxtap.cut(model, {[*inputs, *walk.missing]!r}, ...); see docs/cut.md.",
+            missing=list(walk.missing),
+        )
+    if walk.inside:
+        raise CutError(
+            f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the outputs also need {walk.inside}, computed before the cut "
+            "from the model's inputs inside that module, by code that no tap name of a module output names.\n"
+            "  Cut after that module, or add its output to the inputs; see docs/cut.md.",
+        )
+    return _assemble(program, call, graph, given, keys, model_inputs, names, walk, per_key, outputs, kept_writes, owner)
+
+
+def _assemble(
+    program: Any, call: nn.Module, graph: fx.Graph, given: list[fx.Node], keys: list[str], model_inputs: list[fx.Node], names: dict[fx.Node, str],
+    walk: _Walk, per_key: Any, outputs: dict[str, str], writes: list[tuple[str, str, fx.Node]], owner: str,
+) -> Built:
+    signature = program.graph_signature
+    targets = {s.arg.name: (s.kind, s.target) for s in signature.input_specs if s.kind != InputKind.USER_INPUT}
+    root = nn.Module()
+    root.call = call
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    extra = [n for n in model_inputs if n in walk.needed]
+    clash = sorted({names[n] for n in extra} & set(keys))
+    if clash:
+        raise CutError(f"the cut input key(s) {', '.join(map(repr, clash))} also name a model input that the cut still reads: rename the cut input with a mapping {{name: key}}.")
+    arguments = [*given, *extra]
+    argument_names = [*keys, *(names[n] for n in extra)]
+    for node, name in zip(arguments, argument_names):
+        env[node] = new.placeholder(_identifier(name))
+        env[node].meta = dict(node.meta)
+    for node in graph.nodes:
+        if node not in walk.needed or node in env:
+            continue
+        if node.op == "placeholder":
+            kind, target = targets[node.name]
+            if kind == InputKind.CONSTANT_TENSOR:
+                attribute = f"_constant{len(root._buffers)}"
+                root.register_buffer(attribute, program.constants[target], persistent=False)
+                env[node] = new.get_attr(attribute)
+            elif kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                env[node] = new.get_attr(f"call.{target}")
+            else:
+                raise CutError(f"cannot cut {owner}: its torch.export graph takes a {kind.name} input, which a cut does not reproduce")
+            env[node].meta = dict(node.meta)
+            continue
+        replacement = walk.shapes.get(node)
+        if replacement is not None:
+            source, dim = replacement
+            env[node] = new.call_function(torch.ops.aten.sym_size.int, (env[source], dim))
+            env[node].meta = dict(node.meta)
+            continue
+        env[node] = new.node_copy(node, lambda n: env[n])
+    for kind, target, value in writes:
+        destination = new.get_attr(f"call.{target}") if kind == "buffer" else env[{n.name: n for n in model_inputs}[target]]
+        new.call_function(torch.ops.aten.copy_.default, (destination, env[value]))
+    flat = [env[v] if isinstance(v, fx.Node) else v for v in pytree.tree_leaves(per_key)]
+    structure = pytree.tree_structure({key: value for key, value in zip(outputs.values(), per_key)})
+    new.output(flat)
+    in_spec = pytree.tree_structure((tuple(range(len(arguments))), {}))
+    new._codegen = _PyTreeCodeGen(_PyTreeInfo([_identifier(n) for n in argument_names], in_spec, structure))
+    new.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _random(n))
+    module = fx.GraphModule(root, new, class_name=f"Cut{owner}")
+    module.meta["fxtap_input_names"] = list(argument_names)
+    dims = [(name, [_dim(s) for s in node.meta["val"].shape]) for name, node in zip(argument_names, arguments)]
+    ranges = {symbol: (_bound(r.lower, 0), _bound(r.upper, None)) for symbol, r in program.range_constraints.items() if isinstance(symbol, sympy.Symbol)}
+    return Built(module, argument_names, Shapes(dims, ranges, owner))
+
+
+def _bound(value: Any, default: int | None) -> int | None:
+    try:
+        return int(value) if sympy.sympify(value).is_finite else default
+    except (TypeError, ValueError, AttributeError):
+        return default
+
+
+def _dim(size: Any) -> Any:
+    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+
+
+class _Walk:
+    """From the outputs backwards: what the cut runs, the model inputs it reads, what is missing."""
+
+    def __init__(self, graph: fx.Graph, upstream: set[fx.Node], model_inputs: set[fx.Node], given: list[fx.Node], owner: str) -> None:
+        self.graph, self.upstream, self.model_inputs, self.given, self.owner = graph, upstream, model_inputs, given, owner
+        self.needed: set[fx.Node] = set(given)
+        self.missing: dict[str, None] = {}
+        self.inside = ""
+        self.shapes: dict[fx.Node, tuple[fx.Node, int]] = {}  # a size read of a model input -> (cut input, dim)
+
+    def run(self, seeds: list[fx.Node]) -> None:
+        stack = [(seed, None) for seed in seeds]
+        while stack:
+            node, user = stack.pop()
+            if node in self.needed:
+                continue
+            if node.op == "call_function" and node.target is torch.ops.aten.sym_size.int and node.args[0] in self.model_inputs:
+                found = self._from_given(node)
+                if found is not None:
+                    self.shapes[node] = found
+                    self.needed.add(node)
+                    continue
+            if node in self.upstream and node.op != "placeholder":
+                inside = _inside(node)
+                if inside:
+                    name = _escaping(node, user)
+                    if name:
+                        self.missing[name] = None
+                    elif not self.inside:
+                        self.inside = repr(inside)
+                    continue
+                if _random(node):
+                    raise CutError(
+                        f"cannot cut {self.owner}: the outputs need a random draw ({node.target}) that the model's forward makes "
+                        "before the cut from the model's inputs; the cut would draw it again. Cut before it, or add it to the inputs."
+                    )
+            self.needed.add(node)
+            stack.extend((source, node) for source in node.all_input_nodes)
+        self.missing = dict(sorted(self.missing.items()))
+
+    def _from_given(self, read: fx.Node) -> tuple[fx.Node, int] | None:
+        want = read.meta.get("val")
+        if not isinstance(want, torch.SymInt):
+            return None
+        for node in self.given:
+            for i, size in enumerate(node.meta["val"].shape):
+                if isinstance(size, torch.SymInt) and size.node.expr == want.node.expr:
+                    return node, i
+        return None
+
+
+def _random(node: fx.Node) -> bool:
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
+
+
+def _is_value(node: fx.Node) -> bool:
+    """Whether ``node`` carries tensor values (not a size: reading a size is not reading values)."""
+    return not isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def _descendants(graph: fx.Graph, start: set[fx.Node]) -> set[fx.Node]:
+    found = set(start)
+    for node in graph.nodes:
+        if any(s in found and _is_value(s) for s in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    found: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in found:
+            found.add(n)
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+def _upstream(graph: fx.Graph, model_inputs: set[fx.Node], replaced: list[fx.Node]) -> set[fx.Node]:
+    """Values computed from the model inputs' values that the replaced values are computed from,
+    and values that read a replaced value."""
+    data = _descendants(graph, model_inputs)
+    upstream: set[fx.Node] = set()
+    stack = list(replaced)
+    while stack:
+        node = stack.pop()
+        if node in upstream or node not in data:
+            continue
+        upstream.add(node)
+        stack.extend(s for s in node.all_input_nodes if _is_value(s))
+    return upstream | (_descendants(graph, set(replaced)) & data)
+
+
+def _stack(node: fx.Node) -> list[str]:
+    """The model's module paths the node ran in, outermost first."""
+    return [path[len(_PREFIX) :] for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path.startswith(_PREFIX)]
+
+
+def _inside(node: fx.Node) -> str:
+    """The innermost submodule of the model that ``node`` ran in ("" for the model's own forward)."""
+    paths = _stack(node)
+    return paths[-1] if paths else ""
+
+
+def _escaping(node: fx.Node, user: fx.Node | None) -> str:
+    """The tap name of the module that returns ``node`` to ``user``: the outermost module ``node``
+    ran in that ``user`` did not ("" when ``user`` ran inside all of them: an op of that module)."""
+    theirs = set(_stack(user)) if user is not None else set()
+    for path in _stack(node):
+        if path not in theirs:
+            return path
+    return ""
+
+
+def _identifier(key: str) -> str:
+    text = "".join(c if c.isalnum() or c == "_" else "_" for c in key)
+    return text if text and not text[0].isdigit() else f"_{text}"
