@@ -124,6 +124,12 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
     try:
         with torch.random.fork_rng(devices=devices), buffer_values_kept(model), preserved(model), torch.no_grad():
             values = taps(*args, **kwargs)  # the cut inputs' values at the example (their shapes)
+            for name in inputs:
+                if not isinstance(values[name], torch.Tensor):
+                    raise CutError(
+                        f"cannot cut at {name!r}: its value is a {type(values[name]).__name__}, and a cut input must be one tensor. "
+                        "Cut at the tensors inside it (the modules or ops that compute them) instead."
+                    )
             given = [values[name].clone() for name in inputs]
             runner = tapped._runner(tapped._calls.spec(args, kwargs, checked=tapped._spec))
             if not isinstance(runner, ExportRunner):
@@ -140,9 +146,6 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
             module_type=type(model).__name__,
             reason=reason,
         ) from error
-    for name, value in zip(inputs, given):
-        if not isinstance(value, torch.Tensor):
-            raise CutError(f"cannot cut at {name!r}: its value is a {type(value).__name__}, and a cut input must be one tensor.")
     flat = (*given, *model_tensors)
     dims = tuple(dict.fromkeys(range(t.dim()), torch.export.Dim.AUTO) for t in flat)
     try:

@@ -225,7 +225,10 @@ def _bound(value: Any, default: int | None) -> int | None:
 
 
 def _dim(size: Any) -> Any:
-    return size.node.expr if isinstance(size, torch.SymInt) else int(size)
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        return int(expr) if expr.is_number else expr
+    return int(size)
 
 
 class _Walk:
