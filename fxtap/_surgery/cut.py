@@ -33,17 +33,23 @@ def cut(
     """The part of ``model`` that computes ``outputs`` from the values of ``inputs``, as a module.
 
     Args:
-        model: any ``nn.Module`` that torch.fx can trace; it is not changed, and the result
-            shares its parameters and its train/eval mode.
+        model: any ``nn.Module`` that torch.fx can trace, or whose own ``forward`` torch.fx
+            cannot trace but torch.export can (a Hugging Face model: pass ``example``); it is
+            not changed, and the result shares its parameters and its train/eval mode.
         inputs: tap names (``fxtap.names(model)``) whose values the cut takes, in this order;
             a mapping ``{name: key}`` names the cut's arguments by ``key``.
         outputs: tap names the cut returns (``"output"`` is the model's own output); a mapping
             renames them. By default the model's output.
-        example: the model's inputs (a tensor or a tuple of positional arguments), optional: when
-            the rest of the model reads only the *shape* of a value computed before the cut
+        example: the model's inputs (a tensor or a tuple of positional arguments; for a model
+            torch.fx cannot trace, also a dict of keyword arguments). Required when torch.fx
+            cannot trace the model's own ``forward``: the cut is then built from one
+            torch.export graph of the model's call at these inputs, each cut input replaced by
+            the cut's argument (docs/cut.md, "Models torch.fx cannot trace"). Otherwise optional:
+            when the rest of the model reads only the *shape* of a value computed before the cut
             (``x.shape[0]``), the cut takes it from a cut input whose shape equals it at the
             example's batch size and at twice it.
-        mode: only ``"fx"``: the cut is one FX graph.
+        mode: ``"auto"`` (torch.fx, or torch.export where torch.fx cannot trace the model's own
+            ``forward``) or ``"fx"`` (torch.fx only).
         edit: values to replace, as for ``fxtap.edit`` (tap name -> function, tensor or module),
             applied where the cut computes them; an edit of a cut input applies to the value
             given to the cut. An output of an edited name is the value after the edit.
@@ -57,8 +63,12 @@ def cut(
             skip connection that bypasses the cut); ``.missing`` lists their tap names to add.
             Also: an edit of a value computed before the cut (which the cut never runs).
         TapNameError: a name does not exist, or exists only inside code FX does not enter.
-        TraceFailedError: torch.fx cannot trace the model; the message names the module.
-        ValueError: ``mode`` is not ``"fx"``, or ``inputs`` is empty or repeats a name or key.
+        TraceFailedError: torch.fx cannot trace a submodule (the message names it); or it cannot
+            trace the model's own ``forward`` and ``example`` is missing, ``mode="fx"``, ``edit``
+            is given, the model has user hooks or writes attributes, or torch.export fails too.
+        FxtapError: (at a call) a cut built from a torch.export graph gets a size the graph
+            holds fixed, or unequal sizes it needs equal.
+        ValueError: ``mode`` is not ``"auto"`` or ``"fx"``, or ``inputs`` is empty or repeats a name or key.
         TypeError: an edit is not a callable, a tensor or a module.
 
     Example:

@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .._capture import fx as _fx
-from .._capture.export import ExportRunner, _quiet
+from .._capture.export import ExportRunner, _attributes, _quiet, _refusal, _written
 from .._capture.model import buffer_values_kept, preserved
 from .._errors import CutError, FallbackWarning, TraceFailedError, summary
 from .export_graph import Built, cut_graph
@@ -106,6 +106,15 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
     tapped call at ``example``, in the model's current train/eval mode."""
     from .._tap import _tapped  # the public layer's tap: the cut is the tapped call with edits
 
+    owner = type(model).__name__
+    refused = _refusal(model, [])
+    if refused:
+        raise TraceFailedError(
+            f"cannot cut {owner}: torch.fx cannot trace the forward of {owner} itself ({reason}), and its torch.export graph "
+            f"would not be the model: {refused}.\n  Remove them while cutting, or cut a submodule torch.fx traces; see docs/cut.md.",
+            module="", module_type=owner, reason=reason,
+        )
+
     args, kwargs = _as_call(example)
     arguments = pytree.tree_flatten((args, kwargs))
     model_tensors = [leaf for leaf in arguments[0] if isinstance(leaf, torch.Tensor)]
@@ -118,8 +127,8 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
     keys = [("output" if name == "output" else request[name]) for name in outputs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)  # the cut says what it does itself
+        taps = _tapped(model, list(inputs), mode="auto", warn=False, detach=True)  # unknown names: tap's own message
         tapped = _tapped(model, request, mode="auto", keep_output=keep_output, warn=False, edit=edits)
-        taps = _tapped(model, list(inputs), mode="auto", warn=False, detach=True)
     devices = sorted({t.device.index or 0 for t in [*model_tensors, *model.parameters()] if t.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices), buffer_values_kept(model), preserved(model), torch.no_grad():
@@ -136,16 +145,24 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
                 raise AssertionError(f"expected {type(model).__name__} to run on the export frontend")
             twin, twin_runner = runner._twin(model)
             call = _CutCall(twin_runner, twin, box, keys, arguments)
+            before = _attributes(twin, twin_runner.edits)
             call(*given, *[t.clone() for t in model_tensors])  # builds the twin's region graphs that the export runs
+            written = _written(before)
     except CutError:
         raise
     except Exception as error:  # noqa: BLE001 - the example does not run: say so
         raise TraceFailedError(
-            f"cannot cut {type(model).__name__}: the model does not run on the example given ({summary(error)}).",
+            f"cannot cut {owner}: the model does not run on the example given ({summary(error)}).",
             module="",
             module_type=type(model).__name__,
             reason=reason,
         ) from error
+    if written:
+        raise TraceFailedError(
+            f"cannot cut {owner}: torch.fx cannot trace the forward of {owner} itself ({reason}), and the forward writes the "
+            f"attribute {written} (Python-side state that a graph cannot record).\n  Cut a submodule torch.fx traces; see docs/cut.md.",
+            module="", module_type=owner, reason=reason,
+        )
     flat = (*given, *model_tensors)
     dims = tuple(dict.fromkeys(range(t.dim()), torch.export.Dim.AUTO) for t in flat)
     try:

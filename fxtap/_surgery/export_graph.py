@@ -131,7 +131,7 @@ def cut_graph(program: Any, call: nn.Module, model: nn.Module, inputs: dict[str,
 
     out_spec = program.call_spec.out_spec
     per_key = pytree.tree_unflatten(user_out, out_spec)  # the call's tuple: one value per output
-    early = [name for name, value in zip(outputs, per_key) if any(isinstance(v, fx.Node) and v in upstream and v.op != "placeholder" for v in pytree.tree_leaves(value))]
+    early = [name for name, value in zip(outputs, per_key) if name != "output" and any(isinstance(v, fx.Node) and v in upstream and v.op != "placeholder" for v in pytree.tree_leaves(value))]
     if early:
         raise CutError(
             f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the output{'s' if len(early) > 1 else ''} "
