@@ -35,7 +35,7 @@ from .._capture import fx as _fx
 from .._capture.export import ExportRunner, _attributes, _quiet, _refusal, _written
 from .._capture.model import buffer_values_kept, preserved
 from .._errors import CutError, FallbackWarning, TraceFailedError, summary
-from .export_graph import Built, cut_graph
+from .export_graph import Built, Unnamed, cut_graph
 
 __all__ = ["Built", "build"]
 
@@ -80,13 +80,16 @@ class _CutCall(nn.Module):
     ``model`` is a structural twin of the user's (the same tensors, its own dicts: torch.export
     swaps the parameters of what it traces), as for the export frontend's ``_Call``."""
 
-    def __init__(self, runner: Any, model: nn.Module, box: _Box, keys: list[str], arguments: tuple[list[Any], pytree.TreeSpec]) -> None:
+    def __init__(
+        self, runner: Any, model: nn.Module, box: _Box, keys: list[str], arguments: tuple[list[Any], pytree.TreeSpec], wanted: int
+    ) -> None:
         super().__init__()
         self.model = model  # a submodule: the graph reads the model's own parameters and buffers
         if runner.edits:
             self.edits = nn.ModuleList(runner.edits)
         self.__dict__["_runner"] = runner  # not a submodule
         self._box, self._keys, self._arguments = box, keys, arguments
+        self._wanted = set(keys[:wanted])  # the outputs; the other keys only name values (their tensors, if any)
 
     def forward(self, *tensors: torch.Tensor) -> tuple[Any, ...]:
         count = len(self._box.values)
@@ -98,14 +101,12 @@ class _CutCall(nn.Module):
             out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)  # mixed mode, the whole forward: the export records it
         finally:
             self._box.values = [None] * count
-        return tuple(out[key] for key in self._keys)
+        return tuple(out[key] if key in self._wanted or isinstance(out[key], torch.Tensor) else None for key in self._keys)
 
 
 def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, reason: str) -> Built:
     """The cut of ``model`` (FX cannot trace its root: ``reason``) from one torch.export graph of its
     tapped call at ``example``, in the model's current train/eval mode."""
-    from .._tap import _tapped  # the public layer's tap: the cut is the tapped call with edits
-
     owner = type(model).__name__
     refused = _refusal(model, [])
     if refused:
@@ -114,7 +115,39 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
             f"would not be the model: {refused}.\n  Remove them while cutting, or cut a submodule torch.fx traces; see docs/cut.md.",
             module="", module_type=owner, reason=reason,
         )
+    program, call, tensor_names = _export(model, inputs, outputs, example, reason, [])
+    try:
+        return cut_graph(program, call, model, inputs, outputs, tensor_names)
+    except Unnamed as unnamed:  # a skip from an op inside a module: export again, tapping that module's ops, to name it
+        candidates = _op_names(model, unnamed.modules)
+        if not candidates:
+            raise
+        try:
+            program, call, tensor_names = _export(model, inputs, outputs, example, reason, candidates)
+        except Exception:  # noqa: BLE001 - only to name the value: say what is known
+            raise unnamed from None
+        return cut_graph(program, call, model, inputs, outputs, tensor_names, candidates)
 
+
+def _op_names(model: nn.Module, modules: list[str]) -> list[str]:
+    """The tap names of ops (not modules) inside ``modules``."""
+    from .._tap import names
+
+    paths = {path for path, _ in model.named_modules()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackWarning)
+        found = names(model)
+    return [n for n in found if n not in paths and any(n.startswith(f"{m}.") for m in modules)]
+
+
+def _export(
+    model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, reason: str, named: list[str]
+) -> tuple[Any, nn.Module, list[str]]:
+    """The functional program of the cut call (``named``: extra taps, to name values), the call, and
+    the names of the model's tensor arguments."""
+    from .._tap import _tapped  # the public layer's tap: the cut is the tapped call with edits
+
+    owner = type(model).__name__
     args, kwargs = _as_call(example)
     arguments = pytree.tree_flatten((args, kwargs))
     model_tensors = [leaf for leaf in arguments[0] if isinstance(leaf, torch.Tensor)]
@@ -122,9 +155,9 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
     box = _Box(len(inputs))
     edits = {name: _Given(name, box, i) for i, name in enumerate(inputs)}
     wanted = [name for name in outputs if name != "output"]
-    request = {name: f"o{i}" for i, name in enumerate(wanted or list(inputs)[:1])}
+    request = {name: f"o{i}" for i, name in enumerate(dict.fromkeys([*(wanted or list(inputs)[:1]), *named]))}
     keep_output = "output" in outputs
-    keys = [("output" if name == "output" else request[name]) for name in outputs]
+    keys = [("output" if name == "output" else request[name]) for name in [*outputs, *named]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackWarning)  # the cut says what it does itself
         taps = _tapped(model, list(inputs), mode="auto", warn=False, detach=True)  # unknown names: tap's own message
@@ -144,7 +177,7 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
             if not isinstance(runner, ExportRunner):
                 raise AssertionError(f"expected {type(model).__name__} to run on the export frontend")
             twin, twin_runner = runner._twin(model)
-            call = _CutCall(twin_runner, twin, box, keys, arguments)
+            call = _CutCall(twin_runner, twin, box, keys, arguments, len(outputs))
             before = _attributes(twin, twin_runner.edits)
             call(*given, *[t.clone() for t in model_tensors])  # builds the twin's region graphs that the export runs
             written = _written(before)
@@ -182,7 +215,9 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
             reason=reason,
         ) from error
     tensor_names = [name for leaf, name in zip(arguments[0], names) if isinstance(leaf, torch.Tensor)]
-    return cut_graph(program, call, model, inputs, outputs, tensor_names)
+    return program, call, tensor_names
+
+
 
 
 def _as_call(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -23,6 +23,7 @@ what the outputs need, by these rules (those of the FX cut, docs/cut.md, where t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import sympy
@@ -34,7 +35,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from .._errors import CutError, FxtapError
 
-__all__ = ["Built", "Shapes", "cut_graph"]
+__all__ = ["Built", "Shapes", "Unnamed", "cut_graph"]
 
 _PREFIX = "model."  # the model's modules, as the cut call names them
 
@@ -79,6 +80,14 @@ class Shapes:
             )
 
 
+class Unnamed(CutError):
+    """A needed value from before the cut that an op inside a module computes, not named yet."""
+
+    def __init__(self, message: str, modules: list[str]) -> None:
+        super().__init__(message)
+        self.modules = modules
+
+
 @dataclass
 class Built:
     """A cut's graph module and its arguments (cut input keys, then model inputs)."""
@@ -88,8 +97,11 @@ class Built:
     shapes: Shapes
 
 
-def cut_graph(program: Any, call: nn.Module, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], model_names: list[str]) -> Built:
-    """The cut's ``GraphModule`` from ``program`` (``run_decompositions``'d export of ``call``)."""
+def cut_graph(
+    program: Any, call: nn.Module, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], model_names: list[str], named: Sequence[str] = ()
+) -> Built:
+    """The cut's ``GraphModule`` from ``program`` (``run_decompositions``'d export of ``call``);
+    ``named``: tap names the call also returns, after the outputs, to name missing values."""
     owner = type(model).__name__
     graph: fx.Graph = program.graph_module.graph
     signature = program.graph_signature
@@ -130,7 +142,15 @@ def cut_graph(program: Any, call: nn.Module, model: nn.Module, inputs: dict[str,
     ]
 
     out_spec = program.call_spec.out_spec
-    per_key = pytree.tree_unflatten(user_out, out_spec)  # the call's tuple: one value per output
+    per_key = pytree.tree_unflatten(user_out, out_spec)  # the call's tuple: one value per output, then the named
+    per_key, extra = per_key[: len(outputs)], per_key[len(outputs) :]
+    names_of: dict[fx.Node, str] = {}
+    for name, value in zip(named, extra):
+        if isinstance(value, fx.Node):
+            names_of.setdefault(value, name)
+            if value.target is torch.ops.aten.clone.default:  # the tap's copy of the value
+                names_of.setdefault(value.args[0], name)
+    user_out = pytree.tree_leaves(list(per_key))
     early = [name for name, value in zip(outputs, per_key) if name != "output" and any(isinstance(v, fx.Node) and v in upstream and v.op != "placeholder" for v in pytree.tree_leaves(value))]
     if early:
         raise CutError(
@@ -141,9 +161,9 @@ def cut_graph(program: Any, call: nn.Module, model: nn.Module, inputs: dict[str,
         )
     randoms = [n for n in graph.nodes if order.get(n, -1) > last and _random(n) and not (_ancestors(n) & upstream)]
     seeds = [v for v in user_out if isinstance(v, fx.Node)] + [v for _, _, v in kept_writes] + randoms
-    walk = _Walk(graph, upstream, set(model_inputs), given, owner)
+    walk = _Walk(graph, upstream, set(model_inputs), given, owner, names_of)
     walk.run(seeds)
-    if walk.missing:
+    if walk.missing and not walk.inside:
         listed = ", ".join(map(repr, walk.missing))
         raise CutError(
             f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the outputs {', '.join(map(repr, outputs))} also need "
@@ -152,10 +172,12 @@ def cut_graph(program: Any, call: nn.Module, model: nn.Module, inputs: dict[str,
             missing=list(walk.missing),
         )
     if walk.inside:
-        raise CutError(
-            f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the outputs also need {walk.inside}, computed before the cut "
-            "from the model's inputs inside that module, by code that no tap name of a module output names.\n"
-            "  Cut after that module, or add its output to the inputs; see docs/cut.md.",
+        listed = ", ".join(map(repr, walk.inside))
+        raise Unnamed(
+            f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the outputs also need a value computed before the cut "
+            f"from the model's inputs by an op inside {listed}, which no tap name names here.\n"
+            "  Cut after it, or add the output of a module that returns it to the inputs; see docs/cut.md.",
+            list(walk.inside),
         )
     return _assemble(program, call, graph, given, keys, model_inputs, names, walk, per_key, outputs, kept_writes, owner)
 
@@ -234,11 +256,14 @@ def _dim(size: Any) -> Any:
 class _Walk:
     """From the outputs backwards: what the cut runs, the model inputs it reads, what is missing."""
 
-    def __init__(self, graph: fx.Graph, upstream: set[fx.Node], model_inputs: set[fx.Node], given: list[fx.Node], owner: str) -> None:
+    def __init__(
+        self, graph: fx.Graph, upstream: set[fx.Node], model_inputs: set[fx.Node], given: list[fx.Node], owner: str, names_of: dict[fx.Node, str]
+    ) -> None:
         self.graph, self.upstream, self.model_inputs, self.given, self.owner = graph, upstream, model_inputs, given, owner
+        self.names_of = names_of  # tap names of ops, where the call was asked for them
         self.needed: set[fx.Node] = set(given)
         self.missing: dict[str, None] = {}
-        self.inside = ""
+        self.inside: dict[str, None] = {}  # modules holding needed ops from before the cut that no name names
         self.shapes: dict[fx.Node, tuple[fx.Node, int]] = {}  # a size read of a model input -> (cut input, dim)
 
     def run(self, seeds: list[fx.Node]) -> None:
@@ -256,11 +281,11 @@ class _Walk:
             if node in self.upstream and node.op != "placeholder":
                 inside = _inside(node)
                 if inside:
-                    name = _escaping(node, user)
+                    name = _escaping(node, user) or self.names_of.get(node, "")
                     if name:
                         self.missing[name] = None
-                    elif not self.inside:
-                        self.inside = repr(inside)
+                    else:
+                        self.inside[inside] = None
                     continue
                 if _random(node):
                     raise CutError(

@@ -24,7 +24,7 @@ import fxtap
 
 # -- models: an FX-traceable body under a root FX cannot trace --------------------------------------------
 class Body(nn.Module):
-    def __init__(self, skip: bool = False) -> None:
+    def __init__(self, skip: bool | str = False) -> None:
         super().__init__()
         self.skip = skip
         self.a, self.bn, self.b = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8)
@@ -32,9 +32,13 @@ class Body(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.bn(self.a(x))
+        if self.skip == "op":
+            h = h * 2  # body.mul: an op of body's own code, which a skip reads below
         y = torch.relu_(self.b(h))  # in place, right after the cut at "body.b"
         z = self.bn2(y)
-        if self.skip:
+        if self.skip == "op":
+            z = z + h  # a skip from before the cut: body.mul
+        elif self.skip:
             z = z + h  # a skip from before the cut: body.bn's output
         return self.c(self.drop(z))
 
@@ -58,7 +62,7 @@ class Root(nn.Module):
         return out
 
 
-def _model(*, skip: bool = False, mode: str = "", train: bool = False) -> Root:
+def _model(*, skip: bool | str = False, mode: str = "", train: bool = False) -> Root:
     torch.manual_seed(0)
     model = Root(Body(skip), mode)
     with torch.no_grad():
@@ -124,6 +128,18 @@ def test_export_cut_skip_that_bypasses_the_cut_lists_the_module_to_add() -> None
     with torch.no_grad():
         truth = _replaced(model, {"body.b": b, "body.bn": bn}, ["output"], torch.randn(3, 8))
         assert torch.equal(cut(b, bn)["output"], truth["output"])
+
+
+def test_export_cut_skip_from_an_op_inside_a_module_names_the_op() -> None:
+    model = _model(skip="op")
+    with pytest.raises(fxtap.CutError) as caught:
+        _cut(model, ["body.b"], example=torch.randn(4, 8))
+    assert caught.value.missing == ["body.mul"]
+    cut = _cut(model, ["body.b", "body.mul"], example=torch.randn(4, 8))
+    b, doubled, x = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad(), quiet_fallbacks():
+        truth = fxtap.tap(model, ["body.c"], edit={"body.b": b, "body.mul": doubled})(x)  # tap(edit=) equals hooks (tests/capture)
+        assert torch.equal(cut(b, doubled)["output"], truth["body.c"])
 
 
 def test_export_cut_output_before_the_cut_is_refused() -> None:
@@ -260,6 +276,7 @@ def test_export_cut_bert_middle_layer() -> None:
     _check_hf(_hf("BertModel"), "encoder.layer.0", ["encoder.layer.1", "output"], ["attention_mask"])
 
 
+@pytest.mark.slow
 def test_export_cut_llama_middle_layer_reads_sizes_from_the_cut_input() -> None:
     model = _hf("LlamaModel")
     _check_hf(model, "layers.0", ["layers.1", "norm"], ["attention_mask"])
