@@ -198,9 +198,21 @@ def _assemble(
         raise CutError(f"the cut input key(s) {', '.join(map(repr, clash))} also name a model input that the cut still reads: rename the cut input with a mapping {{name: key}}.")
     arguments = [*given, *extra]
     argument_names = [*keys, *(names[n] for n in extra)]
+    # a written buffer or model input is read through a copy: the write at the end must not change
+    # a tensor that autograd saved (train-mode batch norm saves the running statistics it reads)
+    written = {target for _, target, _ in writes}
+    placeholders: dict[str, fx.Node] = {}
+    taken: set[str] = set()
     for node, name in zip(arguments, argument_names):
-        env[node] = new.placeholder(_identifier(name))
+        identifier = _identifier(name)
+        while identifier in taken:  # "a.b" and "a_b": both a_b
+            identifier += "_"
+        taken.add(identifier)
+        env[node] = placeholders[node.name] = new.placeholder(identifier)
         env[node].meta = dict(node.meta)
+    for node in arguments:
+        if node.name in written:
+            env[node] = new.call_function(torch.ops.aten.clone.default, (env[node],))
     for node in graph.nodes:
         if node not in walk.needed or node in env:
             continue
@@ -212,6 +224,8 @@ def _assemble(
                 env[node] = new.get_attr(attribute)
             elif kind in (InputKind.PARAMETER, InputKind.BUFFER):
                 env[node] = new.get_attr(f"call.{target}")
+                if target in written:
+                    env[node] = new.call_function(torch.ops.aten.clone.default, (env[node],))
             else:
                 raise CutError(f"cannot cut {owner}: its torch.export graph takes a {kind.name} input, which a cut does not reproduce")
             env[node].meta = dict(node.meta)
@@ -223,14 +237,14 @@ def _assemble(
             env[node].meta = dict(node.meta)
             continue
         env[node] = new.node_copy(node, lambda n: env[n])
-    for kind, target, value in writes:
-        destination = new.get_attr(f"call.{target}") if kind == "buffer" else env[{n.name: n for n in model_inputs}[target]]
-        new.call_function(torch.ops.aten.copy_.default, (destination, env[value]))
+    for kind, target, value in writes:  # a state write records no gradient (batch norm's runs under no_grad)
+        destination = new.get_attr(f"call.{target}") if kind == "buffer" else placeholders[target]
+        new.call_function(torch.ops.aten.copy_.default, (destination, new.call_function(torch.ops.aten.detach.default, (env[value],))))
     flat = [env[v] if isinstance(v, fx.Node) else v for v in pytree.tree_leaves(per_key)]
     structure = pytree.tree_structure({key: value for key, value in zip(outputs.values(), per_key)})
     new.output(flat)
     in_spec = pytree.tree_structure((tuple(range(len(arguments))), {}))
-    new._codegen = _PyTreeCodeGen(_PyTreeInfo([_identifier(n) for n in argument_names], in_spec, structure))
+    new._codegen = _PyTreeCodeGen(_PyTreeInfo([env[n].name for n in arguments], in_spec, structure))
     new.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _random(n))
     module = fx.GraphModule(root, new, class_name=f"Cut{owner}")
     module.meta["fxtap_input_names"] = list(argument_names)

@@ -217,6 +217,38 @@ def test_export_cut_gradients_equal_the_models() -> None:
     torch.testing.assert_close(given_grad, value.grad, rtol=0, atol=0)
 
 
+def test_export_cut_trains_through_batch_norm_in_train_mode() -> None:
+    model = _model(train=True)
+    twin = copy.deepcopy(model)
+    cut = _cut(model, ["body.b"], example=torch.randn(4, 8))
+    value = torch.randn(5, 8, requires_grad=True)
+    torch.manual_seed(0)
+    cut(value)["output"].square().sum().backward()  # the running statistics autograd saved are not overwritten
+    given = value.grad.clone()
+    value.grad = None
+    x = torch.randn(5, 8)
+    torch.manual_seed(0)  # the same dropout mask: the prefix draws nothing
+    _replaced(twin, {"body.b": value}, ["output"], x)["output"].square().sum().backward()
+    torch.testing.assert_close(given, value.grad, rtol=0, atol=0)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    assert not any(b.requires_grad for b in model.buffers())
+    torch.testing.assert_close(model.body.bn2.running_mean, twin.body.bn2.running_mean, rtol=0, atol=0)
+
+
+def test_export_cut_keys_that_spell_the_same_identifier() -> None:
+    model = _model(skip=True)
+    cut = _cut(model, {"body.b": "a.b", "body.bn": "a_b"}, example=torch.randn(4, 8))
+    b, bn = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        truth = _replaced(model, {"body.b": b, "body.bn": bn}, ["output"], torch.randn(3, 8))["output"]
+        assert torch.equal(cut(b, bn)["output"], truth)
+        assert torch.equal(cut.graph_module()(b, bn)["output"], truth)
+        assert torch.equal(cut(**{"a.b": b, "a_b": bn})["output"], truth)
+
+
 def test_export_cut_graph_module_and_shape_checks() -> None:
     model = _model(mode="residual")
     cut = _cut(model, ["body.b"], example=torch.randn(4, 8))
