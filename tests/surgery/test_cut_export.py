@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -166,7 +167,10 @@ def test_export_cut_train_mode_runs_state_writes_after_the_cut_only() -> None:
     model = _model(train=True)
     twin = copy.deepcopy(model)
     initial = {name: b.clone() for name, b in model.named_buffers()}
-    cut = _cut(model, ["body.b"], ["body.bn2", "output"], example=torch.randn(4, 8))
+    example = torch.randn(4, 8)
+    rng = torch.random.get_rng_state()
+    cut = _cut(model, ["body.b"], ["body.bn2", "output"], example=example)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # building draws nothing from the caller's generator
     for name, buffer in model.named_buffers():  # building changes no buffer
         assert torch.equal(buffer, initial[name]), name
     for step in range(3):
@@ -260,6 +264,17 @@ def test_export_cut_graph_module_and_shape_checks() -> None:
         cut(value, torch.randn(2, 8))  # the batch of the cut input and of x must be equal
     with pytest.raises(fxtap.FxtapError, match="dim 1 is 9, the graph holds 8"):
         cut(torch.randn(3, 9), x)
+
+
+@pytest.mark.parametrize("suffix", ["pt2", "onnx"])
+def test_export_cut_writes_pt2_and_onnx(tmp_path: Path, suffix: str) -> None:
+    model = _model(mode="residual")
+    cut = _cut(model, ["body.b"], example=torch.randn(4, 8))
+    value, x = torch.randn(3, 8), torch.randn(3, 8)
+    path = fxtap.export(cut, None, (value, x), tmp_path / f"cut.{suffix}")  # checks the file against the cut
+    assert path.exists()
+    with torch.no_grad():
+        assert torch.equal(cut(value, x)["output"], _replaced(model, {"body.b": value}, ["output"], x)["output"])
 
 
 def test_export_cut_needs_an_example_and_mode_fx_refuses() -> None:
