@@ -13,9 +13,12 @@ what the outputs need, by these rules (those of the FX cut, docs/cut.md, where t
   is missing: ``CutError`` lists the tap name of the module that returns it (``.missing``).
 - **Shape reads** of a model input (``input_ids.shape[1]`` for positions) are taken from a cut
   input's dimension where torch.export proved the two equal; else the model input is an argument.
-- **State writes** (buffer updates; the graph is functional, they are its outputs) after the last
-  cut point, or computed from a cut input, run; those before the cut do not. Writes into a cut
-  input never reach the caller's tensor. Random ops after the last cut point run.
+- **State writes** (buffer updates; the graph is functional, they are its outputs) run per module
+  call (``_state_writes``): a call that reads a cut input, whose result the outputs need, or that
+  reads no model input and runs after the last cut point; not calls before the cut or beside it.
+  They are written back with ``copy_`` at the end (the graph reads a written buffer through a
+  copy, which autograd may save). Writes into a cut input never reach the caller's tensor. Random
+  ops after the last cut point run.
 - Dimensions: the graph holds the sizes torch.export kept static, and its symbols' ranges:
   ``Shapes`` checks a call against them (another static size must be exported again).
 """
@@ -133,13 +136,7 @@ def cut_graph(
             writes.append(("input", spec.target, value))
         else:
             raise CutError(f"cannot cut {owner}: its torch.export graph has an output of kind {spec.kind.name}, which a cut does not reproduce")
-    kept_writes = [
-        (kind, target, value)
-        for kind, target, value in writes
-        if isinstance(value, fx.Node)
-        and not (kind == "input" and by_name[target] in given)
-        and (value in derived or order[value] > last)
-    ]
+    writes = [(kind, target, value) for kind, target, value in writes if isinstance(value, fx.Node) and not (kind == "input" and by_name[target] in given)]
 
     out_spec = program.call_spec.out_spec
     per_key = pytree.tree_unflatten(user_out, out_spec)  # the call's tuple: one value per output, then the named
@@ -160,9 +157,10 @@ def cut_graph(
             missing=early,
         )
     randoms = [n for n in graph.nodes if order.get(n, -1) > last and _random(n) and not (_ancestors(n) & upstream)]
-    seeds = [v for v in user_out if isinstance(v, fx.Node)] + [v for _, _, v in kept_writes] + randoms
     walk = _Walk(graph, upstream, set(model_inputs), given, owner, names_of)
-    walk.run(seeds)
+    walk.run([v for v in user_out if isinstance(v, fx.Node)] + randoms)
+    kept_writes = _state_writes(writes, derived, _descendants(graph, set(model_inputs)), order, last, walk.needed)
+    walk.run([v for _, _, v in kept_writes])
     if walk.missing and not walk.inside:
         listed = ", ".join(map(repr, walk.missing))
         raise CutError(
@@ -175,7 +173,8 @@ def cut_graph(
         listed = ", ".join(map(repr, walk.inside))
         raise Unnamed(
             f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the outputs also need a value computed before the cut "
-            f"from the model's inputs by an op inside {listed}, which no tap name names here.\n"
+            f"from the model's inputs by an op inside {listed}, which no tap name names here (or a state update there, "
+            "such as batch norm's running statistics of a module that runs both before and after the cut).\n"
             "  Cut after it, or add the output of a module that returns it to the inputs; see docs/cut.md.",
             list(walk.inside),
         )
@@ -319,6 +318,34 @@ class _Walk:
                 if isinstance(size, torch.SymInt) and size.node.expr == want.node.expr:
                     return node, i
         return None
+
+
+def _state_writes(
+    writes: list[tuple[str, str, fx.Node]], derived: set[fx.Node], data: set[fx.Node], order: dict[fx.Node, int], last: int, needed: set[fx.Node]
+) -> list[tuple[str, str, fx.Node]]:
+    """The state writes the cut runs, per module call (a batch norm's statistics and its counter
+    together): a call that reads a cut input, or whose result the outputs need, or that reads no
+    model input and runs after the last cut point. Calls before the cut, and calls on other
+    branches that read only model inputs and that the outputs do not need, do not run (as on FX)."""
+    needed_calls = {_call(n) for n in needed} - {""}
+    derived_calls = {_call(v) for _, _, v in writes if v in derived} - {""}
+    data_calls = {_call(v) for _, _, v in writes if v in data and v not in derived} - {""}  # before the cut, or a side branch
+
+    def runs(value: fx.Node) -> bool:
+        call = _call(value)
+        if value in derived or call in needed_calls | derived_calls:
+            return True
+        return call not in data_calls and value not in data and order[value] > last
+
+    return [(kind, target, value) for kind, target, value in writes if runs(value)]
+
+
+def _call(node: fx.Node) -> str:
+    """The innermost module call that ran ``node`` (torch.export's key: ``path@k`` for a later call)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).items())
+    if not stack or not str(stack[-1][1][0]).startswith(_PREFIX):
+        return ""  # the model's own forward (or fxtap's call around it): not one module call
+    return str(stack[-1][0])
 
 
 def _random(node: fx.Node) -> bool:

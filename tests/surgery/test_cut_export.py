@@ -187,6 +187,40 @@ def test_export_cut_train_mode_runs_state_writes_after_the_cut_only() -> None:
     assert model.body.bn2.num_batches_tracked.item() == 3
 
 
+class SideBranch(nn.Module):
+    """A batch norm on the model input beside the cut: run when the output needs it (as on FX)."""
+
+    def __init__(self, used: bool) -> None:
+        super().__init__()
+        self.used = used
+        self.a, self.b, self.bn, self.side = nn.Linear(8, 8), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x
+        y = self.bn(self.b(self.a(x)))
+        s = self.side(x)
+        return y + s if self.used else y
+
+
+@pytest.mark.parametrize("used", [True, False])
+def test_export_cut_state_writes_beside_the_cut_run_with_their_module(used: bool) -> None:
+    torch.manual_seed(0)
+    model = SideBranch(used).train()
+    twin = copy.deepcopy(model)
+    cut = _cut(model, ["b"], example=torch.randn(4, 8))
+    assert cut.inputs == (["b", "x"] if used else ["b"])
+    value, x = torch.randn(5, 8), torch.randn(5, 8)
+    out = cut(value, x) if used else cut(value)
+    torch.testing.assert_close(out["output"], _replaced(twin, {"b": value}, ["output"], x)["output"], rtol=0, atol=0)
+    for name in ["running_mean", "running_var", "num_batches_tracked"]:
+        assert torch.equal(getattr(model.bn, name), getattr(twin.bn, name)), name
+        if used:  # side(x) runs: its statistics move as in eager
+            assert torch.equal(getattr(model.side, name), getattr(twin.side, name)), name
+        else:  # nothing the cut returns needs side(x): it does not run, counter included
+            assert not torch.equal(getattr(model.side, name), getattr(twin.side, name)), name
+
+
 def test_export_cut_follows_train_and_eval_with_one_graph_each() -> None:
     model = _model()
     cut = _cut(model, ["body.b"], example=torch.randn(4, 8))
