@@ -50,13 +50,16 @@ class Shapes:
     dims: list[tuple[str, list[Any]]]  # per input: its key, each dim an int or a sympy expression
     ranges: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
     owner: str = ""
+    dtypes: list[torch.dtype] = field(default_factory=list)  # per input
 
     def check(self, values: tuple[Any, ...]) -> None:
         bound: dict[Any, int] = {}
         problems: list[str] = []
-        for (key, dims), value in zip(self.dims, values):
+        for index, ((key, dims), value) in enumerate(zip(self.dims, values)):
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"the cut's input {key!r} must be a tensor, not {type(value).__name__}")
+            if self.dtypes and value.dtype != self.dtypes[index]:
+                problems.append(f"{key!r} is {value.dtype}, the graph holds {self.dtypes[index]}")
             if value.dim() != len(dims):
                 problems.append(f"{key!r} has {value.dim()} dimensions, not {len(dims)}")
                 continue
@@ -69,7 +72,8 @@ class Shapes:
                     if want in bound and bound[want] != have:
                         problems.append(f"{key!r} dim {i} is {have}, but must equal {bound[want]} (the same size in the model)")
                     elif have < low or (high is not None and have > high):
-                        problems.append(f"{key!r} dim {i} is {have}, outside the range {low}..{high} the graph was exported for")
+                        why = " (torch.export keeps sizes 0 and 1 out of a dynamic dimension)" if have < 2 <= low + 1 else ""
+                        problems.append(f"{key!r} dim {i} is {have}, outside the range {low}..{high or ''} the graph was exported for{why}")
                     bound[want] = have
         for (key, dims), value in zip(self.dims, values):
             for i, want in enumerate(dims):
@@ -79,7 +83,7 @@ class Shapes:
             raise FxtapError(
                 f"this cut of {self.owner} is one torch.export graph, exported at the example's sizes: "
                 + "; ".join(problems)
-                + ".\n  Build the cut again with an example of these sizes (sizes torch.export keeps dynamic may differ)."
+                + ".\n  Build the cut again with an example of these sizes and dtypes (sizes torch.export keeps dynamic may differ)."
             )
 
 
@@ -156,7 +160,7 @@ def cut_graph(
             "  Add them to the inputs (the cut then returns them as given), or ask for outputs after the cut; see docs/cut.md.",
             missing=early,
         )
-    randoms = [n for n in graph.nodes if order.get(n, -1) > last and _random(n) and not (_ancestors(n) & upstream)]
+    randoms = [n for n in graph.nodes if (order.get(n, -1) > last or n in derived) and _random(n) and not (_ancestors(n) & upstream)]
     walk = _Walk(graph, upstream, set(model_inputs), given, owner, names_of)
     walk.run([v for v in user_out if isinstance(v, fx.Node)] + randoms)
     kept_writes = _state_writes(writes, derived, _descendants(graph, set(model_inputs)), order, last, walk.needed)
@@ -249,7 +253,7 @@ def _assemble(
     module.meta["fxtap_input_names"] = list(argument_names)
     dims = [(name, [_dim(s) for s in node.meta["val"].shape]) for name, node in zip(argument_names, arguments)]
     ranges = {symbol: (_bound(r.lower, 0), _bound(r.upper, None)) for symbol, r in program.range_constraints.items() if isinstance(symbol, sympy.Symbol)}
-    return Built(module, argument_names, Shapes(dims, ranges, owner))
+    return Built(module, argument_names, Shapes(dims, ranges, owner, [node.meta["val"].dtype for node in arguments]))
 
 
 def _bound(value: Any, default: int | None) -> int | None:

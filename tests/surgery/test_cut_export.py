@@ -298,6 +298,10 @@ def test_export_cut_graph_module_and_shape_checks() -> None:
         cut(value, torch.randn(2, 8))  # the batch of the cut input and of x must be equal
     with pytest.raises(fxtap.FxtapError, match="dim 1 is 9, the graph holds 8"):
         cut(torch.randn(3, 9), x)
+    with pytest.raises(fxtap.FxtapError, match="is torch.float64, the graph holds torch.float32"):
+        cut(value.double(), x)
+    with pytest.raises(fxtap.FxtapError, match="outside the range"):
+        cut(torch.randn(1, 8), torch.randn(1, 8))  # torch.export keeps a size of 1 out of a dynamic dimension
 
 
 @pytest.mark.parametrize("suffix", ["pt2", "onnx"])
