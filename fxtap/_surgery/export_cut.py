@@ -145,7 +145,9 @@ def _export(
 ) -> tuple[Any, nn.Module, list[str]]:
     """The functional program of the cut call (``named``: extra taps, to name values), the call, and
     the names of the model's tensor arguments."""
-    from .._tap import _tapped  # the public layer's tap: the cut is the tapped call with edits
+    from .._tap import (
+        _tapped,  # the public layer's tap: the cut is the tapped call with edits
+    )
 
     owner = type(model).__name__
     args, kwargs = _as_call(example)
@@ -175,7 +177,7 @@ def _export(
             given = [values[name].clone() for name in inputs]
             runner = tapped._runner(tapped._calls.spec(args, kwargs, checked=tapped._spec))
             if not isinstance(runner, ExportRunner):
-                raise AssertionError(f"expected {type(model).__name__} to run on the export frontend")
+                raise AssertionError(f"expected {type(model).__name__} to run on the export frontend")  # noqa: TRY004
             twin, twin_runner = runner._twin(model)
             call = _CutCall(twin_runner, twin, box, keys, arguments, len(outputs))
             before = _attributes(twin, twin_runner.edits)
@@ -183,7 +185,7 @@ def _export(
             written = _written(before)
     except CutError:
         raise
-    except Exception as error:  # noqa: BLE001 - the example does not run: say so
+    except Exception as error:
         raise TraceFailedError(
             f"cannot cut {owner}: the model does not run on the example given ({summary(error)}).",
             module="",
@@ -204,7 +206,7 @@ def _export(
             program = program.run_decompositions({})
     except CutError:
         raise
-    except Exception as error:  # noqa: BLE001 - the one place this path gives up
+    except Exception as error:
         raise TraceFailedError(
             f"cannot cut {type(model).__name__}: torch.fx cannot trace the forward of {type(model).__name__} itself ({reason}), "
             f"and torch.export of the cut call failed: {summary(error)}.\n"

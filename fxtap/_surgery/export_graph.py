@@ -25,11 +25,11 @@ what the outputs need, by these rules (those of the FX cut, docs/cut.md, where t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import sympy
+import sympy  # type: ignore[import-untyped]
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
@@ -149,7 +149,7 @@ def cut_graph(
     for name, value in zip(named, extra):
         if isinstance(value, fx.Node):
             names_of.setdefault(value, name)
-            if value.target is torch.ops.aten.clone.default:  # the tap's copy of the value
+            if value.target is torch.ops.aten.clone.default and isinstance(value.args[0], fx.Node):  # the tap's copy of the value
                 names_of.setdefault(value.args[0], name)
     user_out = pytree.tree_leaves(list(per_key))
     early = [name for name, value in zip(outputs, per_key) if name != "output" and any(isinstance(v, fx.Node) and v in upstream and v.op != "placeholder" for v in pytree.tree_leaves(value))]
@@ -284,7 +284,7 @@ class _Walk:
         self.shapes: dict[fx.Node, tuple[fx.Node, int]] = {}  # a size read of a model input -> (cut input, dim)
 
     def run(self, seeds: list[fx.Node]) -> None:
-        stack = [(seed, None) for seed in seeds]
+        stack: list[tuple[fx.Node, fx.Node | None]] = [(seed, None) for seed in seeds]
         while stack:
             node, user = stack.pop()
             if node in self.needed:
