@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from torch import fx, nn
@@ -19,6 +19,10 @@ from .graph import split
 from .shapes import Evidence
 
 __all__ = ["Cut", "cut"]
+
+# a cut's graph, its argument names, the size checks of a graph from torch.export, and what
+# rebuilds the dict when that graph returns tensors only (its outputs hold a transformers cache)
+_Built = tuple[fx.GraphModule, list[str], Shapes | None, Callable[[Any], dict[str, Any]] | None]
 
 
 def cut(
@@ -115,7 +119,7 @@ class Cut(nn.Module):
         self._inputs = inputs
         self._outputs = outputs
         self._example = example
-        self._splits: dict[bool, tuple[fx.GraphModule, list[str], Shapes | None]] = {}
+        self._splits: dict[bool, _Built] = {}
         self._split()  # errors now, not at the first call
 
     @property
@@ -133,14 +137,14 @@ class Cut(nn.Module):
         return self._split()[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        graph, inputs, shapes = self._split()
+        graph, inputs, shapes, rebuild = self._split()
         if kwargs or len(args) != len(inputs):
             args = _bind(inputs, args, kwargs)
         if shapes is not None:
             shapes.check(args)
-        return dict(graph(*args))
+        return rebuild(graph(*args)) if rebuild is not None else dict(graph(*args))
 
-    def _split(self) -> tuple[fx.GraphModule, list[str], Shapes | None]:
+    def _split(self) -> _Built:
         training = self.model.training
         built = self._splits.get(training)
         if built is None:
@@ -148,7 +152,7 @@ class Cut(nn.Module):
             self._splits[training] = built
         return built
 
-    def _build(self) -> tuple[fx.GraphModule, list[str], Shapes | None]:
+    def _build(self) -> _Built:
         model = self.model
         try:
             analysis = _analysis.analyse(model, mode="fx", concrete_args=default_concrete_args(model))
@@ -168,9 +172,9 @@ class Cut(nn.Module):
         found = split(traced, self._inputs, self._outputs, evidence, self._edits)
         graph = fx.GraphModule(found.root, found.graph, class_name=f"Cut{type(model).__name__}")
         graph.meta["fxtap_input_names"] = list(found.inputs)
-        return graph, list(found.inputs), None
+        return graph, list(found.inputs), None, None
 
-    def _exported(self, error: TraceFailedError) -> tuple[fx.GraphModule, list[str], Shapes | None]:
+    def _exported(self, error: TraceFailedError) -> _Built:
         """The cut of a model whose root FX cannot trace, from one torch.export graph (``export_cut``)."""
         owner = type(self.model).__name__
         if self._edits:
@@ -189,7 +193,7 @@ class Cut(nn.Module):
                 module="", module_type=owner, reason=error.reason,
             )
         built = _export_cut.build(self.model, self._inputs, self._outputs, self._example, error.reason)
-        return built.module, built.inputs, built.shapes
+        return built.module, built.inputs, built.shapes, built.rebuild
 
     # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Cut:

@@ -34,6 +34,7 @@ from torch import nn
 from .._capture import fx as _fx
 from .._capture.export import ExportRunner, _attributes, _quiet, _refusal, _written
 from .._capture.model import buffer_values_kept, preserved
+from .._capture.outputs import Outputs, made_before
 from .._errors import CutError, FallbackWarning, TraceFailedError, summary
 from .export_graph import Built, Unnamed, cut_graph
 
@@ -101,7 +102,18 @@ class _CutCall(nn.Module):
             out = self.__dict__["_runner"]._run(self.model, args, kwargs, stop_early=False)  # mixed mode, the whole forward: the export records it
         finally:
             self._box.values = [None] * count
-        return tuple(out[key] if key in self._wanted or isinstance(out[key], torch.Tensor) else None for key in self._keys)
+        # per key, what the graph computes (tensors) and the rest (structure, constants, objects the
+        # call made, such as a transformers cache), as the export frontend splits a tapped call's dict
+        existing = made_before(self.model, leaves)
+        parts: list[tuple[Outputs, int]] = []
+        computed: list[Any] = []
+        for key in self._keys:
+            value = out[key] if key in self._wanted or isinstance(out[key], torch.Tensor) else None  # a name's value: tensors only
+            outputs, tensors = Outputs.split(value, existing)
+            parts.append((outputs, len(tensors)))
+            computed += tensors
+        self.__dict__["parts"] = parts  # not a module attribute: torch.export puts those back
+        return tuple(computed)
 
 
 def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, reason: str) -> Built:

@@ -36,6 +36,7 @@ from torch import fx, nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
+from .._capture.outputs import _CONSTANTS, Outputs, _Slot
 from .._errors import CutError, FxtapError
 
 __all__ = ["Built", "Shapes", "Unnamed", "cut_graph"]
@@ -102,6 +103,7 @@ class Built:
     module: fx.GraphModule
     inputs: list[str]
     shapes: Shapes
+    rebuild: Any = None  # when the graph returns tensors only: makes the dict of outputs around them
 
 
 def cut_graph(
@@ -142,17 +144,20 @@ def cut_graph(
             raise CutError(f"cannot cut {owner}: its torch.export graph has an output of kind {spec.kind.name}, which a cut does not reproduce")
     writes = [(kind, target, value) for kind, target, value in writes if isinstance(value, fx.Node) and not (kind == "input" and by_name[target] in given)]
 
-    out_spec = program.call_spec.out_spec
-    per_key = pytree.tree_unflatten(user_out, out_spec)  # the call's tuple: one value per output, then the named
-    per_key, extra = per_key[: len(outputs)], per_key[len(outputs) :]
+    parts: list[tuple[Outputs, int]] = call.__dict__["parts"]  # per key of the call: how its value is rebuilt, and its tensors
+    chunks: list[list[Any]] = []
+    for _, count in parts:
+        chunks.append(user_out[:count])
+        user_out = user_out[count:]
     names_of: dict[fx.Node, str] = {}
-    for name, value in zip(named, extra):
-        if isinstance(value, fx.Node):
+    for name, chunk in zip(named, chunks[len(outputs) :]):
+        if len(chunk) == 1 and isinstance(value := chunk[0], fx.Node):
             names_of.setdefault(value, name)
             if value.target is torch.ops.aten.clone.default and isinstance(value.args[0], fx.Node):  # the tap's copy of the value
                 names_of.setdefault(value.args[0], name)
-    user_out = pytree.tree_leaves(list(per_key))
-    early = [name for name, value in zip(outputs, per_key) if name != "output" and any(isinstance(v, fx.Node) and v in upstream and v.op != "placeholder" for v in pytree.tree_leaves(value))]
+    parts, chunks = parts[: len(outputs)], chunks[: len(outputs)]
+    user_out = [v for chunk in chunks for v in chunk]
+    early = [name for name, chunk in zip(outputs, chunks) if name != "output" and any(isinstance(v, fx.Node) and v in upstream and v.op != "placeholder" for v in chunk)]
     if early:
         raise CutError(
             f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the output{'s' if len(early) > 1 else ''} "
@@ -165,6 +170,14 @@ def cut_graph(
     walk.run([v for v in user_out if isinstance(v, fx.Node)] + randoms)
     kept_writes = _state_writes(writes, derived, _descendants(graph, set(model_inputs)), order, last, walk.needed)
     walk.run([v for _, _, v in kept_writes])
+    within = [m for m in [*walk.missing, *walk.inside] if any(m == i or m.startswith(f"{i}.") for i in inputs)]
+    if within:  # produced inside a cut input's module, but not its output: no tap name gives it to the cut
+        raise CutError(
+            f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the outputs {', '.join(map(repr, outputs))} need values that "
+            f"{', '.join(map(repr, dict.fromkeys(within)))} computes before the cut besides what it returns (the key/value cache a "
+            "decoder returns in its output, for one).\n  Ask for outputs that do not hold them (for a transformers decoder's "
+            "output: pass use_cache=False in example), or cut before that module; see docs/cut.md."
+        )
     if walk.missing and not walk.inside:
         listed = ", ".join(map(repr, walk.missing))
         raise CutError(
@@ -182,12 +195,12 @@ def cut_graph(
             "  Cut after it, or add the output of a module that returns it to the inputs; see docs/cut.md.",
             list(walk.inside),
         )
-    return _assemble(program, call, graph, given, keys, model_inputs, names, walk, per_key, outputs, kept_writes, owner)
+    return _assemble(program, call, graph, given, keys, model_inputs, names, walk, (parts, chunks), outputs, kept_writes, owner)
 
 
 def _assemble(
     program: Any, call: nn.Module, graph: fx.Graph, given: list[fx.Node], keys: list[str], model_inputs: list[fx.Node], names: dict[fx.Node, str],
-    walk: _Walk, per_key: Any, outputs: dict[str, str], writes: list[tuple[str, str, fx.Node]], owner: str,
+    walk: _Walk, results: tuple[list[tuple[Outputs, int]], list[list[Any]]], outputs: dict[str, str], writes: list[tuple[str, str, fx.Node]], owner: str,
 ) -> Built:
     signature = program.graph_signature
     targets = {s.arg.name: (s.kind, s.target) for s in signature.input_specs if s.kind != InputKind.USER_INPUT}
@@ -243,8 +256,16 @@ def _assemble(
     for kind, target, value in writes:  # a state write records no gradient (batch norm's runs under no_grad)
         destination = new.get_attr(f"call.{target}") if kind == "buffer" else placeholders[target]
         new.call_function(torch.ops.aten.copy_.default, (destination, new.call_function(torch.ops.aten.detach.default, (env[value],))))
-    flat = [env[v] if isinstance(v, fx.Node) else v for v in pytree.tree_leaves(per_key)]
-    structure = pytree.tree_structure({key: value for key, value in zip(outputs.values(), per_key)})
+    parts, chunks = results
+    values = [[env[v] if isinstance(v, fx.Node) else v for v in chunk] for chunk in chunks]
+    rebuild = None
+    if all(_plain(part) for part, _ in parts):  # tensors and constants in pytree containers: the graph returns the dict
+        flat = [v for (part, _), chunk in zip(parts, values) for v in _leaves(part, chunk)]
+        structure = pytree.treespec_dict({key: part.spec for key, (part, _) in zip(outputs.values(), parts)})
+    else:  # objects to make anew (a transformers cache): the graph returns the tensors, the Cut rebuilds the dict
+        flat = [v for chunk in values for v in chunk]
+        structure = pytree.tree_structure(list(flat))
+        rebuild = _Rebuild(list(outputs.values()), parts)
     new.output(flat)
     in_spec = pytree.tree_structure((tuple(range(len(arguments))), {}))
     new._codegen = _PyTreeCodeGen(_PyTreeInfo([env[n].name for n in arguments], in_spec, structure))
@@ -253,7 +274,29 @@ def _assemble(
     module.meta["fxtap_input_names"] = list(argument_names)
     dims = [(name, [_dim(s) for s in node.meta["val"].shape]) for name, node in zip(argument_names, arguments)]
     ranges = {symbol: (_bound(r.lower, 0), _bound(r.upper, None)) for symbol, r in program.range_constraints.items() if isinstance(symbol, sympy.Symbol)}
-    return Built(module, argument_names, Shapes(dims, ranges, owner, [node.meta["val"].dtype for node in arguments]))
+    return Built(module, argument_names, Shapes(dims, ranges, owner, [node.meta["val"].dtype for node in arguments]), rebuild)
+
+
+def _plain(part: Outputs) -> bool:
+    return all(isinstance(c, _Slot) or isinstance(c, _CONSTANTS) for c in part.constants)
+
+
+def _leaves(part: Outputs, computed: list[Any]) -> list[Any]:
+    return [computed[c.position] if isinstance(c, _Slot) else c for c in part.constants]
+
+
+class _Rebuild:
+    """The dict of a cut whose outputs hold objects the call makes: each value rebuilt around the graph's tensors."""
+
+    def __init__(self, keys: list[str], parts: list[tuple[Outputs, int]]) -> None:
+        self.keys, self.parts = keys, parts
+
+    def __call__(self, flat: list[Any]) -> dict[str, Any]:
+        result, start = {}, 0
+        for key, (part, count) in zip(self.keys, self.parts):
+            result[key] = part.rebuild(list(flat[start : start + count]))
+            start += count
+        return result
 
 
 def _bound(value: Any, default: int | None) -> int | None:

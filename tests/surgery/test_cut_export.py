@@ -388,6 +388,32 @@ def test_export_cut_gpt2_middle_layer() -> None:
 
 
 @pytest.mark.slow
+def test_export_cut_gpt2_output_with_a_cache_is_refused_and_without_it_works() -> None:
+    model = _hf("GPT2Model")  # use_cache=True: the output holds layer h.0's keys and values, computed before the cut
+    ids = torch.randint(0, 100, (2, 8))
+    with pytest.raises(fxtap.CutError, match="use_cache=False") as caught:
+        _cut(model, ["h.0"], ["output"], example=ids)
+    assert caught.value.missing == []
+    cut = _cut(model, ["h.0"], ["output"], example={"input_ids": ids, "use_cache": False})
+    value, other = torch.randn(3, 11, 32), torch.randint(0, 100, (3, 11))
+    with torch.no_grad():
+        truth = _replaced(model, {"h.0": value}, ["output"], other, use_cache=False)["output"]
+        out = cut(value)["output"]
+    assert type(out) is type(truth) and out.past_key_values is None
+    torch.testing.assert_close(out.last_hidden_state, truth.last_hidden_state, rtol=0, atol=0)
+    # cut before every layer: the cache the output holds is all computed after the cut, made anew per call
+    cut = _cut(model, ["drop"], ["output"], example=ids)
+    with torch.no_grad():
+        truth = _replaced(model, {"drop": value}, ["output"], other)["output"]
+        out = cut(value)["output"]
+    assert type(out.past_key_values) is type(truth.past_key_values) and len(out.past_key_values.layers) == 2
+    for got, want in zip(out.past_key_values.layers, truth.past_key_values.layers):
+        torch.testing.assert_close(got.keys, want.keys, rtol=0, atol=0)
+        torch.testing.assert_close(got.values, want.values, rtol=0, atol=0)
+    torch.testing.assert_close(out.last_hidden_state, truth.last_hidden_state, rtol=0, atol=0)
+
+
+@pytest.mark.slow
 def test_export_cut_vit_middle_layer() -> None:
     model = _hf("ViTModel")
     cut = _cut(model, ["layers.0"], ["layers.1", "output"], example=torch.randn(2, 3, 32, 32))
