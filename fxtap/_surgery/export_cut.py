@@ -109,9 +109,9 @@ class _CutCall(nn.Module):
         computed: list[Any] = []
         for key in self._keys:
             value = out[key] if key in self._wanted or isinstance(out[key], torch.Tensor) else None  # a name's value: tensors only
-            outputs, tensors = Outputs.split(value, existing)
-            parts.append((outputs, len(tensors)))
-            computed += tensors
+            outputs, found = Outputs.split(value, existing)
+            parts.append((outputs, len(found)))
+            computed += found
         self.__dict__["parts"] = parts  # not a module attribute: torch.export puts those back
         return tuple(computed)
 

@@ -278,7 +278,7 @@ def _assemble(
 
 
 def _plain(part: Outputs) -> bool:
-    return all(isinstance(c, _Slot) or isinstance(c, _CONSTANTS) for c in part.constants)
+    return all(isinstance(c, (_Slot, *_CONSTANTS)) for c in part.constants)
 
 
 def _leaves(part: Outputs, computed: list[Any]) -> list[Any]:
