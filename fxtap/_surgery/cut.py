@@ -14,7 +14,7 @@ from .._capture.edit import as_modules
 from .._capture.model import unwrap
 from .._errors import TapNameError, TraceFailedError
 from . import export_cut as _export_cut
-from .export_graph import Shapes
+from .export_shapes import Shapes
 from .graph import split
 from .shapes import Evidence
 

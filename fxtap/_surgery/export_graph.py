@@ -26,7 +26,7 @@ what the outputs need, by these rules (those of the FX cut, docs/cut.md, where t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import sympy  # type: ignore[import-untyped]
@@ -37,55 +37,11 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 
 from .._capture.outputs import _CONSTANTS, Outputs, _Slot
-from .._errors import CutError, FxtapError
+from .._errors import CutError
+from .export_shapes import Shapes, bound, dim
+from .export_walk import Walk, ancestors, descendants, random, state_writes, upstream_of
 
-__all__ = ["Built", "Shapes", "Unnamed", "cut_graph"]
-
-_PREFIX = "model."  # the model's modules, as the cut call names them
-
-
-@dataclass
-class Shapes:
-    """What a call's tensors must satisfy: static sizes, symbols equal, symbols in range."""
-
-    dims: list[tuple[str, list[Any]]]  # per input: its key, each dim an int or a sympy expression
-    ranges: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
-    owner: str = ""
-    dtypes: list[torch.dtype] = field(default_factory=list)  # per input
-
-    def check(self, values: tuple[Any, ...]) -> None:
-        bound: dict[Any, int] = {}
-        problems: list[str] = []
-        for index, ((key, dims), value) in enumerate(zip(self.dims, values)):
-            if not isinstance(value, torch.Tensor):
-                raise TypeError(f"the cut's input {key!r} must be a tensor, not {type(value).__name__}")
-            if self.dtypes and value.dtype != self.dtypes[index]:
-                problems.append(f"{key!r} is {value.dtype}, the graph holds {self.dtypes[index]}")
-            if value.dim() != len(dims):
-                problems.append(f"{key!r} has {value.dim()} dimensions, not {len(dims)}")
-                continue
-            for i, (want, have) in enumerate(zip(dims, value.shape)):
-                if isinstance(want, int):
-                    if want != have:
-                        problems.append(f"{key!r} dim {i} is {have}, the graph holds {want}")
-                elif isinstance(want, sympy.Symbol):
-                    low, high = self.ranges.get(want, (0, None))
-                    if want in bound and bound[want] != have:
-                        problems.append(f"{key!r} dim {i} is {have}, but must equal {bound[want]} (the same size in the model)")
-                    elif have < low or (high is not None and have > high):
-                        why = " (torch.export keeps sizes 0 and 1 out of a dynamic dimension)" if have < 2 <= low + 1 else ""
-                        problems.append(f"{key!r} dim {i} is {have}, outside the range {low}..{high or ''} the graph was exported for{why}")
-                    bound[want] = have
-        for (key, dims), value in zip(self.dims, values):
-            for i, want in enumerate(dims):
-                if not isinstance(want, (int, sympy.Symbol)) and want.free_symbols <= bound.keys() and int(want.subs(bound)) != value.shape[i]:
-                    problems.append(f"{key!r} dim {i} is {value.shape[i]}, the graph needs {want.subs(bound)}")
-        if problems:
-            raise FxtapError(
-                f"this cut of {self.owner} is one torch.export graph, exported at the example's sizes: "
-                + "; ".join(problems)
-                + ".\n  Build the cut again with an example of these sizes and dtypes (sizes torch.export keeps dynamic may differ)."
-            )
+__all__ = ["Built", "Unnamed", "cut_graph"]
 
 
 class Unnamed(CutError):
@@ -122,12 +78,19 @@ def cut_graph(
     names = dict(zip(model_inputs, model_names))
     points = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.fxtap.cut_point.default]
     order = {n: i for i, n in enumerate(graph.nodes)}
+    unused = [name for name, node in zip(inputs, given) if not any(p.args[1] is node for p in points)]
+    if unused:
+        raise CutError(
+            f"cannot cut {owner} at {', '.join(map(repr, unused))}: the model's call at the example does not compute "
+            f"{'it' if len(unused) == 1 else 'them'} (the code that does is not run), so the cut would ignore the value given.\n"
+            "  Cut at values the call computes: fxtap.names(model, example) lists them."
+        )
     last = max((order[p] for p in points), default=-1)
     replaced = [p.args[0] for p in points]
     for point in points:
         point.replace_all_uses_with(point.args[1])
-    derived = _descendants(graph, set(given))
-    upstream = _upstream(graph, set(model_inputs), replaced)
+    derived = descendants(graph, set(given))
+    upstream = upstream_of(graph, set(model_inputs), replaced)
 
     output_node = next(n for n in graph.nodes if n.op == "output")
     results = list(output_node.args[0])
@@ -165,10 +128,10 @@ def cut_graph(
             "  Add them to the inputs (the cut then returns them as given), or ask for outputs after the cut; see docs/cut.md.",
             missing=early,
         )
-    randoms = [n for n in graph.nodes if (order.get(n, -1) > last or n in derived) and _random(n) and not (_ancestors(n) & upstream)]
-    walk = _Walk(graph, upstream, set(model_inputs), given, owner, names_of)
+    randoms = [n for n in graph.nodes if (order.get(n, -1) > last or n in derived) and random(n) and not (ancestors(n) & upstream)]
+    walk = Walk(graph, upstream, set(model_inputs), given, owner, names_of)
     walk.run([v for v in user_out if isinstance(v, fx.Node)] + randoms)
-    kept_writes = _state_writes(writes, derived, _descendants(graph, set(model_inputs)), order, last, walk.needed)
+    kept_writes = state_writes(writes, derived, descendants(graph, set(model_inputs)), order, last, walk.needed)
     walk.run([v for _, _, v in kept_writes])
     within = [m for m in [*walk.missing, *walk.inside] if any(m == i or m.startswith(f"{i}.") for i in inputs)]
     if within:  # produced inside a cut input's module, but not its output: no tap name gives it to the cut
@@ -200,7 +163,7 @@ def cut_graph(
 
 def _assemble(
     program: Any, call: nn.Module, graph: fx.Graph, given: list[fx.Node], keys: list[str], model_inputs: list[fx.Node], names: dict[fx.Node, str],
-    walk: _Walk, results: tuple[list[tuple[Outputs, int]], list[list[Any]]], outputs: dict[str, str], writes: list[tuple[str, str, fx.Node]], owner: str,
+    walk: Walk, results: tuple[list[tuple[Outputs, int]], list[list[Any]]], outputs: dict[str, str], writes: list[tuple[str, str, fx.Node]], owner: str,
 ) -> Built:
     signature = program.graph_signature
     targets = {s.arg.name: (s.kind, s.target) for s in signature.input_specs if s.kind != InputKind.USER_INPUT}
@@ -248,8 +211,8 @@ def _assemble(
             continue
         replacement = walk.shapes.get(node)
         if replacement is not None:
-            source, dim = replacement
-            env[node] = new.call_function(torch.ops.aten.sym_size.int, (env[source], dim))
+            source, axis = replacement
+            env[node] = new.call_function(torch.ops.aten.sym_size.int, (env[source], axis))
             env[node].meta = dict(node.meta)
             continue
         env[node] = new.node_copy(node, lambda n: env[n])
@@ -269,11 +232,11 @@ def _assemble(
     new.output(flat)
     in_spec = pytree.tree_structure((tuple(range(len(arguments))), {}))
     new._codegen = _PyTreeCodeGen(_PyTreeInfo([env[n].name for n in arguments], in_spec, structure))
-    new.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or _random(n))
+    new.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or random(n))
     module = fx.GraphModule(root, new, class_name=f"Cut{owner}")
     module.meta["fxtap_input_names"] = list(argument_names)
-    dims = [(name, [_dim(s) for s in node.meta["val"].shape]) for name, node in zip(argument_names, arguments)]
-    ranges = {symbol: (_bound(r.lower, 0), _bound(r.upper, None)) for symbol, r in program.range_constraints.items() if isinstance(symbol, sympy.Symbol)}
+    dims = [(name, [dim(s) for s in node.meta["val"].shape]) for name, node in zip(argument_names, arguments)]
+    ranges = {symbol: (bound(r.lower, 0), bound(r.upper, None)) for symbol, r in program.range_constraints.items() if isinstance(symbol, sympy.Symbol)}
     return Built(module, argument_names, Shapes(dims, ranges, owner, [node.meta["val"].dtype for node in arguments]), rebuild)
 
 
@@ -297,166 +260,6 @@ class _Rebuild:
             result[key] = part.rebuild(list(flat[start : start + count]))
             start += count
         return result
-
-
-def _bound(value: Any, default: int | None) -> int | None:
-    try:
-        return int(value) if sympy.sympify(value).is_finite else default
-    except (TypeError, ValueError, AttributeError):
-        return default
-
-
-def _dim(size: Any) -> Any:
-    if isinstance(size, torch.SymInt):
-        expr = size.node.expr
-        return int(expr) if expr.is_number else expr
-    return int(size)
-
-
-class _Walk:
-    """From the outputs backwards: what the cut runs, the model inputs it reads, what is missing."""
-
-    def __init__(
-        self, graph: fx.Graph, upstream: set[fx.Node], model_inputs: set[fx.Node], given: list[fx.Node], owner: str, names_of: dict[fx.Node, str]
-    ) -> None:
-        self.graph, self.upstream, self.model_inputs, self.given, self.owner = graph, upstream, model_inputs, given, owner
-        self.names_of = names_of  # tap names of ops, where the call was asked for them
-        self.needed: set[fx.Node] = set(given)
-        self.missing: dict[str, None] = {}
-        self.inside: dict[str, None] = {}  # modules holding needed ops from before the cut that no name names
-        self.shapes: dict[fx.Node, tuple[fx.Node, int]] = {}  # a size read of a model input -> (cut input, dim)
-
-    def run(self, seeds: list[fx.Node]) -> None:
-        stack: list[tuple[fx.Node, fx.Node | None]] = [(seed, None) for seed in seeds]
-        while stack:
-            node, user = stack.pop()
-            if node in self.needed:
-                continue
-            if node.op == "call_function" and node.target is torch.ops.aten.sym_size.int and node.args[0] in self.model_inputs:
-                found = self._from_given(node)
-                if found is not None:
-                    self.shapes[node] = found
-                    self.needed.add(node)
-                    continue
-            if node in self.upstream and node.op != "placeholder":
-                inside = _inside(node)
-                if inside:
-                    name = _escaping(node, user) or self.names_of.get(node, "")
-                    if name:
-                        self.missing[name] = None
-                    else:
-                        self.inside[inside] = None
-                    continue
-                if _random(node):
-                    raise CutError(
-                        f"cannot cut {self.owner}: the outputs need a random draw ({node.target}) that the model's forward makes "
-                        "before the cut from the model's inputs; the cut would draw it again. Cut before it, or add it to the inputs."
-                    )
-            self.needed.add(node)
-            stack.extend((source, node) for source in node.all_input_nodes)
-        self.missing = dict(sorted(self.missing.items()))
-
-    def _from_given(self, read: fx.Node) -> tuple[fx.Node, int] | None:
-        want = read.meta.get("val")
-        if not isinstance(want, torch.SymInt):
-            return None
-        for node in self.given:
-            for i, size in enumerate(node.meta["val"].shape):
-                if isinstance(size, torch.SymInt) and size.node.expr == want.node.expr:
-                    return node, i
-        return None
-
-
-def _state_writes(
-    writes: list[tuple[str, str, fx.Node]], derived: set[fx.Node], data: set[fx.Node], order: dict[fx.Node, int], last: int, needed: set[fx.Node]
-) -> list[tuple[str, str, fx.Node]]:
-    """The state writes the cut runs, per module call (a batch norm's statistics and its counter
-    together): a call that reads a cut input, or whose result the outputs need, or that reads no
-    model input and runs after the last cut point. Calls before the cut, and calls on other
-    branches that read only model inputs and that the outputs do not need, do not run (as on FX)."""
-    needed_calls = {_call(n) for n in needed} - {""}
-    derived_calls = {_call(v) for _, _, v in writes if v in derived} - {""}
-    data_calls = {_call(v) for _, _, v in writes if v in data and v not in derived} - {""}  # before the cut, or a side branch
-
-    def runs(value: fx.Node) -> bool:
-        call = _call(value)
-        if value in derived or call in needed_calls | derived_calls:
-            return True
-        return call not in data_calls and value not in data and order[value] > last
-
-    return [(kind, target, value) for kind, target, value in writes if runs(value)]
-
-
-def _call(node: fx.Node) -> str:
-    """The innermost module call that ran ``node`` (torch.export's key: ``path@k`` for a later call)."""
-    stack = list((node.meta.get("nn_module_stack") or {}).items())
-    if not stack or not str(stack[-1][1][0]).startswith(_PREFIX):
-        return ""  # the model's own forward (or fxtap's call around it): not one module call
-    return str(stack[-1][0])
-
-
-def _random(node: fx.Node) -> bool:
-    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in node.target.tags
-
-
-def _is_value(node: fx.Node) -> bool:
-    """Whether ``node`` carries tensor values (not a size: reading a size is not reading values)."""
-    return not isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
-
-
-def _descendants(graph: fx.Graph, start: set[fx.Node]) -> set[fx.Node]:
-    found = set(start)
-    for node in graph.nodes:
-        if any(s in found and _is_value(s) for s in node.all_input_nodes):
-            found.add(node)
-    return found
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    found: set[fx.Node] = set()
-    stack = list(node.all_input_nodes)
-    while stack:
-        n = stack.pop()
-        if n not in found:
-            found.add(n)
-            stack.extend(n.all_input_nodes)
-    return found
-
-
-def _upstream(graph: fx.Graph, model_inputs: set[fx.Node], replaced: list[fx.Node]) -> set[fx.Node]:
-    """Values computed from the model inputs' values that the replaced values are computed from,
-    and values that read a replaced value."""
-    data = _descendants(graph, model_inputs)
-    upstream: set[fx.Node] = set()
-    stack = list(replaced)
-    while stack:
-        node = stack.pop()
-        if node in upstream or node not in data:
-            continue
-        upstream.add(node)
-        stack.extend(s for s in node.all_input_nodes if _is_value(s))
-    return upstream | (_descendants(graph, set(replaced)) & data)
-
-
-def _stack(node: fx.Node) -> list[str]:
-    """The model's module paths the node ran in, outermost first."""
-    return [path[len(_PREFIX) :] for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path.startswith(_PREFIX)]
-
-
-def _inside(node: fx.Node) -> str:
-    """The innermost submodule of the model that ``node`` ran in ("" for the model's own forward)."""
-    paths = _stack(node)
-    return paths[-1] if paths else ""
-
-
-def _escaping(node: fx.Node, user: fx.Node | None) -> str:
-    """The tap name of the module that returns ``node`` to ``user``: the outermost module ``node``
-    ran in that ``user`` did not ("" when ``user`` ran inside all of them: an op of that module)."""
-    theirs = set(_stack(user)) if user is not None else set()
-    for path in _stack(node):
-        if path not in theirs:
-            return path
-    return ""
 
 
 def _identifier(key: str) -> str:
