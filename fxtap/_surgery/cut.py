@@ -133,7 +133,11 @@ class Cut(nn.Module):
         return list(self._outputs.values())
 
     def graph_module(self) -> fx.GraphModule:
-        """The ``torch.fx.GraphModule`` of the current train/eval mode: arguments ``inputs``, returns the dict."""
+        """The ``torch.fx.GraphModule`` of the current train/eval mode: arguments ``inputs``, returns the dict.
+
+        For a model torch.fx cannot trace, it is the graph cut from torch.export's (aten ops): the
+        size and dtype checks are the ``Cut``'s, and when an output holds an object the call makes
+        (a transformers cache) it returns the tensors alone, which the ``Cut`` rebuilds it around."""
         return self._split()[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
