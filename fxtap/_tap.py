@@ -156,7 +156,8 @@ def names(
     code runs eagerly (a forward FX cannot trace: every Hugging Face model), every module under
     that code is listed, and some of them may never be called (a dropout that fused attention
     skips, an embedding the forward does not use, a branch not taken): tapping such a name raises
-    ``MissingCallError``. Names of modules that only hooks can reach follow the FX names; later
+    ``MissingCallError``. Inside a child that FX traces on its own, its graph decides, as for a
+    traced model. Names of modules that only hooks can reach follow the FX names; later
     calls of them (``blk_1``) are not listed.
 
     With ``example_inputs`` the model runs once (without gradients, in the mode ``train`` picks;

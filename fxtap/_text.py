@@ -10,6 +10,6 @@ __all__ = ["table"]
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain-text table."""
-    from tabulate import tabulate
+    from tabulate import tabulate  # type: ignore[import-untyped]
 
     return str(tabulate(rows, headers=list(headers), tablefmt="simple"))

@@ -28,6 +28,7 @@ from .edit import as_modules as edit_modules
 from .fx import NO_HINTS, Hints, Traced, exclusive, realize
 from .hooks import HookTarget, hook_targets
 from .model import in_mode, unwrap
+from .names import inside as _names_inside
 from .names import normalize_request
 from .placement import Placement, place
 from .runner import Runner, make_runner
@@ -94,7 +95,7 @@ def describe(
         found = _regions.resolve(model, [], analysis.fallbacks[""], everything=True, hints=hints)
         graph_names = {n: ("", "") for n in found.available}  # kinds and types below, as hooks see them
         known = set(found.available)
-        ordered = found.available + [path for path in analysis.names() if path not in known]
+        ordered = found.available + [path for path in analysis.names() if path not in known and not _read_by_graph(path, found)]
     # one pass over the model's paths for every name whose kind hooks decide (a module call or not)
     targets, _ = hook_targets(model, [n for n in ordered if not graph_names.get(n, ("", ""))[0]])
     infos = []
@@ -108,6 +109,18 @@ def describe(
         else:  # found by a child's own trace: a module call, or an op
             infos.append(NameInfo(name, "module" if target is not None else "op", module_type, "fx"))
     return infos
+
+
+def _read_by_graph(path: str, found: _regions.Resolution) -> bool:
+    """Whether a traced child's graph decides if the module at ``path`` is called: it lies inside
+    that child, and not inside a submodule the graph calls as a whole (whose code runs eagerly).
+    Its graph does not call it (else ``path`` would be among its names), as under a traced root:
+    a dropout that fused attention skips (BertSelfAttention, GPT2Attention) is not listed."""
+    inside = [r for r in found.traced if _names_inside(path, r) and path != r]
+    if not inside:
+        return False
+    region = max(inside, key=len)
+    return not any(_names_inside(path, opaque) and _names_inside(opaque, region) and opaque != region for opaque in found.fallbacks if opaque)
 
 
 def locate(model: nn.Module, name: str, *, concrete_args: dict[str, Any] | None = None) -> Located | None:

@@ -157,9 +157,9 @@ def trace(
             f"torch.fx cannot trace {where}: {reason}", module=path, module_type=kind, reason=reason
         ) from error
     if tracer.hazard is not None:  # raised inside the model's code, and swallowed by its own ``except``
-        path, kind, hazard = tracer.hazard
+        path, kind, swallowed = tracer.hazard
         where = f"submodule {path!r} ({kind})" if path else f"the forward of {kind} itself"
-        raise TraceFailedError(f"torch.fx cannot trace {where}: {hazard}", module=path, module_type=kind, reason=str(hazard))
+        raise TraceFailedError(f"torch.fx cannot trace {where}: {swallowed}", module=path, module_type=kind, reason=str(swallowed))
     source = getattr(type(model), "_fxtap_source", model)
     return Traced(graph, root, tracer.points, tracer.inlined, tracer.naming, source, tracer.reads_grad_mode, write_code)
 

@@ -284,6 +284,7 @@ class Resolution:
     unknown: list[str] = field(default_factory=list)
     fallbacks: dict[str, tuple[str, str]] = field(default_factory=dict)  # eager or opaque code: path -> (type, reason)
     available: list[str] = field(default_factory=list)  # every FX name found, for suggestions
+    traced: list[str] = field(default_factory=list)  # paths of the children traced on their own (whose graphs list ``available``)
     root: nn.Module | None = None
     hints: _fx.Hints = field(default_factory=_fx.Hints)  # the user's tracer hints
 
@@ -341,6 +342,7 @@ def _resolve_in(
         if analysis.traced is None:
             leftover += _resolve_in(child, path, inside, result, everything, paths)
             continue
+        result.traced.append(path)
         points = {n: p for n, p in analysis.traced.points.items() if p.kind != "input"}
         wanted = _place(path, analysis.traced.naming, points, inside, paths, result)
         if child.__dict__.get("_forward_hooks") and any(not is_fxtap_hook(h) for h in child._forward_hooks.values()):

@@ -303,6 +303,7 @@ def _hf(name: str) -> tuple[nn.Module, torch.Tensor]:
     return case.build(), args[0]
 
 
+@pytest.mark.slow  # 7 s; LlamaModel's root ops run by default (test_mask_ops_at_the_root)
 def test_gpt2_root_ops_in_mixed_mode_and_from_the_export_graph() -> None:
     model, ids = _hf("GPT2Model")
     length = ids.shape[1]

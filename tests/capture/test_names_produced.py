@@ -87,6 +87,76 @@ def test_names_without_inputs_may_list_names_no_call_produces() -> None:
         _tap(model, fxtap.names(model))(x)
 
 
+class _Encoder(nn.Module):
+    def __init__(self, embed_tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens  # the root's ``shared``, as in T5
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.embed_tokens(ids))
+
+
+class SharedEmbedding(nn.Module):
+    """T5's layout: one embedding reached as ``shared`` and as ``encoder.embed_tokens``; the
+    eager root (a branch on a value) calls it only through the encoder, which FX traces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(10, 4)
+        self.encoder = _Encoder(self.shared)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(ids)
+        return out * 2 if out.sum() > 1e9 else out
+
+
+def test_names_without_inputs_of_a_module_reached_under_two_paths_are_both_produced() -> None:
+    torch.manual_seed(0)
+    model, ids = SharedEmbedding().eval(), torch.tensor([[1, 2, 3]])
+    with quiet_fallbacks():
+        static = fxtap.names(model)
+    assert {"encoder.embed_tokens", "shared"} <= set(static)
+    out = _tap(model, static)(ids)
+    assert_same(out["encoder.embed_tokens"], model.shared(ids))
+    assert_same(out["shared"], model.shared(ids))  # one module: its call answers to either path
+    assert_same(out["encoder"], hook_truth(model, ids)["encoder"])
+
+
+class _FusedAttention(nn.Module):
+    """Attention as transformers writes it: ``drop`` gives its ``p`` to the fused kernel and is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.drop.p if self.training else 0.0)
+
+
+class EagerAroundFused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _FusedAttention()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.attn(x)
+        return out * 2 if out.sum() > 1e9 else out  # FX cannot trace a branch on a value
+
+
+def test_names_without_inputs_leaves_out_a_module_the_graph_of_a_traced_child_never_calls() -> None:
+    torch.manual_seed(0)
+    model, x = EagerAroundFused().eval(), torch.randn(2, 3, 4)
+    with quiet_fallbacks():
+        static = fxtap.names(model)
+    assert "attn.drop" not in static and {"attn.qkv", "attn"} <= set(static)
+    out = _tap(model, static)(x)
+    assert_same(out["attn"], hook_truth(model, x)["attn"])
+    assert_same(out["attn.qkv"], model.attn.qkv(x))
+
+
 def test_names_with_inputs_follows_train() -> None:
     model, x = _skips(), torch.randn(3, 4)
     eval_names = fxtap.names(model, x)

@@ -76,6 +76,7 @@ def test_examples_resnet18_features_prints_table() -> None:
     assert "layer1.0.add has negatives: True" in lines
 
 
+@pytest.mark.slow  # 9 s; a cut trains by default in tests/surgery/test_cut_edit.py
 def test_examples_cut_head_trains_like_the_frozen_model() -> None:
     stdout = run_example(EXAMPLES / "cut_head.py")
     steps = re.findall(r"^step (\d): cut loss (\S+), full loss (\S+), losses equal: (\w+), layer4 and fc gradients equal: (\w+)$", stdout, re.MULTILINE)

@@ -6,12 +6,13 @@ import random
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fxtap
 from fxtap import _compare
+from support.budget import examples
 from support.strategies import Case, case_truth, cases, seed_rng
 from support.toy_models import DataDependent, InplaceZoo, MultiIO, Shared
 from support.truth import assert_unchanged, model_fingerprint, quiet_fallbacks
@@ -135,6 +136,7 @@ def test_compare_max_diff_and_close_fail_on_a_perturbed_value() -> None:  # meta
     assert _compare._max_diff(torch.tensor([float("nan")]), torch.tensor([float("nan")])) == 0.0
 
 
+@settings(max_examples=examples(60))
 @given(case=cases(untraceable=True), data=st.data())
 def test_property_compare_is_ok_on_random_models(case: Case, data: st.DataObject) -> None:
     model, args, kwargs = case.build()

@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from support.budget import examples
 from support.strategies import Configured, _annotate, case_truth, cases, seed_rng
 from support.truth import assert_same, quiet_fallbacks
 from torch import nn
@@ -63,6 +64,7 @@ def _change(model: nn.Module, what: str, path: str, value: float) -> None:
         setattr(model.get_submodule(parent_path), name, fresh)
         _annotate(model)  # the truth's recorder reads each module's scope and call kind
 
+@settings(max_examples=examples(100))
 @given(case=cases(untraceable=True), data=st.data())
 def test_property_a_change_after_tap_is_seen_on_the_next_call(case: Any, data: st.DataObject) -> None:
     model, args, kwargs = case.build()

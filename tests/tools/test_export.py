@@ -124,11 +124,12 @@ def _float64_error(arch: str, x: torch.Tensor, values: dict[str, torch.Tensor]) 
 
 
 # -- the matrix ----------------------------------------------------------------------------------
-def _slow_if(arch: str) -> list[pytest.MarkDecorator]:
-    return [pytest.mark.slow] if MODELS[arch].slow else []
+def _slow_if(arch: str, fmt: str = "") -> list[pytest.MarkDecorator]:
+    # the default run keeps timm_resnet18 to pt2 and TorchScript (ONNX files are checked by the cut and docs tests)
+    return [pytest.mark.slow] if MODELS[arch].slow or fmt == "onnx" else []
 
 
-@pytest.mark.parametrize(("arch", "fmt"), [pytest.param(arch, fmt, marks=_slow_if(arch)) for arch in MODELS for fmt in FORMATS])
+@pytest.mark.parametrize(("arch", "fmt"), [pytest.param(arch, fmt, marks=_slow_if(arch, fmt)) for arch in MODELS for fmt in FORMATS])
 def test_export_matrix_file_matches_eager(arch: str, fmt: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     model, names = _model(arch), MODELS[arch].names
     tapped = fxtap.tap(model, names)
@@ -404,6 +405,7 @@ def test_backbone_feeds_torchvision_fpn() -> None:
     assert {key: tuple(v.shape) for key, v in out.items()} == {"c3": (2, 32, 12, 12), "c4": (2, 32, 6, 6), "c5": (2, 32, 3, 3)}
 
 
+@pytest.mark.slow  # 14 s: a subprocess exporting to pt2 and ONNX; the backbone tests above cover its parts
 def test_backbone_example_runs() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,9 +28,15 @@ READABLE = ["checker.webp", "gradient.png", "shapes/circle.png", "shapes/rings.j
 
 
 def _sleep(x: torch.Tensor) -> torch.Tensor:
-    """Sleeps ``FXTAP_TEST_SLEEP`` seconds. ``torch.fx.wrap``ped, so the graph calls it on every
-    forward: a plain ``time.sleep`` in a traced forward runs once, while tracing, and never again."""
-    time.sleep(float(os.environ.get("FXTAP_TEST_SLEEP", "0")))
+    """With ``FXTAP_TEST_SIGNAL=NAME:PATH``, sends the signal NAME (``INT``, ``KILL``) to its own
+    process once the file PATH exists, so that a run is stopped midway at a point fixed by the
+    run's own progress, not by timing. ``torch.fx.wrap``ped, so the graph calls it on every
+    forward: plain code in a traced forward runs once, while tracing."""
+    stop = os.environ.get("FXTAP_TEST_SIGNAL")
+    if stop:
+        name, path = stop.split(":", 1)
+        if os.path.exists(path):
+            os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
     return x
 
 
@@ -39,7 +44,7 @@ torch.fx.wrap("_sleep")
 
 
 class SlowNet(nn.Module):
-    """A small conv net that sleeps on every call, so that a run can be killed midway."""
+    """A small conv net that can stop its own process midway through a run (``_sleep``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -132,13 +137,11 @@ def test_extract_killed_run_keeps_finished_shards(tmp_path: Path, capsys: pytest
     out = tmp_path / "features"
     args = ["extract", "test_extract:slow_net", "relu", "--data", str(IMAGES), "-o", str(out), "--image-size", "16"]
     args += ["--shard-size", "1", "--batch-size", "1", "--quiet"]
-    env = fxtap_env() | {"FXTAP_TEST_SLEEP": "1.5"}  # slow enough to kill between shards on a loaded machine
+    # killed by the first forward after shard 1 is on disk (shard 1's write is waited for before
+    # shard 2's starts, so that is at the latest the forward of image 4 of 6)
+    env = fxtap_env() | {"FXTAP_TEST_SIGNAL": f"KILL:{out / 'shard-00001.safetensors'}"}
     proc = subprocess.Popen([sys.executable, "-m", "fxtap", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while not (out / "shard-00001.safetensors").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (out / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match="did not finish; run the same fxtap extract command again"):
