@@ -15,13 +15,14 @@ import warnings
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from support.budget import examples
 from support.strategies import Case, case_truth, cases, edited_truth
 from support.toy_models import ExportRoot
 from support.truth import assert_same
 
 import fxtap
 
-EXAMPLES = settings.default.max_examples if settings.default.max_examples > 200 else 10  # each example exports once
+EXAMPLES = examples(10)  # each example exports once (twice when a skip is added)
 
 
 def _build(root: ExportRoot, point: str, outputs: list[str], example: tuple[object, ...]) -> tuple[fxtap.Cut, list[str]] | None:
