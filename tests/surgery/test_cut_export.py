@@ -118,6 +118,18 @@ def test_export_cut_equals_the_model_with_the_value_replaced_and_changes_nothing
     assert not [n for n in parameters if ".a." in n or ".bn." in n]  # the prefix is not in the graph
 
 
+def test_export_cut_outputs_are_the_values_at_their_moment() -> None:
+    model = _model()
+    cut = _cut(model, ["body.a"], ["body.b", "output"], example=torch.randn(4, 8))  # relu_ overwrites body.b later
+    value = torch.randn(5, 8)
+    with torch.no_grad():
+        out = cut(value)
+        truth = _replaced(model, {"body.a": value}, ["body.b", "output"], torch.randn(5, 8))
+    assert (out["body.b"] < 0).any()  # before the relu_
+    torch.testing.assert_close(out["body.b"], truth["body.b"], rtol=0, atol=0)
+    torch.testing.assert_close(out["output"], truth["output"], rtol=0, atol=0)
+
+
 def test_export_cut_skip_that_bypasses_the_cut_lists_the_module_to_add() -> None:
     model = _model(skip=True)
     with pytest.raises(fxtap.CutError) as caught:
