@@ -39,7 +39,15 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from .._capture.outputs import _CONSTANTS, Outputs, _Slot
 from .._errors import CutError
 from .export_shapes import Shapes, bound, dim
-from .export_walk import Walk, ancestors, descendants, random, state_writes, upstream_of
+from .export_walk import (
+    PREFIX,
+    Walk,
+    ancestors,
+    descendants,
+    random,
+    state_writes,
+    upstream_of,
+)
 
 __all__ = ["Built", "Unnamed", "cut_graph"]
 
@@ -133,6 +141,12 @@ def cut_graph(
     walk.run([v for v in user_out if isinstance(v, fx.Node)] + randoms)
     kept_writes = state_writes(writes, derived, descendants(graph, set(model_inputs)), order, last, walk.needed)
     walk.run([v for _, _, v in kept_writes])
+    stale = [target.removeprefix(PREFIX) for kind, target, value in writes if value in walk.needed and (kind, target, value) not in kept_writes]
+    if stale:  # the cut would compute the update but not keep it: each call would read the same value
+        raise CutError(
+            f"cannot cut {owner} at {', '.join(map(repr, inputs))}: the outputs read the state {', '.join(map(repr, stale))} as the "
+            "model updates it before the cut, which the cut does not run.\n  Cut before that update; see docs/cut.md."
+        )
     within = [m for m in [*walk.missing, *walk.inside] if any(m == i or m.startswith(f"{i}.") for i in inputs)]
     if within:  # produced inside a cut input's module, but not its output: no tap name gives it to the cut
         raise CutError(

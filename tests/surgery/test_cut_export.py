@@ -233,6 +233,26 @@ def test_export_cut_state_writes_beside_the_cut_run_with_their_module(used: bool
             assert not torch.equal(getattr(model.side, name), getattr(twin.side, name)), name
 
 
+class Counter(nn.Module):
+    """The root's own code updates a buffer before the cut, and the rest reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x
+        self.calls.add_(1)
+        return self.b(self.a(x)) * self.calls
+
+
+def test_export_cut_reading_state_updated_before_the_cut_is_refused() -> None:
+    with pytest.raises(fxtap.CutError, match="'calls' as the model updates it before the cut"):
+        _cut(Counter(), ["b"], example=torch.randn(4, 8))
+
+
 def test_export_cut_follows_train_and_eval_with_one_graph_each() -> None:
     model = _model()
     cut = _cut(model, ["body.b"], example=torch.randn(4, 8))
@@ -327,6 +347,28 @@ def test_export_cut_writes_pt2_and_onnx(tmp_path: Path, suffix: str) -> None:
         assert torch.equal(cut(value, x)["output"], _replaced(model, {"body.b": value}, ["output"], x)["output"])
 
 
+class ValueBranch(nn.Module):
+    """A root neither torch.fx nor torch.export can capture: it branches on a tensor's value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Body()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out if out.sum() > 0 else -out
+
+
+def test_export_cut_of_a_model_torch_export_cannot_capture_is_refused_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = ValueBranch().eval()
+    before = model_fingerprint(model)
+    with pytest.raises(fxtap.TraceFailedError, match="torch.export of the cut call failed") as caught:
+        _cut(model, ["body.b"], example=torch.randn(4, 8))
+    assert "fxtap.tap(model, outputs, edit={'body.b': value})" in str(caught.value)
+    assert_unchanged(before, model)  # no hooks left behind after the failure
+
+
 def test_export_cut_needs_an_example_and_mode_fx_refuses() -> None:
     model = _model()
     with pytest.raises(fxtap.TraceFailedError, match=r"(?s)without example=.*example=model_inputs"):
@@ -383,6 +425,20 @@ def test_export_cut_llama_middle_layer_reads_sizes_from_the_cut_input() -> None:
     with torch.no_grad():
         truth = _replaced(model, {"layers.0": value}, ["norm"], torch.randint(0, 100, (3, 11)))
         torch.testing.assert_close(cut(value)["norm"], truth["norm"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_export_cut_llama_inside_a_layer_names_the_residual_sum() -> None:
+    model = _hf("LlamaModel")
+    example = torch.randint(0, 100, (2, 8))
+    with pytest.raises(fxtap.CutError) as caught:
+        _cut(model, ["layers.0.mlp"], ["layers.1"], example=example)
+    assert caught.value.missing == ["layers.0.add"]  # the first residual sum, an op of the decoder layer's own code
+    cut = _cut(model, ["layers.0.mlp", "layers.0.add"], ["layers.1"], example=example)
+    mlp, residual, ids = torch.randn(3, 11, 32), torch.randn(3, 11, 32), torch.randint(0, 100, (3, 11))
+    with torch.no_grad(), quiet_fallbacks():
+        truth = fxtap.tap(model, ["layers.1"], edit={"layers.0.mlp": mlp, "layers.0.add": residual})(ids)["layers.1"]
+        torch.testing.assert_close(cut(mlp, residual)["layers.1"], truth, rtol=0, atol=0)
 
 
 def test_export_cut_bert_inside_a_layer_lists_the_skip() -> None:
