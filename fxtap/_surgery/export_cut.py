@@ -157,9 +157,7 @@ def _export(
 ) -> tuple[Any, nn.Module, list[str]]:
     """The functional program of the cut call (``named``: extra taps, to name values), the call, and
     the names of the model's tensor arguments."""
-    from .._tap import (
-        _tapped,  # the public layer's tap: the cut is the tapped call with edits
-    )
+    from .._tap import _tapped  # the public layer's tap: the cut is the tapped call with edits
 
     owner = type(model).__name__
     args, kwargs = _as_call(example)
@@ -197,7 +195,7 @@ def _export(
             written = _written(before)
     except CutError:
         raise
-    except Exception as error:
+    except Exception as error:  # the example does not run: say so
         raise TraceFailedError(
             f"cannot cut {owner}: the model does not run on the example given ({summary(error)}).",
             module="",
@@ -218,7 +216,7 @@ def _export(
             program = program.run_decompositions({})
     except CutError:
         raise
-    except Exception as error:
+    except Exception as error:  # the one place this path gives up on torch.export
         raise TraceFailedError(
             f"cannot cut {type(model).__name__}: torch.fx cannot trace the forward of {type(model).__name__} itself ({reason}), "
             f"and torch.export of the cut call failed: {summary(error)}.\n"
@@ -230,8 +228,6 @@ def _export(
         ) from error
     tensor_names = [name for leaf, name in zip(arguments[0], names) if isinstance(leaf, torch.Tensor)]
     return program, call, tensor_names
-
-
 
 
 def _as_call(example: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
