@@ -157,7 +157,8 @@ def _export(
 ) -> tuple[Any, nn.Module, list[str]]:
     """The functional program of the cut call (``named``: extra taps, to name values), the call, and
     the names of the model's tensor arguments."""
-    from .._tap import _tapped  # the public layer's tap: the cut is the tapped call with edits
+    # the public layer's tap: the cut is the tapped call with edits
+    from .._tap import _tapped
 
     owner = type(model).__name__
     args, kwargs = _as_call(example)
