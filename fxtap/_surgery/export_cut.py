@@ -128,8 +128,9 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
             module="", module_type=owner, reason=reason,
         )
     program, call, tensor_names = _export(model, inputs, outputs, example, reason, [])
+    is_tensor = _TensorNames(model, example)
     try:
-        return cut_graph(program, call, model, inputs, outputs, tensor_names)
+        return cut_graph(program, call, model, inputs, outputs, tensor_names, is_tensor)
     except Unnamed as unnamed:  # a skip from an op inside a module: export again, tapping that module's ops, to name it
         candidates = _op_names(model, unnamed.modules)
         if not candidates:
@@ -138,7 +139,31 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
             program, call, tensor_names = _export(model, inputs, outputs, example, reason, candidates)
         except Exception:  # noqa: BLE001 - only to name the value: say what is known
             raise unnamed from None
-        return cut_graph(program, call, model, inputs, outputs, tensor_names, candidates)
+        return cut_graph(program, call, model, inputs, outputs, tensor_names, is_tensor, candidates)
+
+
+class _TensorNames:
+    """Whether a tap name's value is one tensor at the example (asked only to name missing values:
+    each name costs a call of the model, which changes nothing)."""
+
+    def __init__(self, model: nn.Module, example: Any) -> None:
+        self.model, self.example = model, example
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, name: str) -> bool:
+        from .._tap import _tapped
+
+        if name not in self.known:
+            args, kwargs = _as_call(self.example)
+            devices = sorted({t.device.index or 0 for t in self.model.parameters() if t.device.type == "cuda"})
+            try:
+                with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), buffer_values_kept(self.model), torch.no_grad():
+                    warnings.simplefilter("ignore", FallbackWarning)
+                    value = _tapped(self.model, [name], mode="auto", warn=False, detach=True)(*args, **kwargs)[name]
+                self.known[name] = isinstance(value, torch.Tensor)
+            except Exception:  # noqa: BLE001 - a name that does not tap: not one to suggest
+                self.known[name] = False
+        return self.known[name]
 
 
 def _op_names(model: nn.Module, modules: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ what the outputs need, by these rules (those of the FX cut, docs/cut.md, where t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,10 +71,13 @@ class Built:
 
 
 def cut_graph(
-    program: Any, call: nn.Module, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], model_names: list[str], named: Sequence[str] = ()
+    program: Any, call: nn.Module, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], model_names: list[str],
+    is_tensor: Callable[[str], bool], named: Sequence[str] = (),
 ) -> Built:
     """The cut's ``GraphModule`` from ``program`` (``run_decompositions``'d export of ``call``);
-    ``named``: tap names the call also returns, after the outputs, to name missing values."""
+    ``is_tensor`` tells whether a tap name's value is one tensor (to name missing values by a
+    module that returns them alone); ``named``: tap names the call also returns, after the
+    outputs, to name values that ops compute."""
     owner = type(model).__name__
     graph: fx.Graph = program.graph_module.graph
     signature = program.graph_signature
@@ -137,7 +140,7 @@ def cut_graph(
             missing=early,
         )
     randoms = [n for n in graph.nodes if (order.get(n, -1) > last or n in derived) and random(n) and not (ancestors(n) & upstream)]
-    walk = Walk(graph, upstream, set(model_inputs), given, owner, names_of)
+    walk = Walk(graph, upstream, set(model_inputs), given, owner, names_of, is_tensor)
     walk.run([v for v in user_out if isinstance(v, fx.Node)] + randoms)
     kept_writes = state_writes(writes, derived, descendants(graph, set(model_inputs)), order, last, walk.needed)
     walk.run([v for _, _, v in kept_writes])

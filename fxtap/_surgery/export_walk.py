@@ -8,6 +8,8 @@ nodes' ``nn_module_stack``: the module of the model a value escapes from is its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import fx
 
@@ -22,10 +24,12 @@ class Walk:
     """From the outputs backwards: what the cut runs, the model inputs it reads, what is missing."""
 
     def __init__(
-        self, graph: fx.Graph, upstream: set[fx.Node], model_inputs: set[fx.Node], given: list[fx.Node], owner: str, names_of: dict[fx.Node, str]
+        self, graph: fx.Graph, upstream: set[fx.Node], model_inputs: set[fx.Node], given: list[fx.Node], owner: str, names_of: dict[fx.Node, str],
+        is_tensor: Callable[[str], bool],
     ) -> None:
         self.graph, self.upstream, self.model_inputs, self.given, self.owner = graph, upstream, model_inputs, given, owner
         self.names_of = names_of  # tap names of ops, where the call was asked for them
+        self.is_tensor = is_tensor  # whether a tap name's value is one tensor (at the example)
         self.needed: set[fx.Node] = set(given)
         self.missing: dict[str, None] = {}
         self.inside: dict[str, None] = {}  # modules holding needed ops from before the cut that no name names
@@ -46,7 +50,7 @@ class Walk:
             if node in self.upstream and node.op != "placeholder":
                 module = inside(node)
                 if module:
-                    name = _escaping(node, user) or self.names_of.get(node, "")
+                    name = _escaping(node, user, self.is_tensor) or self.names_of.get(node, "")
                     if name:
                         self.missing[name] = None
                     else:
@@ -154,11 +158,11 @@ def inside(node: fx.Node) -> str:
     return paths[-1] if paths else ""
 
 
-def _escaping(node: fx.Node, user: fx.Node | None) -> str:
-    """The tap name of the module that returns ``node`` to ``user``: the outermost module ``node``
-    ran in that ``user`` did not ("" when ``user`` ran inside all of them: an op of that module)."""
+def _escaping(node: fx.Node, user: fx.Node | None, is_tensor: Callable[[str], bool]) -> str:
+    """The tap name of the module that returns ``node`` to ``user``: of the modules ``node`` ran in
+    that ``user`` did not, the outermost whose value is one tensor (``is_tensor``; a module may
+    return it inside a tuple), else the outermost ("" when ``user`` ran inside all of them: an op
+    of that module)."""
     theirs = set(_stack(user)) if user is not None else set()
-    for path in _stack(node):
-        if path not in theirs:
-            return path
-    return ""
+    paths = [path for path in _stack(node) if path not in theirs]
+    return next((path for path in paths if is_tensor(path)), paths[0] if paths else "")

@@ -155,6 +155,40 @@ def test_export_cut_skip_from_an_op_inside_a_module_names_the_op() -> None:
         assert torch.equal(cut(b, doubled)["output"], truth["body.c"])
 
 
+class Pair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.a(x)
+        return self.c(self.b(h)), h
+
+
+class PairRoot(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Pair()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x
+        out, aux = self.inner(x)
+        return out + aux
+
+
+def test_export_cut_skip_out_of_a_tuple_is_named_by_the_module_that_returns_it_alone() -> None:
+    torch.manual_seed(0)
+    model = PairRoot().eval()
+    with pytest.raises(fxtap.CutError) as caught:
+        _cut(model, ["inner.b"], example=torch.randn(4, 8))
+    assert caught.value.missing == ["inner.a"]  # 'inner' returns it too, inside a tuple: not a cut input
+    cut = _cut(model, ["inner.b", "inner.a"], example=torch.randn(4, 8))
+    b, a = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(cut(b, a)["output"], _replaced(model, {"inner.b": b, "inner.a": a}, ["output"], torch.randn(3, 8))["output"])
+
+
 def test_export_cut_output_before_the_cut_is_refused() -> None:
     with pytest.raises(fxtap.CutError, match="computed before the cut") as caught:
         _cut(_model(), ["body.b"], ["body.a", "output"], example=torch.randn(4, 8))
