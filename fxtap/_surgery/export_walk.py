@@ -161,8 +161,7 @@ def inside(node: fx.Node) -> str:
 def _escaping(node: fx.Node, user: fx.Node | None, is_tensor: Callable[[str], bool]) -> str:
     """The tap name of the module that returns ``node`` to ``user``: of the modules ``node`` ran in
     that ``user`` did not, the outermost whose value is one tensor (``is_tensor``; a module may
-    return it inside a tuple), else the outermost ("" when ``user`` ran inside all of them: an op
-    of that module)."""
+    return it inside a tuple). "" when there is none (an op of a module's own code, named by
+    exporting again with that module's ops tapped)."""
     theirs = set(_stack(user)) if user is not None else set()
-    paths = [path for path in _stack(node) if path not in theirs]
-    return next((path for path in paths if is_tensor(path)), paths[0] if paths else "")
+    return next((path for path in _stack(node) if path not in theirs and is_tensor(path)), "")
