@@ -343,6 +343,43 @@ def case_export(batch: int, rounds: int, device: str, quick: bool = False) -> li
     return rows
 
 
+def case_eager_ops(batch: int, rounds: int, device: str, quick: bool = False) -> list[Row]:
+    """What naming the own ops of eagerly run code costs per call (fxtap/_capture/eager_ops.py: a
+    ``TorchFunctionMode`` sees every torch call of the tapped call): GPT2Model of case 7 in mixed
+    mode (the export frontend off, as when export is refused), its layers tapped, with and without
+    the root's own ops (``view``, ``to``...), side by side with a plain call."""
+    from unittest import mock
+
+    from hf_models import BENCHES, layers
+
+    from fxtap._capture import export as frontend
+
+    width, length = (64, 16) if quick else (256, 128)  # --quick: a smoke run
+    bench = next(b for b in BENCHES if b.name == "GPT2Model")
+    model = bench.build(width).to(device)
+    inputs = bench.inputs(batch, length, device)
+    modules = dict(model.named_modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        root_ops = [n for n in fxtap.names(model, inputs) if n.split(".")[0] not in modules and n not in ("input_ids",)]
+        assert root_ops, "GPT2Model's root names no op"
+        with mock.patch.object(frontend, "applies", lambda placement, mode: False):  # mixed mode only
+            plain_names = fxtap.tap(model, layers(model))
+            with_ops = fxtap.tap(model, layers(model) + root_ops)
+            for tapped in (plain_names, with_ops):
+                tapped(*inputs), tapped(*inputs)
+            assert plain_names.mode == with_ops.mode == "mixed", (plain_names.mode, with_ops.mode)
+            with torch.no_grad():
+                med = interleaved(
+                    {"plain model": lambda: model(*inputs), "mixed, layers": lambda: plain_names(*inputs),
+                     f"mixed, layers + {len(root_ops)} root ops": lambda: with_ops(*inputs)},
+                    rounds, device,
+                )  # fmt: skip
+    label = f"8. eager op names, GPT2Model ({width} wide, {'x'.join(map(str, inputs[0].shape))}) forward"
+    targets = {list(med)[2]: "<= 1.05"}
+    return [[label, n, f"{t * 1000:.1f}", f"{t / med['plain model']:.3f}", targets.get(n, "")] for n, t in med.items()]
+
+
 def load() -> str:
     """The machine's load averages over 1, 5 and 15 minutes (``uptime``), or "?" where unknown."""
     try:
@@ -378,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="batch 1, fewer rounds and depths: a smoke run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    parser.add_argument("--only", choices=["guard", "edit", "export"], help="run only these rows (and print them; docs/ is left alone)")
+    parser.add_argument("--only", choices=["guard", "edit", "export", "eager_ops"], help="run only these rows (and print them; docs/ is left alone)")
     parser.add_argument("--write-export", action="store_true", help="with --only export: put case 7 into docs/benchmarks.md, the rest as it is")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch's intra-op threads (default: all)")
     args = parser.parse_args(argv)
@@ -390,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
         from fxtap._text import table
 
         print(table(headers[:5], case_guard(batch, rounds, args.device)))
+        return 0
+    if args.only == "eager_ops":
+        from fxtap._text import table
+
+        print(table(headers[:5], case_eager_ops(batch, rounds, args.device, args.quick)))
         return 0
     rows: list[Row] = []
     if args.only == "export":
@@ -422,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     rows += case_edit("resnet50", batch, rounds, args.device)
     rows += case_guard(batch, rounds, args.device)
     rows += case_export(batch, rounds, args.device, args.quick)
+    rows += case_eager_ops(batch, rounds, args.device, args.quick)
     from fxtap._text import table
 
     print(table(headers, rows))

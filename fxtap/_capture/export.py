@@ -88,7 +88,7 @@ class ExportRunner(EagerRunner):
         self._edit_refusal = edit_refusal(placement)
 
     def run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        if torch.compiler.is_compiling():  # torch.compile traces the tapped call itself: mixed mode, as before
+        if _guard.tracing_here():  # torch.compile or an export traces the tapped call itself: mixed mode, as before
             return super().run(model, args, kwargs)
         key = _signature(args, kwargs) if not self._edit_refusal else self._edit_refusal
         if isinstance(key, str):

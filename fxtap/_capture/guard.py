@@ -41,6 +41,7 @@ from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
+from torch._guards import detect_fake_mode
 from torch.utils.hooks import RemovableHandle
 
 from .hazards import global_hooks, user_hooks
@@ -303,6 +304,20 @@ def freeze(value: Any, depth: int = 0) -> Hashable:
 T = TypeVar("T")
 
 
+def tracing_here() -> bool:
+    """Whether torch.compile or torch.export is tracing the code that runs in this thread.
+
+    ``torch.compiler.is_compiling()`` alone does not say: a non-strict ``torch.export`` sets it
+    for the whole process, so while one thread exports, every other thread would skip its guard
+    checks and be served graphs the model may have outdated. An export's fake tensor mode is
+    active in its own thread only, and dynamo answers ``is_dynamo_compiling()`` in the frames it
+    traces.
+    """
+    if not torch.compiler.is_compiling():
+        return False
+    return torch.compiler.is_dynamo_compiling() or detect_fake_mode() is not None
+
+
 class GraphCache(Generic[T]):
     """Built graphs (or runners) by key, each with its guard, at most ``limit`` of them (LRU)."""
 
@@ -316,7 +331,7 @@ class GraphCache(Generic[T]):
         entries = self._entries.get(key)
         if not entries:
             return None
-        if torch.compiler.is_compiling():
+        if tracing_here():
             return entries[-1][1]  # torch.compile guards the code it compiled itself
         found: T | None = None
         with self._lock:

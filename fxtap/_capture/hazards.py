@@ -12,7 +12,9 @@ leaf (it runs eagerly, through ``__call__``) and says why.
 Code that tells a traced value's type apart (``isinstance(p, tuple)`` on what an opaque leaf
 returned, ``isinstance(h, torch.Tensor)``) would see a Proxy, not the tuple, dict, dataclass or
 tensor that the model sees, and the graph would hold the branch taken for a Proxy: ``type_read``
-(the ``__class__`` that ``isinstance`` reads) makes that a hazard of the forward that asked.
+(the ``__class__`` that ``isinstance`` reads) makes that a hazard of the forward that asked,
+unless the Proxy answers as the value would (``proxy_types``: ``isinstance(x, list)`` on what
+is certainly a tensor).
 
 The patches are installed for the duration of a trace only, and act only in the tracing thread:
 any other thread gets the original functions.
@@ -30,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+
+from . import proxy_types as _proxy_types
 
 __all__ = ["Hazard", "global_hooks", "is_fxtap_hook", "mark_fxtap_hook", "rng_state_set_raises", "type_read", "user_hooks", "watching"]
 
@@ -257,6 +261,8 @@ def type_read(proxy: Any, frame: Any) -> type:
         module = frame.f_globals.get("__name__", "")
     if module.startswith(_INTERNAL) or module == "torch" or not _inspects_type(frame.f_code, frame.f_lasti):
         return own  # e.g. torch's C argument parser, which checks every argument's type for a SymInt
+    if _proxy_types.answered_alike(_node_of(proxy), tracer.root, frame):
+        return own  # ``isinstance(x, list)`` on what is certainly a tensor: False either way
     hazard = Hazard(
         f"checks the type of {_what(proxy)} (isinstance, in {frame.f_code.co_filename}:{frame.f_lineno}), which is a Proxy "
         "while tracing, so a graph would hold the branch taken for a Proxy, not for the value the model sees"
@@ -265,8 +271,13 @@ def type_read(proxy: Any, frame: Any) -> type:
     raise hazard
 
 
+def _node_of(proxy: Any) -> Any:
+    """The node of a Proxy; ``None`` for an attribute of a traced value not recorded yet."""
+    return proxy.__dict__.get("_node") if "root" in proxy.__dict__ else proxy.__dict__.get("node")
+
+
 def _what(proxy: Any) -> str:
-    node = proxy.__dict__.get("_node") if "root" in proxy.__dict__ else proxy.__dict__.get("node")
+    node = _node_of(proxy)
     if node is None:  # an attribute of a traced value, not recorded yet
         return f"the attribute {proxy.__dict__.get('attr')!r} of a traced value"
     if node.op == "call_module":

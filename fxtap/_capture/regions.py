@@ -230,7 +230,7 @@ class Region:
                 built = self._graphs.lookup(key)
                 if built is None:
                     built = self._build(template, {local: self.edits[name] for local, name in edits}) or _NoGraph()
-                    if not torch.compiler.is_compiling():  # one built while torch.export traces may hold its fake tensors
+                    if not _guard.tracing_here():  # one built while torch.export traces may hold its fake tensors
                         self._graphs.put(key, built, built.module.meta.get("fxtap_guard") if isinstance(built, _Graph) else None)
         return None if isinstance(built, _NoGraph) else built
 

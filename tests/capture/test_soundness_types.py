@@ -203,3 +203,77 @@ def test_torch_argument_checks_and_checks_of_plain_values_keep_the_graph() -> No
     assert tapped.mode == "fx"
     out = tapped(x)
     assert_same(out["output"], model(x))
+
+
+# -- checks a Proxy answers as the value does (proxy_types.py) ------------------------------------
+class _ContainerCheck(nn.Module):
+    """``isinstance(value, classes)`` on the value ``made`` produces, as timm's CoaT head does
+    (``if isinstance(x_feat, list):``): each branch gives a different result."""
+
+    def __init__(self, made: str, classes: str) -> None:
+        super().__init__()
+        self.made, self.classes = made, classes
+        self.norm = nn.LayerNorm(W)
+        self.lstm = nn.LSTM(W, W, batch_first=True)
+        self.lying = _Lying()
+        self.identity = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.made == "functional":
+            h: Any = torch.nn.functional.layer_norm(x, (W,))
+        elif self.made == "torch_op":
+            h = torch.relu(x)
+        elif self.made == "method":
+            h = torch.relu(x).transpose(0, 1)
+        elif self.made == "nn_module":
+            h = self.norm(x)
+        elif self.made == "lstm":  # a tuple when the model runs
+            h = self.lstm(x)
+        elif self.made == "split":  # a tuple when the model runs
+            h = torch.split(x, 1, dim=-1)
+        elif self.made == "lying":  # a user's module annotated "-> Tensor" that returns a list
+            h = self.lying(x)
+        elif self.made == "nonzero":  # a tuple with as_tuple=True, though aten::nonzero returns a Tensor
+            h = torch.nonzero(x, as_tuple=True)
+        elif self.made == "identity":  # nn.Identity is annotated "-> Tensor" and returns its input
+            h = self.identity([x])
+        else:  # "size": an int when the model runs
+            h = x.size(0)
+        classes = {"list": list, "tuple": tuple, "list_tuple": (list, tuple), "int": int, "tensor": torch.Tensor}[self.classes]
+        if self.classes == "list_tuple":
+            hit = isinstance(h, (list, tuple))
+        elif self.classes == "tensor":
+            hit = isinstance(h, torch.Tensor)
+        else:
+            hit = isinstance(h, classes)
+        return x * 3 if hit else x - 1
+
+
+class _Lying(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return [x]  # type: ignore[return-value]
+
+
+MADE = ["functional", "torch_op", "method", "nn_module", "lstm", "split", "lying", "identity", "nonzero", "size"]
+CLASSES = ["list", "tuple", "list_tuple", "int", "tensor"]
+TENSORS = {"functional", "torch_op", "method", "nn_module"}  # what certainly makes a tensor
+NEVER_TENSORS = {"list", "tuple", "list_tuple", "int"}  # classes no tensor is an instance of
+
+
+@pytest.mark.parametrize("classes", CLASSES)
+@pytest.mark.parametrize("made", MADE)
+def test_a_type_check_keeps_the_graph_only_where_proxy_and_value_answer_alike(made: str, classes: str) -> None:
+    """Every producer x every class: the value always equals eager; the graph is kept exactly
+    where the value is certainly a tensor and the classes are ones no tensor is an instance of."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(_ContainerCheck(made, classes), nn.Identity()).eval(), torch.randn(2, 3, W)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # _Lying as a leaf: its output is a Proxy, whose "-> Tensor" annotation is not trusted
+        tapped = fxtap.tap(model, ["1"], leaf_modules=[_Lying] if made == "lying" else None)
+    warned = "\n".join(str(w.message) for w in caught if issubclass(w.category, fxtap.FallbackWarning))
+    assert_same(tapped(x)["1"], model(x))
+    if made in TENSORS and classes in NEVER_TENSORS:
+        assert warned == "" and tapped.mode == "fx"
+    else:
+        assert "submodule '0' (_ContainerCheck): checks the type of" in warned

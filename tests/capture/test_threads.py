@@ -211,3 +211,45 @@ def test_a_first_call_exporting_is_never_seen_by_other_threads_calling_the_model
     tapped(x)
     assert tapped.mode == "export", tapped.report()
     assert all(type(p) is nn.Parameter for p in model.parameters())
+
+
+class _HeldExport(nn.Module):
+    """Its forward, while torch.export traces it, waits until the test lets it go on."""
+
+    def __init__(self, inside: threading.Event, release: threading.Event) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.inside, self.release = inside, release
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inside.set()
+        self.release.wait(timeout=60)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("root", ["traceable", "eager"])
+def test_a_model_changed_while_another_thread_exports_is_seen(root: str) -> None:
+    # a non-strict torch.export sets torch.compiler.is_compiling() for the whole process: the
+    # guards of calls in other threads still run (fxtap asks whether *this* thread is traced)
+    torch.manual_seed(0)
+    model = Traceable().eval() if root == "traceable" else Exportable().eval()
+    x = torch.randn(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxtap.FallbackWarning)
+        tapped = fxtap.tap(model, ["fc2" if root == "traceable" else "head"], keep_output=True)
+        tapped(x), tapped(x)  # graphs built (and, for the eager root, exported)
+    inside, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=lambda: torch.export.export(_HeldExport(inside, release), (torch.randn(2, 4),), strict=False))
+    other.start()
+    try:
+        assert inside.wait(timeout=60)
+        assert torch.compiler.is_compiling()  # the process-wide flag, set by the other thread's export
+        replaced = "fc2" if root == "traceable" else "head"
+        setattr(model, replaced, nn.Linear(4, 4 if root == "traceable" else 2))  # the built graph is outdated
+        with torch.no_grad():
+            out = tapped(x)
+            truth = model(x)
+        assert_same(out["output"], truth)
+    finally:
+        release.set()
+        other.join(timeout=60)

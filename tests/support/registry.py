@@ -17,8 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxtap import MissingCallError
-
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
 
@@ -186,15 +184,7 @@ TIMM = [
     Case("timm/regnetx_002", _timm("regnetx_002"), _image(64), "fx", slow=True),
     Case("timm/fastvit_t8", _timm("fastvit_t8"), _image(64), "fx", slow=True),
     Case("timm/eva02_tiny_patch14_224", _timm("eva02_tiny_patch14_224", img_size=56), _image(56), "fx", note="img_size=56"),
-    Case(
-        "timm/coat_lite_tiny", _timm("coat_lite_tiny", img_size=64), _image(64), "export", slow=True, note="img_size=64",
-        xfail=(
-            "fxtap bug: the root runs eagerly (an isinstance(x, list) on a traced tensor is refused, though a Proxy and a tensor "
-            "answer alike), and names(model) lists the size arithmetic ('serial_blocks2.1.cpe.add') of blocks traced with a "
-            "symbolic `size` that the call, passing a tuple of ints, does not produce; names(model, x) is exact"
-        ),
-        raises=MissingCallError,
-    ),
+    Case("timm/coat_lite_tiny", _timm("coat_lite_tiny", img_size=64), _image(64), "fx", slow=True, note="img_size=64"),
     Case("timm/nfnet_l0", _timm("nfnet_l0"), _image(64), "fx", slow=True),
 ]
 
