@@ -475,6 +475,7 @@ def test_export_cut_llama_inside_a_layer_names_the_residual_sum() -> None:
         torch.testing.assert_close(cut(mlp, residual)["layers.1"], truth, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # docs/cut.md runs the same cut by default
 def test_export_cut_bert_inside_a_layer_lists_the_skip() -> None:
     model = _hf("BertModel")
     with pytest.raises(fxtap.CutError) as caught:
