@@ -10,7 +10,7 @@ from torch import fx, nn
 from .._capture import analysis as _analysis
 from .._capture import names as _names
 from .._capture.call_spec import default_concrete_args
-from .._capture.edit import as_modules
+from .._capture.edit import Apply, as_modules
 from .._capture.model import unwrap
 from .._errors import TapNameError, TraceFailedError
 from . import export_cut as _export_cut
@@ -56,7 +56,8 @@ def cut(
             ``forward``) or ``"fx"`` (torch.fx only).
         edit: values to replace, as for ``fxtap.edit`` (tap name -> function, tensor or module),
             applied where the cut computes them; an edit of a cut input applies to the value
-            given to the cut. An output of an edited name is the value after the edit.
+            given to the cut. An output of an edited name is the value after the edit. On the
+            torch.export path (a model torch.fx cannot trace), tensors and modules only.
 
     Returns:
         A ``Cut``: call it with the inputs' values (positionally, or by key) and any model
@@ -68,8 +69,8 @@ def cut(
             Also: an edit of a value computed before the cut (which the cut never runs).
         TapNameError: a name does not exist, or exists only inside code FX does not enter.
         TraceFailedError: torch.fx cannot trace a submodule (the message names it); or it cannot
-            trace the model's own ``forward`` and ``example`` is missing, ``mode="fx"``, ``edit``
-            is given, the model has user hooks or writes attributes, or torch.export fails too.
+            trace the model's own ``forward`` and ``example`` is missing, ``mode="fx"``, an edit is
+            a function, the model has user hooks or writes attributes, or torch.export fails too.
         FxtapError: (at a call) a cut built from a torch.export graph gets a size the graph
             holds fixed, or unequal sizes it needs equal.
         ValueError: ``mode`` is not ``"auto"`` or ``"fx"``, or ``inputs`` is empty or repeats a name or key.
@@ -181,11 +182,12 @@ class Cut(nn.Module):
     def _exported(self, error: TraceFailedError) -> _Built:
         """The cut of a model whose root FX cannot trace, from one torch.export graph (``export_cut``)."""
         owner = type(self.model).__name__
-        if self._edits:
+        functions = [name for name, module in self._edits.items() if isinstance(module, Apply)]
+        if functions:
             raise TraceFailedError(
-                f"cannot cut {owner} with edit=: torch.fx cannot trace the forward of {owner} itself ({error.reason}), and a cut "
-                "built from its torch.export graph takes no edits yet.\n  Cut without edit= and edit the values around the cut, "
-                "or patch everything into the whole model: fxtap.tap(model, outputs, edit={...}); see docs/cut.md.",
+                f"cannot cut {owner} with the function edit(s) {', '.join(map(repr, functions))}: torch.fx cannot trace the forward "
+                f"of {owner} itself ({error.reason}), and the cut is one torch.export graph, which would bake in the Python state "
+                "a function may read (a closure variable, a global).\n  Edit with a tensor or an nn.Module instead; see docs/cut.md.",
                 module="", module_type=owner, reason=error.reason,
             )
         if self._example is None:
@@ -196,7 +198,7 @@ class Cut(nn.Module):
                 "arguments or a dict of keyword arguments); see docs/cut.md, \"Models torch.fx cannot trace\".",
                 module="", module_type=owner, reason=error.reason,
             )
-        built = _export_cut.build(self.model, self._inputs, self._outputs, self._example, error.reason)
+        built = _export_cut.build(self.model, self._inputs, self._outputs, self._example, error.reason, self._edits)
         return built.module, built.inputs, built.shapes, built.rebuild
 
     # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------

@@ -76,6 +76,18 @@ class _Given(nn.Module):
         return torch.ops.fxtap.cut_point(value, self._box.values[self._index])
 
 
+class _Then(nn.Module):
+    """An edit of a cut input: the given value replaces the model's, then the user's edit applies
+    to it (as on the FX path: an edit of a cut input applies to the value given to the cut)."""
+
+    def __init__(self, given: _Given, edit: nn.Module) -> None:
+        super().__init__()
+        self.given, self.edit = given, edit
+
+    def forward(self, value: Any) -> Any:
+        return self.edit(self.given(value))
+
+
 class _CutCall(nn.Module):
     """The model's tapped call with each cut input replaced by an argument: what is exported.
     ``model`` is a structural twin of the user's (the same tensors, its own dicts: torch.export
@@ -116,9 +128,13 @@ class _CutCall(nn.Module):
         return tuple(computed)
 
 
-def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, reason: str) -> Built:
+def build(
+    model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, reason: str, edits: dict[str, nn.Module] | None = None
+) -> Built:
     """The cut of ``model`` (FX cannot trace its root: ``reason``) from one torch.export graph of its
-    tapped call at ``example``, in the model's current train/eval mode."""
+    tapped call at ``example``, in the model's current train/eval mode, with ``edits`` (tap name ->
+    tensor edit or module) applied where the cut computes the value."""
+    edits = dict(edits or {})
     owner = type(model).__name__
     refused = _refusal(model, [])
     if refused:
@@ -127,7 +143,7 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
             f"would not be the model: {refused}.\n  Remove them while cutting, or cut a submodule torch.fx traces; see docs/cut.md.",
             module="", module_type=owner, reason=reason,
         )
-    program, call, tensor_names = _export(model, inputs, outputs, example, reason, [])
+    program, call, tensor_names = _export(model, inputs, outputs, example, reason, [], edits)
     is_tensor = _TensorNames(model, example)
     try:
         return cut_graph(program, call, model, inputs, outputs, tensor_names, is_tensor)
@@ -136,7 +152,7 @@ def build(model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], exa
         if not candidates:
             raise
         try:
-            program, call, tensor_names = _export(model, inputs, outputs, example, reason, candidates)
+            program, call, tensor_names = _export(model, inputs, outputs, example, reason, candidates, edits)
         except Exception:  # noqa: BLE001 - only to name the value: say what is known
             raise unnamed from None
         return cut_graph(program, call, model, inputs, outputs, tensor_names, is_tensor, candidates)
@@ -178,7 +194,7 @@ def _op_names(model: nn.Module, modules: list[str]) -> list[str]:
 
 
 def _export(
-    model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, reason: str, named: list[str]
+    model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, reason: str, named: list[str], user_edits: dict[str, nn.Module]
 ) -> tuple[Any, nn.Module, list[str]]:
     """The functional program of the cut call (``named``: extra taps, to name values), the call, and
     the names of the model's tensor arguments."""
@@ -191,7 +207,9 @@ def _export(
     model_tensors = [leaf for leaf in arguments[0] if isinstance(leaf, torch.Tensor)]
     names = _argument_names(model, args, kwargs)
     box = _Box(len(inputs))
-    edits = {name: _Given(name, box, i) for i, name in enumerate(inputs)}
+    edits: dict[str, nn.Module] = {name: _Given(name, box, i) for i, name in enumerate(inputs)}
+    for name, edit in user_edits.items():  # after the cut inputs' (which they apply to, for a cut input)
+        edits[name] = _Then(edits[name], edit) if isinstance(edits.get(name), _Given) else edit  # type: ignore[arg-type]
     wanted = [name for name in outputs if name != "output"]
     request = {name: f"o{i}" for i, name in enumerate(dict.fromkeys([*(wanted or list(inputs)[:1]), *named]))}
     keep_output = "output" in outputs
@@ -216,6 +234,8 @@ def _export(
                 raise AssertionError(f"expected {type(model).__name__} to run on the export frontend")  # noqa: TRY004
             twin, twin_runner = runner._twin(model)
             call = _CutCall(twin_runner, twin, box, keys, arguments, len(outputs))
+            names_of_edits = {i: next(name for name, m in edits.items() if m is module) for i, module in enumerate(runner.edits)}
+            call.__dict__["edit_names"] = {i: name for i, name in names_of_edits.items() if name in user_edits}
             before = _attributes(twin, twin_runner.edits)
             call(*given, *[t.clone() for t in model_tensors])  # builds the twin's region graphs that the export runs
             written = _written(before)

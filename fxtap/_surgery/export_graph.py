@@ -102,6 +102,8 @@ def cut_graph(
         point.replace_all_uses_with(point.args[1])
     derived = descendants(graph, set(given))
     upstream = upstream_of(graph, set(model_inputs), replaced)
+    before = upstream.union(*(ancestors(r) | {r} for r in replaced if isinstance(r, fx.Node)))  # a tensor edit reads no values
+    _check_edits(graph, before, call.__dict__.get("edit_names", {}), owner, inputs)
 
     output_node = next(n for n in graph.nodes if n.op == "output")
     results = list(output_node.args[0])
@@ -176,6 +178,25 @@ def cut_graph(
             list(walk.inside),
         )
     return _assemble(program, call, graph, given, keys, model_inputs, names, walk, (parts, chunks), outputs, kept_writes, owner)
+
+
+def _check_edits(graph: fx.Graph, upstream: set[fx.Node], names: dict[int, str], owner: str, inputs: dict[str, str]) -> None:
+    """Refuse edits of values computed before the cut: the cut never runs them (as on FX)."""
+    early: dict[str, None] = {}
+    for node in graph.nodes:
+        if node in upstream and node.target is not torch.ops.fxtap.cut_point.default:  # a cut input's own replacement is not early
+            for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+                parts = str(path).split(".")
+                if len(parts) >= 2 and parts[0] == "edits" and parts[1].isdigit() and int(parts[1]) in names:
+                    early[names[int(parts[1])]] = None
+    if early:
+        listed = ", ".join(map(repr, early))
+        raise CutError(
+            f"cannot edit {listed} in a cut of {owner} at {', '.join(map(repr, inputs))}: "
+            f"{'it is' if len(early) == 1 else 'they are'} computed before the cut, which the cut never runs.\n"
+            f"  Edit while taking the cut inputs instead: fxtap.tap(model, {list(inputs)!r}, edit={{{listed}: ...}}) "
+            "returns them as computed after the edit; see docs/cut.md."
+        )
 
 
 def _assemble(

@@ -409,8 +409,42 @@ def test_export_cut_needs_an_example_and_mode_fx_refuses() -> None:
         _cut(model, ["body.b"])
     with pytest.raises(fxtap.TraceFailedError, match="a cut is one torch.fx graph"):
         _cut(model, ["body.b"], mode="fx", example=torch.randn(4, 8))
-    with pytest.raises(fxtap.TraceFailedError, match="takes no edits yet"):
-        _cut(model, ["body.b"], edit={"body.c": torch.zeros(1)}, example=torch.randn(4, 8))
+    with pytest.raises(fxtap.TraceFailedError, match="function edit"):
+        _cut(model, ["body.b"], edit={"body.c": torch.tanh}, example=torch.randn(4, 8))
+
+
+def test_export_cut_with_tensor_and_module_edits_equals_the_model_edited_by_hooks() -> None:
+    model = _model()
+    torch.manual_seed(1)
+    steer = nn.Linear(8, 8)  # a module edit: its parameters train with the cut
+    patch = torch.randn(4)  # a tensor edit of the last layer, broadcast over the batch
+    given = nn.Linear(8, 8)  # an edit of the cut input: applies to the value given to the cut
+    edits = {"body.bn2": steer, "body.c": patch, "body.b": given}
+    cut = _cut(model, ["body.b"], ["body.bn2", "output"], example=torch.randn(4, 8), edit=edits)
+    assert set(dict(cut.named_parameters())) >= {f"edits.e{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    value = torch.randn(5, 8)
+    out = cut(value)
+    hooks = [
+        model.body.b.register_forward_hook(lambda m, i, o: given(value)),
+        model.body.bn2.register_forward_hook(lambda m, i, o: steer(o)),
+        model.body.c.register_forward_hook(lambda m, i, o: patch.expand_as(o).clone()),
+    ]
+    seen: dict[str, torch.Tensor] = {}
+    hooks.append(model.body.bn2.register_forward_hook(lambda m, i, o: seen.update(bn2=o)))  # after the steer hook: the edited value
+    try:
+        truth = model(torch.randn(5, 8))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(out["output"], truth, rtol=0, atol=0)
+    torch.testing.assert_close(out["body.bn2"], seen["bn2"], rtol=0, atol=0)
+    out["body.bn2"].sum().backward()
+    assert steer.weight.grad is not None and given.weight.grad is not None  # the edits' parameters get gradients
+    with torch.no_grad():
+        patch.mul_(2)  # a tensor edit is read live, as on FX: the output (body.c's) is the new patch
+        torch.testing.assert_close(cut(value)["output"], patch.expand(5, 4), rtol=0, atol=0)
+    with pytest.raises(fxtap.CutError, match="computed before the cut"):
+        _cut(model, ["body.b"], example=torch.randn(4, 8), edit={"body.a": torch.zeros(8)})
 
 
 # -- Hugging Face models --------------------------------------------------------------------------------
