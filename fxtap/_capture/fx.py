@@ -68,6 +68,7 @@ class Traced:
     source: nn.Module | None = None  # the user's module that was traced (``root`` is fxtap's stand-in of it)
     reads_grad_mode: bool = False  # the traced code read torch.is_grad_enabled(): the graph holds one branch
     code_checked: bool = True  # False: FX's code of the graph was not written yet (trace(write_code=False))
+    typed_leaves: frozenset[str] = frozenset()  # leaf modules whose output type the graph relies on (proxy_types)
 
 
 class Unwritten(Exception):
@@ -161,7 +162,9 @@ def trace(
         where = f"submodule {path!r} ({kind})" if path else f"the forward of {kind} itself"
         raise TraceFailedError(f"torch.fx cannot trace {where}: {swallowed}", module=path, module_type=kind, reason=str(swallowed))
     source = getattr(type(model), "_fxtap_source", model)
-    return Traced(graph, root, tracer.points, tracer.inlined, tracer.naming, source, tracer.reads_grad_mode, write_code)
+    traced = Traced(graph, root, tracer.points, tracer.inlined, tracer.naming, source, tracer.reads_grad_mode, write_code)
+    traced.typed_leaves = frozenset(tracer.typed_leaves)
+    return traced
 
 
 def build(
@@ -241,7 +244,7 @@ def _build(
     if traced.source is not None:
         called = {str(n.target) for n in traced.graph.nodes if n.op == "call_module"}
         read = {str(n.target) for n in traced.graph.nodes if n.op == "get_attr"}
-        module.meta["fxtap_guard"] = _guard.watch(traced.source, traced.inlined, called, traced.reads_grad_mode, read)
+        module.meta["fxtap_guard"] = _guard.watch(traced.source, traced.inlined, called, traced.reads_grad_mode, read, traced.typed_leaves)
     return module
 
 

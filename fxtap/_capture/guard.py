@@ -137,7 +137,12 @@ def _routed_key(attributes: dict[str, Any]) -> int:
 
 
 def watch(
-    source: nn.Module, inlined: Iterable[str], called: Iterable[str], reads_grad_mode: bool, attributes: Iterable[str] = ()
+    source: nn.Module,
+    inlined: Iterable[str],
+    called: Iterable[str],
+    reads_grad_mode: bool,
+    attributes: Iterable[str] = (),
+    typed_leaves: Iterable[str] = (),
 ) -> Guard:
     """The guard of a trace of ``source`` that traced through the modules at ``inlined`` (paths,
     the root included implicitly), calls the leaf modules at ``called`` and reads the top-level
@@ -171,7 +176,11 @@ def watch(
         for registry in (owner._parameters, owner._buffers) if owner is not None else ():
             if name in registry:
                 plain.append((registry, name, registry[name]))
-    return Guard(slots, through, plain, through, reads_grad_mode)
+    # leaves whose output type a kept ``isinstance`` relied on (proxy_types): their class, own
+    # ``forward`` and hooks are part of what was traced
+    relied = _unique([m for p in typed_leaves if (m := at.get(p)) is not None])
+    slots += [(m.__dict__, "forward") for m in relied]
+    return Guard(slots, _unique(through + relied), plain, _unique(through + relied), reads_grad_mode)
 
 
 def of_runner(model: nn.Module, runner: Any) -> Guard | None:

@@ -262,6 +262,7 @@ def type_read(proxy: Any, frame: Any) -> type:
     if module.startswith(_INTERNAL) or module == "torch" or not _inspects_type(frame.f_code, frame.f_lasti):
         return own  # e.g. torch's C argument parser, which checks every argument's type for a SymInt
     if _proxy_types.answered_alike(_node_of(proxy), tracer.root, frame):
+        tracer.typed_leaves.update(_proxy_types.leaves_relied_on(_node_of(proxy)))  # guarded: a hook added later makes the graph stale
         return own  # ``isinstance(x, list)`` on what is certainly a tensor: False either way
     hazard = Hazard(
         f"checks the type of {_what(proxy)} (isinstance, in {frame.f_code.co_filename}:{frame.f_lineno}), which is a Proxy "

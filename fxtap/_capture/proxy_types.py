@@ -14,15 +14,16 @@ A value is *certainly a tensor* when the node that made it is
 - a tensor method of such an op (``x.view(...)``, ``x.transpose(...)``) called on a value that
   is certainly a tensor;
 - a call of a ``torch.nn`` module whose ``forward`` is annotated to return ``Tensor`` (but
-  ``nn.Identity``, which returns whatever it is given).
+  ``nn.Identity``, which returns whatever it is given, and a module with a forward hook or an
+  instance ``forward`` of its own, which may return anything).
 
 The classes asked about are read from the bytecode of the check: a name (``list``) or a tuple of
-names (``(list, tuple)``) loaded right before the call, resolved in the asking frame.
+names (``(list, tuple)``) loaded right before the call, with no jump into those loads (``A if c
+else list``), resolved in the asking frame as Python resolves them.
 """
 
 from __future__ import annotations
 
-import builtins
 import dis
 import functools
 import inspect
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["answered_alike"]
+__all__ = ["answered_alike", "leaves_relied_on"]
 
 # classes no tensor is an instance of: a Proxy (not one either) answers ``isinstance`` alike
 _NEVER_TENSORS = frozenset({list, tuple, dict, set, frozenset, str, bytes, int, float, complex, bool, type(None), range, slice})
@@ -49,6 +50,14 @@ def answered_alike(node: fx.Node | None, root: Any, frame: Any) -> bool:
     return classes is not None and all(c in _NEVER_TENSORS for c in classes) and _certainly_tensor(node, root, 0)
 
 
+def leaves_relied_on(node: fx.Node) -> list[str]:
+    """The module (its path) whose output ``answered_alike`` took for a tensor on the way to
+    ``node``: a hook or an own ``forward`` added to it later would make the answer wrong."""
+    while node.op == "call_method" and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return [str(node.target)] if node.op == "call_module" else []
+
+
 def _checked_classes(frame: Any) -> tuple[type, ...] | None:
     """The classes of ``isinstance(value, classes)`` whose call is at ``frame``'s instruction,
     when they are a name or a tuple of names; ``None`` when not understood."""
@@ -61,8 +70,12 @@ def _checked_classes(frame: Any) -> tuple[type, ...] | None:
             value = name
         elif opname == "LOAD_FAST" or opname == "LOAD_DEREF":
             value = frame.f_locals.get(name, _UNKNOWN)
-        else:
-            value = frame.f_globals.get(name, getattr(builtins, name, _UNKNOWN))
+        else:  # LOAD_NAME (code run by ``eval``/``exec``) looks in the locals first
+            value = frame.f_locals.get(name, _UNKNOWN) if opname == "LOAD_NAME" else _UNKNOWN
+            if value is _UNKNOWN:
+                value = frame.f_globals.get(name, _UNKNOWN)
+            if value is _UNKNOWN:
+                value = _builtin(frame, name)
         if not isinstance(value, type):
             return None
         found.append(value)
@@ -70,6 +83,12 @@ def _checked_classes(frame: Any) -> tuple[type, ...] | None:
 
 
 _UNKNOWN = object()
+
+
+def _builtin(frame: Any, name: str) -> Any:
+    """``name`` in the builtins of ``frame`` (its globals' ``__builtins__``, not always ``builtins``)."""
+    space = frame.f_builtins
+    return space.get(name, _UNKNOWN) if isinstance(space, dict) else getattr(space, name, _UNKNOWN)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -91,12 +110,19 @@ def _class_loads(code: Any, lasti: int) -> tuple[tuple[str, Any], ...] | None:
         return None
     last = before[-1]
     if last.opname in _LOADS:
-        return ((last.opname, last.argval),)
-    if last.opname == "BUILD_TUPLE" and last.arg:
-        items = before[-1 - last.arg : -1]
-        if len(items) == last.arg and all(ins.opname in _LOADS for ins in items):
-            return tuple((ins.opname, ins.argval) for ins in items)
-    return None
+        used = [last]
+    elif last.opname == "BUILD_TUPLE" and last.arg:
+        used = before[-1 - last.arg :]
+        if len(used) != last.arg + 1 or not all(ins.opname in _LOADS for ins in used[:-1]):
+            return None
+    else:
+        return None
+    # straight-line code from the first load to the call: a jump into it (``A if c else list``,
+    # ``self.cls or list``) means the last loads need not be the classes asked about
+    span = instructions[instructions.index(used[0]) : at + 1]
+    if any(ins.is_jump_target for ins in span):
+        return None
+    return tuple((ins.opname, ins.argval) for ins in (used if last.opname in _LOADS else used[:-1]))
 
 
 def _certainly_tensor(node: fx.Node, root: Any, depth: int) -> bool:
@@ -106,7 +132,8 @@ def _certainly_tensor(node: fx.Node, root: Any, depth: int) -> bool:
         return _returns_tensor(node.target)
     if node.op == "call_method":
         owner = node.args[0] if node.args else None
-        return isinstance(owner, fx.Node) and _certainly_tensor(owner, root, depth + 1) and _aten_returns_tensor(str(node.target))
+        name = str(node.target)
+        return isinstance(owner, fx.Node) and _torchs_method(name) and _certainly_tensor(owner, root, depth + 1) and _aten_returns_tensor(name)
     if node.op == "call_module":
         try:
             module = root.get_submodule(str(node.target))
@@ -115,8 +142,18 @@ def _certainly_tensor(node: fx.Node, root: Any, depth: int) -> bool:
         kind = type(module)
         if not kind.__module__.startswith("torch.nn.") or kind in _PASS_ANYTHING:
             return False  # a user's annotation is a promise, not a fact
+        if "forward" in module.__dict__ or _returns_through_hooks(module):
+            return False  # an instance's own forward, or a forward hook, may return anything
+        if not (getattr(kind.forward, "__module__", None) or "").startswith("torch.nn."):
+            return False  # a user's forward put on torch's class: its annotation is the user's too
         return _annotated_tensor(kind.forward)
     return False
+
+
+def _torchs_method(name: str) -> bool:
+    """Whether ``torch.Tensor.<name>`` is torch's own (not a function a user put on the class)."""
+    method = getattr(torch.Tensor, name, None)
+    return type(method).__name__ == "method_descriptor" or (getattr(method, "__module__", None) or "").startswith("torch.")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -146,6 +183,14 @@ def _aten_returns_tensor(name: str) -> bool:
         return False
     schemas = torch._C._jit_get_schemas_for_operator(f"aten::{name}")
     return bool(schemas) and all(len(s.returns) == 1 and str(s.returns[0].type) == "Tensor" for s in schemas)
+
+
+def _returns_through_hooks(module: Any) -> bool:
+    """Whether a forward hook (the module's own or a global one) may replace what ``module`` returns."""
+    from torch.nn.modules import module as _module
+
+    own = module.__dict__.get("_forward_hooks") or {}
+    return any(not getattr(hook, "_fxtap_hook", False) for hook in own.values()) or bool(_module._global_forward_hooks)
 
 
 def _annotated_tensor(function: Any) -> bool:

@@ -171,6 +171,7 @@ class _TapTracer(fx.Tracer):
         self.naming: list[tuple[str, str, str]] = []  # what _names.Replay needs to name later calls
         self._scopes: list[tuple[str, str]] = [("", type(root).__name__)]
         self.reads_grad_mode = False  # set by _hazards.watching
+        self.typed_leaves: set[str] = set()  # leaf modules whose output a kept type check relied on (_hazards.type_read)
         self.hazard: tuple[str, str, _hazards.Hazard] | None = None  # the first hazard met: (path, type, error)
 
     def found(self, hazard: _hazards.Hazard) -> None:

@@ -277,3 +277,151 @@ def test_a_type_check_keeps_the_graph_only_where_proxy_and_value_answer_alike(ma
         assert warned == "" and tapped.mode == "fx"
     else:
         assert "submodule '0' (_ContainerCheck): checks the type of" in warned
+
+
+# -- adversarial review of proxy_types.py: checks whose answer the rule got wrong ------------------
+class _AnswersByFunction(nn.Module):
+    """``hit(self, h)`` decides the branch; ``h`` is ``self.norm``'s output (a tensor when the
+    model runs) or ``torch.relu``'s."""
+
+    def __init__(self, hit: Any, by_module: bool = False) -> None:
+        super().__init__()
+        self.hit, self.by_module = hit, by_module
+        self.norm = nn.LayerNorm(W)
+        self.cls: Any = torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x) if self.by_module else torch.relu(x)
+        return x * 3 if self.hit(self, h) else x - 1
+
+
+def _conditional_class(self: Any, h: Any) -> bool:
+    strict = self.cls is torch.Tensor
+    return isinstance(h, torch.Tensor if strict else list)  # the last load before the call: ``list``
+
+
+def _or_class(self: Any, h: Any) -> bool:
+    return isinstance(h, self.cls or list)  # ``self.cls`` is torch.Tensor: ``list`` is never asked
+
+
+def _tuple_with_conditional(self: Any, h: Any) -> bool:
+    return isinstance(h, (self.cls and torch.Tensor or list, tuple))
+
+
+def _eval_with_local_list(self: Any, h: Any) -> bool:
+    return bool(eval("isinstance(h, list)", globals(), {"h": h, "list": self.cls}))  # LOAD_NAME: the local first
+
+
+def _checks_list(self: Any, h: Any) -> bool:
+    return isinstance(h, list)
+
+
+def _assert_like_eager(model: nn.Module) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(model, nn.Identity()).eval()
+    x = torch.randn(2, 3, W)
+    with quiet_fallbacks():
+        tapped = fxtap.tap(model, ["1"])
+    assert_same(tapped(x)["1"], model(x))
+
+
+@pytest.mark.parametrize("hit", [_conditional_class, _or_class, _tuple_with_conditional, _eval_with_local_list])
+def test_classes_chosen_at_run_time_are_not_read_as_the_last_load(hit: Any) -> None:
+    _assert_like_eager(_AnswersByFunction(hit))
+
+
+def _hook_returns_list(module: nn.Module) -> None:
+    module.register_forward_hook(lambda m, inputs, output: [output])
+
+
+def _forward_returns_list(module: nn.Module) -> None:
+    module.forward = lambda x: [x]  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("change", [_hook_returns_list, _forward_returns_list])
+def test_a_torch_nn_module_whose_instance_returns_a_list_is_no_certain_tensor(change: Any) -> None:
+    model = _AnswersByFunction(_checks_list, by_module=True)
+    change(model.norm)
+    _assert_like_eager(model)
+
+
+@pytest.mark.parametrize("change", [_hook_returns_list, _forward_returns_list])
+def test_a_torch_nn_module_changed_after_tap_to_return_a_list(change: Any) -> None:
+    """The graph relied on ``norm`` returning a tensor: a hook (or forward) added later must
+    make the graph stale, as one on a traced-through module does."""
+    torch.manual_seed(0)
+    inner = _AnswersByFunction(_checks_list, by_module=True)
+    model, x = nn.Sequential(inner, nn.Identity()).eval(), torch.randn(2, 3, W)
+    with quiet_fallbacks():
+        tapped = fxtap.tap(model, ["1"])
+        tapped(x)
+        change(inner.norm)
+        assert_same(tapped(x)["1"], model(x))
+
+
+def _aliased(self: Any, h: Any) -> bool:
+    check = isinstance
+    return check(h, torch.Tensor)
+
+
+def _attribute(self: Any, h: Any) -> bool:
+    import builtins
+
+    return builtins.isinstance(h, torch.Tensor)
+
+
+def _partial(self: Any, h: Any) -> bool:
+    import functools
+
+    return functools.partial(isinstance)(h, torch.Tensor)
+
+
+@pytest.mark.parametrize("hit", [_aliased, _attribute, _partial])
+def test_isinstance_called_by_another_name_is_a_type_check(hit: Any) -> None:
+    """Not proxy_types (hazards._inspects_type): ``isinstance`` reached by another name is taken
+    for a C function's argument check, so the Proxy's answer (False) goes into the graph."""
+    _assert_like_eager(_AnswersByFunction(hit))
+
+
+class _ListingTensor(torch.Tensor):
+    """A tensor subclass whose ``torch.relu`` and ``F.layer_norm`` return a list: the value is
+    no tensor though the op's schema says so."""
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        return [out] if func in (torch.relu, torch.nn.functional.layer_norm) else out
+
+
+@pytest.mark.parametrize("where", ["input", "parameter"])
+def test_a_tensor_subclass_whose_torch_function_returns_a_list(where: str) -> None:
+    torch.manual_seed(0)
+    inner = _AnswersByFunction(_checks_list, by_module=where == "parameter")
+    model, x = nn.Sequential(inner, nn.Identity()).eval(), torch.randn(2, 3, W)
+    if where == "parameter":
+        inner.norm.weight = nn.Parameter(torch.ones(W).as_subclass(_ListingTensor))
+    else:
+        x = x.as_subclass(_ListingTensor)
+    with quiet_fallbacks():
+        tapped = fxtap.tap(model, ["1"])
+    assert_same(tapped(x)["1"].as_subclass(torch.Tensor), model(x).as_subclass(torch.Tensor))
+
+
+def test_a_users_forward_put_on_a_torch_nn_class_is_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = nn.LayerNorm.forward
+
+    def forward(self: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:  # annotated, and a list
+        return [original(self, x)]  # type: ignore[return-value]
+
+    monkeypatch.setattr(nn.LayerNorm, "forward", forward)
+    _assert_like_eager(_AnswersByFunction(_checks_list, by_module=True))
+
+
+def test_a_users_function_put_on_torch_tensor_is_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = torch.Tensor.transpose
+
+    def transpose(self: torch.Tensor, *dims: int) -> torch.Tensor:  # annotated, and a list
+        return [original(self, *dims)]  # type: ignore[return-value]
+
+    monkeypatch.setattr(torch.Tensor, "transpose", transpose)
+    _assert_like_eager(_ContainerCheck("method", "list"))
