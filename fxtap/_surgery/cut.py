@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from torch import fx, nn
@@ -10,13 +10,19 @@ from torch import fx, nn
 from .._capture import analysis as _analysis
 from .._capture import names as _names
 from .._capture.call_spec import default_concrete_args
-from .._capture.edit import as_modules
+from .._capture.edit import Apply, as_modules
 from .._capture.model import unwrap
 from .._errors import TapNameError, TraceFailedError
-from .graph import Split, split
+from . import export_cut as _export_cut
+from .export_shapes import Shapes
+from .graph import split
 from .shapes import Evidence
 
 __all__ = ["Cut", "cut"]
+
+# a cut's graph, its argument names, the size checks of a graph from torch.export, and what
+# rebuilds the dict when that graph returns tensors only (its outputs hold a transformers cache)
+_Built = tuple[fx.GraphModule, list[str], Shapes | None, Callable[[Any], dict[str, Any]] | None]
 
 
 def cut(
@@ -25,26 +31,33 @@ def cut(
     outputs: Mapping[str, str] | Sequence[str] = ("output",),
     *,
     example: Any = None,
-    mode: Literal["fx"] = "fx",
+    mode: Literal["auto", "fx"] = "auto",
     edit: Mapping[str, Any] | None = None,
 ) -> Cut:
     """The part of ``model`` that computes ``outputs`` from the values of ``inputs``, as a module.
 
     Args:
-        model: any ``nn.Module`` that torch.fx can trace; it is not changed, and the result
-            shares its parameters and its train/eval mode.
+        model: any ``nn.Module`` that torch.fx can trace, or whose own ``forward`` torch.fx
+            cannot trace but torch.export can (a Hugging Face model: pass ``example``); it is
+            not changed, and the result shares its parameters and its train/eval mode.
         inputs: tap names (``fxtap.names(model)``) whose values the cut takes, in this order;
             a mapping ``{name: key}`` names the cut's arguments by ``key``.
         outputs: tap names the cut returns (``"output"`` is the model's own output); a mapping
             renames them. By default the model's output.
-        example: the model's inputs (a tensor or a tuple of positional arguments), optional: when
-            the rest of the model reads only the *shape* of a value computed before the cut
+        example: the model's inputs (a tensor or a tuple of positional arguments; for a model
+            torch.fx cannot trace, also a dict of keyword arguments). Required when torch.fx
+            cannot trace the model's own ``forward``: the cut is then built from one
+            torch.export graph of the model's call at these inputs, each cut input replaced by
+            the cut's argument (docs/cut.md, "Models torch.fx cannot trace"). Otherwise optional:
+            when the rest of the model reads only the *shape* of a value computed before the cut
             (``x.shape[0]``), the cut takes it from a cut input whose shape equals it at the
             example's batch size and at twice it.
-        mode: only ``"fx"``: the cut is one FX graph.
+        mode: ``"auto"`` (torch.fx, or torch.export where torch.fx cannot trace the model's own
+            ``forward``) or ``"fx"`` (torch.fx only).
         edit: values to replace, as for ``fxtap.edit`` (tap name -> function, tensor or module),
             applied where the cut computes them; an edit of a cut input applies to the value
-            given to the cut. An output of an edited name is the value after the edit.
+            given to the cut. An output of an edited name is the value after the edit. On the
+            torch.export path (a model torch.fx cannot trace), tensors and modules only.
 
     Returns:
         A ``Cut``: call it with the inputs' values (positionally, or by key) and any model
@@ -55,8 +68,12 @@ def cut(
             skip connection that bypasses the cut); ``.missing`` lists their tap names to add.
             Also: an edit of a value computed before the cut (which the cut never runs).
         TapNameError: a name does not exist, or exists only inside code FX does not enter.
-        TraceFailedError: torch.fx cannot trace the model; the message names the module.
-        ValueError: ``mode`` is not ``"fx"``, or ``inputs`` is empty or repeats a name or key.
+        TraceFailedError: torch.fx cannot trace a submodule (the message names it); or it cannot
+            trace the model's own ``forward`` and ``example`` is missing, ``mode="fx"``, an edit is
+            a function, the model has user hooks or writes attributes, or torch.export fails too.
+        FxtapError: (at a call) a cut built from a torch.export graph gets a size the graph
+            holds fixed, or unequal sizes it needs equal.
+        ValueError: ``mode`` is not ``"auto"`` or ``"fx"``, or ``inputs`` is empty or repeats a name or key.
         TypeError: an edit is not a callable, a tensor or a module.
 
     Example:
@@ -68,14 +85,14 @@ def cut(
         >>> torch.equal(head(features)["output"], model(x))
         True
     """
-    if mode != "fx":
-        raise ValueError(f'mode must be "fx" (a cut is one FX graph), not {mode!r}')
+    if mode not in ("auto", "fx"):
+        raise ValueError(f'mode must be "auto" or "fx", not {mode!r}')
     request_in = _names.normalize_request(inputs)
     request_out = _names.normalize_request(outputs)
     if "output" in request_in:
         raise ValueError('"output" is the model\'s output, not a value a cut can start from')
     edits = as_modules(edit) if edit else {}
-    return Cut(unwrap(model), request_in, request_out, example, edits)
+    return Cut(unwrap(model), request_in, request_out, example, edits, mode)
 
 
 class Cut(nn.Module):
@@ -90,8 +107,11 @@ class Cut(nn.Module):
         edits: the edit modules (``edit=``), when there are any: their parameters train with the cut.
     """
 
-    def __init__(self, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, edits: dict[str, nn.Module] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, inputs: dict[str, str], outputs: dict[str, str], example: Any, edits: dict[str, nn.Module] | None = None, mode: str = "auto"
+    ) -> None:
         super().__init__()
+        self._mode = mode
         self.model = model
         self._edits = dict(edits or {})
         if self._edits:  # submodules, as in a Tapped: their parameters are the cut's
@@ -100,13 +120,13 @@ class Cut(nn.Module):
         self._inputs = inputs
         self._outputs = outputs
         self._example = example
-        self._splits: dict[bool, tuple[fx.GraphModule, Split]] = {}
+        self._splits: dict[bool, _Built] = {}
         self._split()  # errors now, not at the first call
 
     @property
     def inputs(self) -> list[str]:
         """The argument names, in order: the cut inputs' keys, then the model inputs the rest still reads."""
-        return list(self._split()[1].inputs)
+        return list(self._split()[1])
 
     @property
     def outputs(self) -> list[str]:
@@ -114,16 +134,22 @@ class Cut(nn.Module):
         return list(self._outputs.values())
 
     def graph_module(self) -> fx.GraphModule:
-        """The ``torch.fx.GraphModule`` of the current train/eval mode: arguments ``inputs``, returns the dict."""
+        """The ``torch.fx.GraphModule`` of the current train/eval mode: arguments ``inputs``, returns the dict.
+
+        For a model torch.fx cannot trace, it is the graph cut from torch.export's (aten ops): the
+        size and dtype checks are the ``Cut``'s, and when an output holds an object the call makes
+        (a transformers cache) it returns the tensors alone, which the ``Cut`` rebuilds it around."""
         return self._split()[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        graph, found = self._split()
-        if kwargs or len(args) != len(found.inputs):
-            args = _bind(found.inputs, args, kwargs)
-        return dict(graph(*args))
+        graph, inputs, shapes, rebuild = self._split()
+        if kwargs or len(args) != len(inputs):
+            args = _bind(inputs, args, kwargs)
+        if shapes is not None:
+            shapes.check(args)
+        return rebuild(graph(*args)) if rebuild is not None else dict(graph(*args))
 
-    def _split(self) -> tuple[fx.GraphModule, Split]:
+    def _split(self) -> _Built:
         training = self.model.training
         built = self._splits.get(training)
         if built is None:
@@ -131,11 +157,13 @@ class Cut(nn.Module):
             self._splits[training] = built
         return built
 
-    def _build(self) -> tuple[fx.GraphModule, Split]:
+    def _build(self) -> _Built:
         model = self.model
         try:
             analysis = _analysis.analyse(model, mode="fx", concrete_args=default_concrete_args(model))
         except TraceFailedError as error:
+            if not error.module and self._mode == "auto":  # the root: one torch.export graph of the cut call
+                return self._exported(error)
             raise TraceFailedError(
                 _untraceable(model, error, self._inputs, self._outputs), module=error.module, module_type=error.module_type, reason=error.reason
             ) from None
@@ -149,7 +177,29 @@ class Cut(nn.Module):
         found = split(traced, self._inputs, self._outputs, evidence, self._edits)
         graph = fx.GraphModule(found.root, found.graph, class_name=f"Cut{type(model).__name__}")
         graph.meta["fxtap_input_names"] = list(found.inputs)
-        return graph, found
+        return graph, list(found.inputs), None, None
+
+    def _exported(self, error: TraceFailedError) -> _Built:
+        """The cut of a model whose root FX cannot trace, from one torch.export graph (``export_cut``)."""
+        owner = type(self.model).__name__
+        functions = [name for name, module in self._edits.items() if isinstance(module, Apply)]
+        if functions:
+            raise TraceFailedError(
+                f"cannot cut {owner} with the function edit(s) {', '.join(map(repr, functions))}: torch.fx cannot trace the forward "
+                f"of {owner} itself ({error.reason}), and the cut is one torch.export graph, which would bake in the Python state "
+                "a function may read (a closure variable, a global).\n  Edit with a tensor or an nn.Module instead; see docs/cut.md.",
+                module="", module_type=owner, reason=error.reason,
+            )
+        if self._example is None:
+            raise TraceFailedError(
+                f"cannot cut {owner} without example=: torch.fx cannot trace the forward of {owner} itself ({error.reason}), so the "
+                "cut is built from one torch.export graph of the model's call, which needs the model's inputs.\n  Pass them: "
+                f"fxtap.cut(model, {list(self._inputs)!r}, ..., example=model_inputs) (a tensor, a tuple of positional "
+                "arguments or a dict of keyword arguments); see docs/cut.md, \"Models torch.fx cannot trace\".",
+                module="", module_type=owner, reason=error.reason,
+            )
+        built = _export_cut.build(self.model, self._inputs, self._outputs, self._example, error.reason, self._edits)
+        return built.module, built.inputs, built.shapes, built.rebuild
 
     # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Cut:

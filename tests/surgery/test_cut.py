@@ -193,7 +193,7 @@ def test_cut_rejects_unknown_names_and_modes() -> None:
     model = _resnet18()
     with pytest.raises(fxtap.TapNameError, match="layer5"):
         fxtap.cut(model, ["layer5"])
-    with pytest.raises(ValueError, match='mode must be "fx"'):
+    with pytest.raises(ValueError, match='mode must be "auto" or "fx"'):
         fxtap.cut(model, ["layer3"], mode="hooks")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="empty"):
         fxtap.cut(model, [])
