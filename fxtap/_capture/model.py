@@ -203,9 +203,12 @@ def buffer_values_kept(model: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:
+                # through ``.data``: the buffer's version counter stays as it was, so an autograd
+                # graph that saved it (batch norm saves its running statistics) can still run
+                # backward, as after the eager call alone (batch norm's own update does not count)
                 if buffer.shape != saved.shape:
-                    buffer.resize_(saved.shape)
-                buffer.copy_(saved)
+                    buffer.data.resize_(saved.shape)
+                buffer.data.copy_(saved)
 
 
 def structural_twin(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:

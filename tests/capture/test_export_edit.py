@@ -109,7 +109,7 @@ def test_export_edit_module_and_tensor_run_in_one_graph(name: str) -> None:
     assert_unchanged(before, model)
 
 
-@pytest.mark.parametrize("name", list(_SETUPS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if "GPT2" in n else []) for n in _SETUPS])
 def test_export_edit_follows_the_edit_after_tap(name: str) -> None:
     model, args, kwargs, steer, patch, steered, patched, taps = _setup(name)
     with quiet_fallbacks():

@@ -402,6 +402,26 @@ def test_export_graph_gradients_equal_eager() -> None:
             torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_export_first_call_backward_works_and_equals_eager(train: bool) -> None:
+    # the first call runs eagerly, then a warm-up of the export's twin puts the batch norm
+    # statistics it updated back: without moving their version counter, which the autograd graph
+    # of the first call saved (found by test_property_gradients_agree_between_paths)
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8))
+    model, twin = ExportRoot(inner).train(train), ExportRoot(copy.deepcopy(inner)).train(train)
+    tapped = _tap(model, ["inner.1", "inner.2"])
+    x = torch.randn(5, 4)
+    out = tapped(x)  # the first call: mixed mode, then the export
+    (out["inner.1"].pow(2).sum() + out["inner.2"].sum()).backward()
+    h = twin.inner[1](twin.inner[0](x))  # the same call, eagerly
+    (h.pow(2).sum() + twin.inner[2](h).sum()).backward()
+    for (name, mine), (_, theirs) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, mine), (_, theirs) in zip(model.named_buffers(), twin.named_buffers(), strict=True):
+        assert_same(mine, theirs), name
+
+
 def test_export_graphs_per_input_kind_are_bounded() -> None:
     class SizeBranch(nn.Module):
         def __init__(self) -> None:

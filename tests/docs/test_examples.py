@@ -85,7 +85,7 @@ def test_examples_cut_head_trains_like_the_frozen_model() -> None:
     assert float(steps[-1][1]) < float(steps[0][1])  # it trains
 
 
-@pytest.mark.parametrize("script", sorted(SEED_SHAPES))
+@pytest.mark.parametrize("script", [pytest.param(s, marks=[] if i == 0 else [pytest.mark.slow]) for i, s in enumerate(sorted(SEED_SHAPES))])  # 3 s each
 def test_examples_seed_matches_hook_recipe(script: str) -> None:
     check_seed_output(run_example(EXAMPLES / script), SEED_SHAPES[script])
 

@@ -136,7 +136,7 @@ def test_compare_max_diff_and_close_fail_on_a_perturbed_value() -> None:  # meta
     assert _compare._max_diff(torch.tensor([float("nan")]), torch.tensor([float("nan")])) == 0.0
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(30))
 @given(case=cases(untraceable=True), data=st.data())
 def test_property_compare_is_ok_on_random_models(case: Case, data: st.DataObject) -> None:
     model, args, kwargs = case.build()

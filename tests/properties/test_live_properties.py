@@ -64,7 +64,7 @@ def _change(model: nn.Module, what: str, path: str, value: float) -> None:
         setattr(model.get_submodule(parent_path), name, fresh)
         _annotate(model)  # the truth's recorder reads each module's scope and call kind
 
-@settings(max_examples=examples(100))
+@settings(max_examples=examples(50))
 @given(case=cases(untraceable=True), data=st.data())
 def test_property_a_change_after_tap_is_seen_on_the_next_call(case: Any, data: st.DataObject) -> None:
     model, args, kwargs = case.build()

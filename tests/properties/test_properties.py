@@ -93,7 +93,7 @@ def test_property_names_list_every_truth_name_in_order(case: Case) -> None:
 
 
 # -- 2. mode="auto" on models with untraceable parts ------------------------------------------------------
-@settings(max_examples=examples(120))
+@settings(max_examples=examples(60))
 @given(case=cases(untraceable=True), data=st.data())
 def test_property_auto_equals_truth_and_reports_paths(case: Case, data: st.DataObject) -> None:
     model, args, kwargs, truth, names = _setup(case)
@@ -120,7 +120,7 @@ def test_property_auto_equals_truth_and_reports_paths(case: Case, data: st.DataO
 
 
 # -- 3. pruning never changes a value -------------------------------------------------------------------
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(30))
 @given(case=cases(untraceable=True), data=st.data())
 def test_property_more_names_and_no_pruning_change_nothing(case: Case, data: st.DataObject) -> None:
     model, args, kwargs, truth, names = _setup(case)
@@ -144,7 +144,7 @@ def _attributes(model: nn.Module) -> dict[str, list[str]]:
     return {path: sorted(module.__dict__) for path, module in model.named_modules()}
 
 
-@settings(max_examples=examples(80))
+@settings(max_examples=examples(40))
 @given(case=cases(untraceable=True), data=st.data())
 def test_property_model_is_unchanged(case: Case, data: st.DataObject) -> None:
     model, args, kwargs, truth, names = _setup(case)
@@ -206,7 +206,7 @@ def _grads(model: nn.Module, out: dict[str, Any]) -> list[torch.Tensor | None] |
     return list(torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
 
 
-@settings(max_examples=examples(100))
+@settings(max_examples=examples(50))
 @given(case=cases(untraceable=True), data=st.data())
 def test_property_gradients_agree_between_paths(case: Case, data: st.DataObject) -> None:
     model, args, kwargs, truth, names = _setup(case)
@@ -227,7 +227,7 @@ def test_property_gradients_agree_between_paths(case: Case, data: st.DataObject)
 
 
 # -- 6. a Tapped is a function of its input --------------------------------------------------------------
-@settings(max_examples=examples(100))
+@settings(max_examples=examples(50))
 @given(case=cases(untraceable=True), mode=st.sampled_from(["auto", "hooks"]), data=st.data())
 def test_property_calling_twice_gives_the_same_dict(case: Case, mode: str, data: st.DataObject) -> None:
     model, args, kwargs, truth, names = _setup(case)

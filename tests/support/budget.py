@@ -1,6 +1,6 @@
 """How many examples an expensive property draws.
 
-The default profile ("ci", 200 examples) keeps the default suite under five minutes on a quiet
+The default profile ("ci", 100 examples) keeps the default suite under five minutes on a quiet
 two-core machine; the properties that build and trace several models per example draw fewer
 there. Any other profile ("thorough": 5,000; "dev": 30) draws its own number everywhere.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hypothesis import settings
 
-_CI = 200  # max_examples of the "ci" profile (tests/conftest.py)
+_CI = 100  # max_examples of the "ci" profile (tests/conftest.py)
 
 
 def examples(in_ci: int) -> int:

@@ -370,7 +370,7 @@ def test_export_cut_graph_module_and_shape_checks() -> None:
         cut(torch.randn(1, 8), torch.randn(1, 8))  # torch.export keeps a size of 1 out of a dynamic dimension
 
 
-@pytest.mark.parametrize("suffix", ["pt2", "onnx"])
+@pytest.mark.parametrize("suffix", ["pt2", pytest.param("onnx", marks=pytest.mark.slow)])
 def test_export_cut_writes_pt2_and_onnx(tmp_path: Path, suffix: str) -> None:
     model = _model(mode="residual")
     cut = _cut(model, ["body.b"], example=torch.randn(4, 8))
@@ -479,6 +479,7 @@ def _check_hf(model: nn.Module, point: str, outputs: list[str], inputs: list[str
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # 4.5 s; docs/cut.md cuts BertModel at a middle layer by default
 def test_export_cut_bert_middle_layer() -> None:
     _check_hf(_hf("BertModel"), "encoder.layer.0", ["encoder.layer.1", "output"], ["attention_mask"])
 

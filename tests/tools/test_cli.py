@@ -134,7 +134,10 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     }
 
 
-@pytest.mark.parametrize("case", ["unknown model", "unknown layer", "missing data folder", "unwritable output"])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=[] if c == "unknown layer" else [pytest.mark.slow]) for c in ["unknown model", "unknown layer", "missing data folder", "unwritable output"]],
+)  # a subprocess each (3 s); the in-process tests check every message by default
 def test_cli_wrong_input_is_one_line_on_stderr(case: str, tmp_path: Path) -> None:
     args, pattern = _bad_inputs(tmp_path)[case]
     result = run_fxtap(*args)
