@@ -169,6 +169,7 @@ def _rng_patches() -> list[tuple[Any, str, Callable[..., Any]]]:
 
 
 _RNG_SETTERS = ("set_rng_state", "manual_seed", "seed")
+_CUDA_RNG_SETTERS = ("set_rng_state", "set_rng_state_all", "manual_seed", "manual_seed_all", "seed", "seed_all")
 
 
 @contextmanager
@@ -198,7 +199,6 @@ def rng_state_set_raises() -> Iterator[None]:
         finally:
             for owner, name, original in reversed(saved):
                 setattr(owner, name, original)
-_CUDA_RNG_SETTERS = ("set_rng_state", "set_rng_state_all", "manual_seed", "manual_seed_all", "seed", "seed_all")
 
 
 @contextmanager
@@ -310,7 +310,7 @@ def _inspects_type(frame: Any) -> bool:
     if isinstance(callee, bool):
         return callee
     value = _resolve(frame, callee)
-    if value is _UNRESOLVED:
+    if value is _proxy_types.UNKNOWN:
         return True
     while isinstance(value, functools.partial):
         value = value.func
@@ -319,30 +319,22 @@ def _inspects_type(frame: Any) -> bool:
     return getattr(value, "__module__", None) == "builtins"  # a builtin of Python's (``map`` calling ``isinstance``)
 
 
-_UNRESOLVED = object()
-
-
 def _resolve(frame: Any, chain: tuple[tuple[str, Any], ...]) -> Any:
     """The value of a load chain (``LOAD_GLOBAL builtins``, ``LOAD_ATTR isinstance``) in ``frame``."""
     (opname, name), *attributes = chain
-    if opname in ("LOAD_FAST", "LOAD_DEREF"):
-        value = frame.f_locals.get(name, _UNRESOLVED)
-    elif opname == "LOAD_NAME" and name in frame.f_locals:
-        value = frame.f_locals[name]
-    else:
-        value = frame.f_globals.get(name, frame.f_builtins.get(name, _UNRESOLVED))
+    value = _proxy_types.loaded(frame, opname, name)
     for _, attribute in attributes:
-        if value is _UNRESOLVED:
+        if value is _proxy_types.UNKNOWN:
             break
         try:
             value = inspect.getattr_static(value, attribute)
         except AttributeError:
             held = [d for d in ("_modules", "_parameters", "_buffers") if attribute in getattr(value, "__dict__", {}).get(d, {})]
             if not isinstance(value, nn.Module) or not held:
-                return _UNRESOLVED
+                return _proxy_types.UNKNOWN
             value = value.__dict__[held[0]][attribute]  # a submodule, parameter or buffer, as nn.Module.__getattr__ finds it
         if isinstance(value, (staticmethod, classmethod)):
-            return _UNRESOLVED  # a descriptor: what it gives is not read statically
+            return _proxy_types.UNKNOWN  # a descriptor: what it gives is not read statically
     return value
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import fx
 
-__all__ = ["answered_alike", "leaves_relied_on"]
+__all__ = ["UNKNOWN", "answered_alike", "leaves_relied_on", "loaded"]
 
 # classes no tensor is an instance of: a Proxy (not one either) answers ``isinstance`` alike
 _NEVER_TENSORS = frozenset({list, tuple, dict, set, frozenset, str, bytes, int, float, complex, bool, type(None), range, slice})
@@ -66,29 +66,31 @@ def _checked_classes(frame: Any) -> tuple[type, ...] | None:
         return None
     found = []
     for opname, name in loads:
-        if opname == "LOAD_CONST":
-            value = name
-        elif opname == "LOAD_FAST" or opname == "LOAD_DEREF":
-            value = frame.f_locals.get(name, _UNKNOWN)
-        else:  # LOAD_NAME (code run by ``eval``/``exec``) looks in the locals first
-            value = frame.f_locals.get(name, _UNKNOWN) if opname == "LOAD_NAME" else _UNKNOWN
-            if value is _UNKNOWN:
-                value = frame.f_globals.get(name, _UNKNOWN)
-            if value is _UNKNOWN:
-                value = _builtin(frame, name)
+        value = loaded(frame, opname, name)
         if not isinstance(value, type):
             return None
         found.append(value)
     return tuple(found)
 
 
-_UNKNOWN = object()
+UNKNOWN = object()  # what ``loaded`` gives for a name it does not find
 
 
-def _builtin(frame: Any, name: str) -> Any:
-    """``name`` in the builtins of ``frame`` (its globals' ``__builtins__``, not always ``builtins``)."""
+def loaded(frame: Any, opname: str, name: Any) -> Any:
+    """The value that the load instruction ``opname`` of ``name`` pushes in ``frame`` now, or
+    ``UNKNOWN``: ``LOAD_CONST`` its constant, ``LOAD_FAST``/``LOAD_DEREF`` a local or a cell,
+    ``LOAD_NAME`` (code run by ``eval``/``exec``) the locals first, then the globals, then the
+    frame's builtins (its globals' ``__builtins__``, not always the ``builtins`` module)."""
+    if opname == "LOAD_CONST":
+        return name
+    if opname in ("LOAD_FAST", "LOAD_DEREF"):
+        return frame.f_locals.get(name, UNKNOWN)
+    if opname == "LOAD_NAME" and name in frame.f_locals:
+        return frame.f_locals[name]
+    if name in frame.f_globals:
+        return frame.f_globals[name]
     space = frame.f_builtins
-    return space.get(name, _UNKNOWN) if isinstance(space, dict) else getattr(space, name, _UNKNOWN)
+    return space.get(name, UNKNOWN) if isinstance(space, dict) else getattr(space, name, UNKNOWN)
 
 
 @functools.lru_cache(maxsize=4096)
