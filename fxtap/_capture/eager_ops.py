@@ -45,7 +45,7 @@ from . import names as _names
 from . import op_spelling as _spelling
 from .effects import may_draw
 from .hazards import mark_fxtap_hook
-from .model import attribute_paths
+from .model import attribute_paths, buffer_values_kept
 from .tracer import NO_HINTS, Hints, is_standard_leaf
 
 __all__ = ["EagerOps", "Produced", "defer", "deferrable", "list_ops", "missing_message", "naming", "op_names", "reason"]
@@ -368,13 +368,6 @@ def list_ops(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], sc
 
     Runs the model once, in the caller's grad mode; buffers and the RNG are restored afterwards."""
     ops = EagerOps({}, frozenset(leaves), wrapped)
-    produced = Produced({}, [])
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        with torch.random.fork_rng(devices=[]), naming(model, ops, lambda name, value: None, scopes=scopes) as produced:
-            model(*args, **kwargs)
-    finally:
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
+    with buffer_values_kept(model), torch.random.fork_rng(devices=[]), naming(model, ops, lambda name, value: None, scopes=scopes) as produced:
+        model(*args, **kwargs)
     return list(produced.order)

@@ -98,10 +98,8 @@ class Guard:
     def _grown_by_routers(self, sizes: list[int]) -> bool:
         """Whether every attribute added since is a router installed as ``forward`` by a running call."""
         for attributes, now, then in zip(self._sized, sizes, self._sizes):
-            if now != then:
-                router: Any = attributes.get("forward")
-                if not (now == then + 1 and getattr(router, "fxtap_installed", False) and router.previous is None):
-                    return False
+            if now != then and not (now == then + 1 and _routed_key(attributes)):
+                return False
         return True
 
     def check(self) -> int:
