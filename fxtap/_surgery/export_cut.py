@@ -35,6 +35,7 @@ from .._capture import fx as _fx
 from .._capture.export import ExportRunner, _attributes, _quiet, _refusal, _written
 from .._capture.model import buffer_values_kept, preserved
 from .._capture.outputs import Outputs, made_before
+from .._capture.produced import untouched
 from .._errors import CutError, FallbackWarning, TraceFailedError, summary
 from .export_graph import Built, Unnamed, cut_graph
 
@@ -171,9 +172,8 @@ class _TensorNames:
 
         if name not in self.known:
             args, kwargs = _as_call(self.example)
-            devices = sorted({t.device.index or 0 for t in self.model.parameters() if t.device.type == "cuda"})
             try:
-                with warnings.catch_warnings(), torch.random.fork_rng(devices=devices), buffer_values_kept(self.model), torch.no_grad():
+                with warnings.catch_warnings(), untouched(self.model, args, kwargs):
                     warnings.simplefilter("ignore", FallbackWarning)
                     value = _tapped(self.model, [name], mode="auto", warn=False, detach=True)(*args, **kwargs)[name]
                 self.known[name] = isinstance(value, torch.Tensor)
@@ -220,7 +220,7 @@ def _export(
         tapped = _tapped(model, request, mode="auto", keep_output=keep_output, warn=False, edit=edits)
     devices = sorted({t.device.index or 0 for t in [*model_tensors, *model.parameters()] if t.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices), buffer_values_kept(model), preserved(model), torch.no_grad():
+        with untouched(model, args, kwargs):
             values = taps(*args, **kwargs)  # the cut inputs' values at the example (their shapes)
             for name in inputs:
                 if not isinstance(values[name], torch.Tensor):
