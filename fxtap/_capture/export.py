@@ -44,7 +44,7 @@ from .outputs import Outputs, made_before
 from .placement import Placement
 from .runner import EagerRunner
 
-__all__ = ["ExportRunner", "applies"]
+__all__ = ["ExportRunner", "applies", "model_guard"]
 
 
 def applies(placement: Placement, mode: str) -> bool:
@@ -108,7 +108,7 @@ class ExportRunner(EagerRunner):
                     shelf = self._graphs.lookup(key)
                     if shelf is None:
                         shelf = []
-                        self._graphs.put(key, shelf, _model_guard(model, self.edits))
+                        self._graphs.put(key, shelf, model_guard(model, self.edits))
                     shelf.insert(0, entry)  # newest first; a refusal without shapes serves every call
                     if sum(e.module is not None for e in shelf) == _MAX_GRAPHS:  # sizes export could not keep dynamic
                         shelf.append(_Entry(None, f"torch.export not used: {_MAX_GRAPHS} graphs for other sizes of these inputs exist already"))
@@ -437,8 +437,9 @@ def _tensors(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
     return [t for t in [*leaves, *model.parameters(), *model.buffers()] if isinstance(t, torch.Tensor)]
 
 
-def _model_guard(model: nn.Module, edits: list[nn.Module]) -> _guard.Guard:
-    """Every module, parameter and buffer (the edits' too): an exported graph traced through all of them."""
+def model_guard(model: nn.Module, edits: list[nn.Module]) -> _guard.Guard:
+    """Every module, parameter and buffer (the edits' too): a graph traced through all of them
+    (the exported call's, a cut's) is outdated when one of them is swapped or changes its mode."""
     root = model
     if edits:  # one tree for the guard: a holder of its own, the model is not changed
         root = nn.Module()

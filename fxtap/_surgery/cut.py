@@ -8,9 +8,11 @@ from typing import Any, Literal
 from torch import fx, nn
 
 from .._capture import analysis as _analysis
+from .._capture import guard as _guard
 from .._capture import names as _names
 from .._capture.call_spec import default_concrete_args
 from .._capture.edit import Apply, as_modules
+from .._capture.export import model_guard
 from .._capture.model import unwrap
 from .._errors import TapNameError, TraceFailedError
 from . import export_cut as _export_cut
@@ -120,7 +122,7 @@ class Cut(nn.Module):
         self._inputs = inputs
         self._outputs = outputs
         self._example = example
-        self._splits: dict[bool, _Built] = {}
+        self._splits: dict[bool, tuple[_guard.Guard, _Built]] = {}  # per train/eval mode, with the guard of the model it was cut from
         self._split()  # errors now, not at the first call
 
     @property
@@ -151,11 +153,13 @@ class Cut(nn.Module):
 
     def _split(self) -> _Built:
         training = self.model.training
-        built = self._splits.get(training)
-        if built is None:
-            built = self._build()
-            self._splits[training] = built
-        return built
+        entry = self._splits.get(training)
+        # a submodule or tensor swapped since: cut again (torch.compile and torch.export, tracing
+        # the cut, guard what they captured themselves, as for tap's graphs)
+        if entry is None or (not _guard.tracing_here() and entry[0].check() != _guard.HOLDS):
+            entry = (model_guard(self.model, list(self._edits.values())), self._build())
+            self._splits[training] = entry
+        return entry[1]
 
     def _build(self) -> _Built:
         model = self.model
@@ -201,7 +205,7 @@ class Cut(nn.Module):
         built = _export_cut.build(self.model, self._inputs, self._outputs, self._example, error.reason, self._edits)
         return built.module, built.inputs, built.shapes, built.rebuild
 
-    # -- graphs are a cache: rebuilt after moves, copies and loads -----------------------------
+    # -- graphs are a cache: rebuilt after moves, copies, loads and changes of the model ----------
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Cut:
         result = super()._apply(fn, *args, **kwargs)
         self._splits = {}

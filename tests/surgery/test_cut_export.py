@@ -17,7 +17,13 @@ from typing import Any
 import pytest
 import torch
 from support.registry import CASES
-from support.truth import assert_unchanged, model_fingerprint, quiet_fallbacks
+from support.toy_models import ExportRoot
+from support.truth import (
+    assert_same,
+    assert_unchanged,
+    model_fingerprint,
+    quiet_fallbacks,
+)
 from torch import nn
 
 import fxtap
@@ -577,3 +583,24 @@ def test_cut_way_out_patches_the_value_in_one_export_graph() -> None:
         out = patched(sentence)
     assert patched.mode == "export"
     torch.testing.assert_close(out["encoder.layer.1"], truth["encoder.layer.1"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("root", ["fx", "export"])
+def test_cut_sees_a_model_changed_after_cut(root: str) -> None:
+    # the cut's graph is cut again when a submodule or a parameter of the model is swapped after
+    # cut() (as tap's graphs are), on both paths; in-place changes reach the graph as they are
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh())
+    model, prefix = (inner, "") if root == "fx" else (ExportRoot(inner), "inner.")
+    x = torch.randn(3, 4)
+    cut = fxtap.cut(model, [prefix + "1"], example=(x,))
+    h = inner[1](inner[0](x))
+    with torch.no_grad():
+        assert_same(cut(h)["output"], inner[3](inner[2](h)))
+        inner[2] = nn.Linear(4, 4)  # swapped after cut()
+        assert_same(cut(h)["output"], inner[3](inner[2](h)))
+        inner[2].weight = nn.Parameter(torch.randn(4, 4))  # a parameter reassigned
+        assert_same(cut(h)["output"], inner[3](inner[2](h)))
+        inner[2].weight.mul_(2)  # in place
+        assert_same(cut(h)["output"], inner[3](inner[2](h)))
+    assert set(cut._splits) == {model.training}  # still one graph for the mode, cut again in place
