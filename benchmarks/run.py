@@ -333,8 +333,13 @@ def case_export(batch: int, rounds: int, device: str, quick: bool = False) -> li
                 {"plain model": lambda: model(*inputs), "mixed mode": lambda: mixed(*inputs), "export frontend": lambda: exported(*inputs)},  # noqa: B023
                 rounds, device,
             )  # fmt: skip
+            served = exported._last_runner().last  # the graph's check of the tensors it baked in (model.to(dtype))
+            checks = [lambda e=served: frontend.metas_hold(e.baked)] * 100  # 100 at a time: one is shorter than the timer
+            metas = interleaved({"export frontend": lambda: exported(*inputs), "100 checks": lambda c=checks: [f() for f in c]}, rounds, device)  # noqa: B023
         shape = "x".join(map(str, inputs[0].shape))
         label = f"7. {bench.name} ({width} wide, {shape})"
+        per_check = metas["100 checks"] / 100
+        rows.append([f"{label} tensor check", "check / export call", f"{per_check * 1e6:.1f} us", f"{per_check / metas['export frontend'] * 100:.2f}%", "<= 1%"])
         rows += [[f"{label} build", n, f"{t * 1000:.1f}", f"{t / build['mixed mode']:.2f}", ""] for n, t in build.items()]
         targets = {"export frontend": "<= 1.05"}
         rows += [[f"{label} forward", n, f"{t * 1000:.1f}", f"{t / calls['plain model']:.3f}", targets.get(n, "")] for n, t in calls.items()]

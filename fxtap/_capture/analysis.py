@@ -45,7 +45,17 @@ class Analysis:
             for path, module in self.model.named_modules()
             if path and path not in known and _names.enclosing(path, leaves, strict=True) is not None and _callable(module)
         ]
-        return fx_names + hookable
+        uncalled = _never_called(self.model)
+        return fx_names + [path for path in hookable if _names.enclosing(path, uncalled, strict=True) is None]
+
+
+def _never_called(model: nn.Module) -> set[str]:
+    """Paths of ``torch.nn`` modules whose own forward never calls their submodules:
+    ``nn.MultiheadAttention`` reads ``out_proj``'s weight and bias (in
+    ``F.multi_head_attention_forward`` or its fused kernel) and never calls it."""
+    return {
+        path for path, module in model.named_modules() if isinstance(module, nn.MultiheadAttention) and type(module).forward is nn.MultiheadAttention.forward
+    }
 
 
 def _callable(module: nn.Module) -> bool:

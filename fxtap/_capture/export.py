@@ -46,7 +46,7 @@ from .outputs import Outputs, made_before
 from .placement import Placement
 from .runner import EagerRunner
 
-__all__ = ["ExportRunner", "applies", "model_guard"]
+__all__ = ["ExportRunner", "applies", "metas_hold", "model_guard", "tensor_metas"]
 
 
 def applies(placement: Placement, mode: str) -> bool:
@@ -62,11 +62,13 @@ class _Entry(NamedTuple):
     reason: str  # why there is no graph ("" when there is one)
     outputs: Outputs | None = None  # how the dict is rebuilt around the graph's tensors
     shapes: _Shapes | None = None  # which input shapes the graph serves
-    patches: tuple[tuple[torch.Tensor, Any], ...] = ()  # each tensor edit, with the shape, dtype and device baked in
+    # each tensor the graph reads (the model's parameters and buffers, the tensor edits), with the
+    # shape, dtype and device baked in: ``model.to(torch.bfloat16)`` keeps the Parameter objects
+    baked: tuple[tuple[torch.Tensor, Any], ...] = ()
     example: tuple[pytree.TreeSpec, tuple[Any, ...]] | None = None  # the call's structure; its tensors as (shape, dtype, device)
 
     def fits(self, leaves: list[Any]) -> bool:
-        if any(_meta(tensor) != meta for tensor, meta in self.patches):  # ``.data =`` gave an edit tensor another shape
+        if not metas_hold(self.baked):  # ``.to()``, ``.data =``: another graph
             return False
         return self.shapes is None or self.shapes.fit(leaves)
 
@@ -204,10 +206,10 @@ class ExportRunner(EagerRunner):
         shapes = _Shapes.of(module, program, tensors)
         if not shapes.fit(tensors):  # sizes related by expressions fxtap does not solve: this call's shapes only
             shapes = _Shapes.exact(tensors)
-        patches = tuple((t, _meta(t)) for m in self.edits if isinstance(m, Patch) and isinstance(t := m.tensor, torch.Tensor))
+        baked = tensor_metas(model, self.edits)
         example = pytree.tree_flatten((args, kwargs))
         leaves = tuple(_meta(leaf) if isinstance(leaf, torch.Tensor) else leaf for leaf in example[0])
-        return _Entry(module, "", call.__dict__["_found"].outputs, shapes, patches, (example[1], leaves))
+        return _Entry(module, "", call.__dict__["_found"].outputs, shapes, baked, (example[1], leaves))
 
 
 @contextmanager
@@ -453,6 +455,21 @@ def _tensor_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.
 def _tensors(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     leaves = pytree.tree_leaves((args, kwargs))
     return [t for t in [*leaves, *model.parameters(), *model.buffers()] if isinstance(t, torch.Tensor)]
+
+
+def tensor_metas(model: nn.Module, edits: list[nn.Module]) -> tuple[tuple[torch.Tensor, Any], ...]:
+    """Every tensor an exported graph reads (the parameters and buffers of the model and the
+    edits, the tensor edits) with its shape, dtype and device, which the graph bakes in. The
+    guard sees a swapped tensor; ``model.to(torch.bfloat16)`` or ``param.data = ...`` keep the
+    Parameter object and change only these (``metas_hold``)."""
+    patches = [t for m in edits if isinstance(m, Patch) and isinstance(t := m.tensor, torch.Tensor)]
+    read = {id(t): t for m in (model, *edits) for t in (*m.parameters(), *m.buffers())} | {id(t): t for t in patches}
+    return tuple((t, _meta(t)) for t in read.values())
+
+
+def metas_hold(metas: tuple[tuple[torch.Tensor, Any], ...]) -> bool:
+    """Whether every tensor of ``tensor_metas`` still has its shape, dtype and device."""
+    return all(_meta(tensor) == meta for tensor, meta in metas)
 
 
 def model_guard(model: nn.Module, edits: list[nn.Module]) -> _guard.Guard:

@@ -12,7 +12,7 @@ from .._capture import guard as _guard
 from .._capture import names as _names
 from .._capture.call_spec import default_concrete_args
 from .._capture.edit import Apply, as_modules
-from .._capture.export import model_guard
+from .._capture.export import metas_hold, model_guard, tensor_metas
 from .._capture.model import unwrap
 from .._errors import TapNameError, TraceFailedError
 from . import export_cut as _export_cut
@@ -122,7 +122,8 @@ class Cut(nn.Module):
         self._inputs = inputs
         self._outputs = outputs
         self._example = example
-        self._splits: dict[bool, tuple[_guard.Guard, _Built]] = {}  # per train/eval mode, with the guard of the model it was cut from
+        # per train/eval mode, with the guard of the model it was cut from and its tensors' shapes, dtypes, devices
+        self._splits: dict[bool, tuple[_guard.Guard, Any, _Built]] = {}
         self._split()  # errors now, not at the first call
 
     @property
@@ -154,12 +155,13 @@ class Cut(nn.Module):
     def _split(self) -> _Built:
         training = self.model.training
         entry = self._splits.get(training)
-        # a submodule or tensor swapped since: cut again (torch.compile and torch.export, tracing
+        # a submodule or tensor swapped since, or ``model.to(dtype)``: cut again (torch.compile and torch.export, tracing
         # the cut, guard what they captured themselves, as for tap's graphs)
-        if entry is None or (not _guard.tracing_here() and entry[0].check() != _guard.HOLDS):
-            entry = (model_guard(self.model, list(self._edits.values())), self._build())
+        if entry is None or (not _guard.tracing_here() and (entry[0].check() != _guard.HOLDS or not metas_hold(entry[1]))):
+            edits = list(self._edits.values())
+            entry = (model_guard(self.model, edits), tensor_metas(self.model, edits), self._build())
             self._splits[training] = entry
-        return entry[1]
+        return entry[2]
 
     def _build(self) -> _Built:
         model = self.model

@@ -398,6 +398,37 @@ def test_export_graph_rebuilt_for_new_shapes_and_swapped_modules() -> None:
     assert_same(tapped(x)["inner.fc2"], hook_truth(model, x)["inner.fc2"])
 
 
+def test_export_graph_rebuilt_when_the_model_changes_dtype_in_place() -> None:
+    """``model.double()`` keeps every Parameter object (the guard sees no swap) and changes what
+    the graph baked in (``torch.finfo(dtype)``, ``.to`` checks): the graph is exported again.
+    The old graph gave float32's eps (toy) or raised a dtype mismatch (GPT-2)."""
+    model = ExportRoot(toy_models.DtypeBaked())
+    tapped = _tap(model, ["inner.fc", "inner"])
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    for _ in range(2):
+        tapped(ids)
+    assert tapped.mode == "export"
+    model.double()
+    for _ in range(2):
+        out = tapped(ids)
+        truth = hook_truth(model, ids)
+        assert_same(out, {"inner.fc": truth["inner.fc"], "inner": truth["inner"]})
+    assert tapped.mode == "export"
+
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    gpt2 = GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, eos_token_id=0, bos_token_id=0)).eval()
+    tapped = _tap(gpt2, ["h.0.mlp"])
+    ids = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        tapped(ids)
+        tapped(ids)
+        gpt2.to(torch.bfloat16)
+        for _ in range(2):
+            assert_same(tapped(ids)["h.0.mlp"], hook_truth(gpt2, ids)["h.0.mlp"])
+
+
 def test_export_refused_when_forward_fills_a_cache() -> None:
     class Caching(nn.Module):
         def __init__(self) -> None:

@@ -177,3 +177,18 @@ class ExportRoot(nn.Module):
         if args[0].shape[0] > 0:
             return self.inner(*args, **kwargs)
         return args[0]
+
+
+class DtypeBaked(nn.Module):
+    """Reads its own dtype in forward, as Hugging Face masks do (``torch.finfo(dtype).min``): a
+    graph bakes the value in, so ``model.double()`` (which keeps the Parameter objects) must
+    rebuild it. Takes token ids, so the inputs keep their dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.fc(h) + torch.finfo(self.fc.weight.dtype).eps * 1e6

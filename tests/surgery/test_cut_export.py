@@ -604,3 +604,18 @@ def test_cut_sees_a_model_changed_after_cut(root: str) -> None:
         inner[2].weight.mul_(2)  # in place
         assert_same(cut(h)["output"], inner[3](inner[2](h)))
     assert set(cut._splits) == {model.training}  # still one graph for the mode, cut again in place
+
+
+def test_cut_sees_the_model_change_dtype_in_place() -> None:
+    # model.double() keeps the Parameter objects; the export graph baked float32 in (finfo): cut again
+    from support.toy_models import DtypeBaked
+
+    torch.manual_seed(0)
+    inner = DtypeBaked()
+    model = ExportRoot(inner)
+    ids = torch.tensor([[1, 2, 3]])
+    cut = fxtap.cut(model, ["inner.emb"], example=(ids,))
+    with torch.no_grad():
+        assert_same(cut(inner.emb(ids))["output"], inner(ids))
+        model.double()
+        assert_same(cut(inner.emb(ids))["output"], inner(ids))
