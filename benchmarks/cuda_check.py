@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import faulthandler
+import importlib.metadata
 import json
 import os
 import platform
@@ -33,7 +35,12 @@ sys.path.insert(0, str(ROOT))
 import torch
 from torch import nn
 
-import fxtap
+try:
+    import fxtap
+except Exception as error:  # noqa: BLE001 - reported as the check "import_fxtap", with a JSON summary
+    IMPORT_ERROR: Exception | None = error
+else:
+    IMPORT_ERROR = None
 
 RTOL = ATOL = 1e-5  # float32: |tapped - eager| <= ATOL + RTOL * max|eager|
 DEV = torch.device("cpu")
@@ -540,7 +547,10 @@ def where(error: BaseException) -> str:
 
 def run_one(name: str, fn: Callable[[], str], cuda_only: bool) -> dict[str, Any]:
     start = time.perf_counter()
-    if cuda_only and DEV.type != "cuda":
+    faulthandler.dump_traceback_later(120, exit=False)  # a check that hangs shows where
+    if IMPORT_ERROR is not None:
+        status, detail = "FAIL", f"import fxtap: {type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}{where(IMPORT_ERROR)}"
+    elif cuda_only and DEV.type != "cuda":
         status, detail = "SKIP", "needs CUDA"
     else:
         try:
@@ -556,6 +566,7 @@ def run_one(name: str, fn: Callable[[], str], cuda_only: bool) -> dict[str, Any]
             sync()
         except Exception as error:  # noqa: BLE001 - a CUDA error surfaces here
             status, detail = "FAIL", f"{detail}; synchronize raised {type(error).__name__}: {error}"
+    faulthandler.cancel_dump_traceback_later()
     seconds = time.perf_counter() - start
     print(f"{status} {name} [{seconds:.1f}s] {detail}", flush=True)
     return {"name": name, "status": status, "detail": detail, "seconds": round(seconds, 3)}
@@ -579,16 +590,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     name = torch.cuda.get_device_name(DEV) if DEV.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device {DEV} ({name}); torch {torch.__version__}; python {platform.python_version()}; fxtap {fxtap.__file__}", flush=True)
-    start = time.perf_counter()
-    results = [run_one(n, fn, cuda_only) for n, fn, cuda_only in CHECKS if not args.only or n in args.only]
-    total = time.perf_counter() - start
-    counts = {s: sum(r["status"] == s for r in results) for s in ("OK", "FAIL", "SKIP")}
-    print(f"total {total:.1f}s: {counts['OK']} OK, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP", flush=True)
-    summary = {"device": str(DEV), "device_name": name, "torch": torch.__version__, "python": platform.python_version(),
-               "counts": counts, "seconds": round(total, 3), "checks": results}  # fmt: skip
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    for package in ("torchvision", "transformers", "onnxruntime"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    print(f"device {DEV} ({name}); {versions}; fxtap from {ROOT}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    start, results = time.perf_counter(), []
+    for check_name, fn, cuda_only in CHECKS:
+        if not args.only or check_name in args.only:
+            results.append(run_one(check_name, fn, cuda_only))
+            counts = {s: sum(r["status"] == s for r in results) for s in ("OK", "FAIL", "SKIP")}
+            summary = {"device": str(DEV), "device_name": name, **versions, "counts": counts,
+                       "seconds": round(time.perf_counter() - start, 3), "checks": results}  # fmt: skip
+            Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")  # after every check: a killed run keeps what it did
+    counts = {s: sum(r["status"] == s for r in results) for s in ("OK", "FAIL", "SKIP")}
+    print(f"total {time.perf_counter() - start:.1f}s: {counts['OK']} OK, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP", flush=True)
     return 0
 
 
