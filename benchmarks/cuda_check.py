@@ -456,29 +456,48 @@ def extract_autocast() -> str:
     return "float16 autocast needs CUDA, ran bfloat16: " + extract_check(torch.bfloat16, 1e-2)
 
 
-@check("export_files")
-def export_files() -> str:
+def small_convnet() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1)).eval().to(DEV)
-    x, d, done = torch.randn(2, 3, 16, 16, device=DEV), Diffs(rtol=1e-5, atol=1e-4), []
-    names = {"1": "bn", "3": "conv"}
-    with torch.no_grad():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3), nn.AdaptiveAvgPool2d(1)).eval().to(DEV)
+
+
+@check("export_pt2")
+def export_pt2() -> str:
+    """fxtap.export to .pt2 on the device: a traced convnet (FX graph) and BertModel (its torch.export graph)."""
+    model, d = small_convnet(), Diffs(rtol=1e-5, atol=1e-4)
+    x, names = torch.randn(2, 3, 16, 16, device=DEV), {"1": "bn", "3": "conv"}
+    bert = hf("bert")
+    example = {"input_ids": tokens(2, 8), "attention_mask": torch.ones(2, 8, dtype=torch.long, device=DEV)}
+    longer = {"input_ids": tokens(3, 12, seed=4), "attention_mask": torch.ones(3, 12, dtype=torch.long, device=DEV)}
+    with torch.no_grad(), tempfile.TemporaryDirectory() as folder:
         truth = hook_values(model, list(names), torch.cat([x, x]))
+        out = torch.export.load(str(fxtap.export(model, names, x, Path(folder) / "taps.pt2"))).module()(torch.cat([x, x]))
+        d("convnet", [out["bn"], out["conv"]], [truth["1"], truth["3"]])
+        truth = hook_values(bert, ["encoder.layer.1.output.dense", "pooler"], **longer)
+        path = quiet(fxtap.export, bert, {"encoder.layer.1.output.dense": "dense", "pooler": "pooled"}, example, Path(folder) / "bert.pt2")
+        out = torch.export.load(str(path)).module()(**longer)
+        d("bert", [out["dense"], out["pooled"]], [truth["encoder.layer.1.output.dense"], truth["pooler"]])
+    return f"convnet and BertModel, loaded and run on {DEV}; {d}"
+
+
+@check("export_onnx")
+def export_onnx() -> str:
+    """fxtap.export to .onnx of the convnet, checked with ONNX Runtime on the CPU (the model moved there)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise Skip("onnxruntime is not installed") from None
+    model, d = small_convnet(), Diffs(rtol=1e-5, atol=1e-4)
+    x, names = torch.randn(4, 3, 16, 16, device=DEV), {"1": "bn", "3": "conv"}
+    with torch.no_grad():
+        truth = hook_values(model, list(names), x)
     with tempfile.TemporaryDirectory() as folder:
-        path = fxtap.export(model, names, x, Path(folder) / "taps.pt2")
-        out = torch.export.load(str(path)).module()(torch.cat([x, x]))
-        d("pt2", [out["bn"], out["conv"]], [truth["1"], truth["3"]])
-        done.append("pt2")
-        try:
-            import onnxruntime
-        except ImportError:
-            return f"{done}, onnx skipped (no onnxruntime); {d}"
-        path = fxtap.export(model.cpu(), names, x.cpu(), Path(folder) / "taps.onnx")  # ONNX Runtime runs on the CPU here
+        path = fxtap.export(model.cpu(), names, x[:2].cpu(), Path(folder) / "taps.onnx")  # ONNX Runtime runs on the CPU here
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {session.get_inputs()[0].name: torch.cat([x, x]).cpu().numpy()})))
-        d("onnx (CPU runtime)", [torch.from_numpy(got["bn"]), torch.from_numpy(got["conv"])], [truth["1"].cpu(), truth["3"].cpu()])
-        done.append("onnx (model on cpu)")
-    return f"{done}; {d}"
+        feed = {session.get_inputs()[0].name: x.cpu().numpy()}
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+    d("onnx", [torch.from_numpy(got["bn"]), torch.from_numpy(got["conv"])], [truth["1"].cpu(), truth["3"].cpu()])
+    return f"written from the model on the CPU, vs eager on {DEV}; {d}"
 
 
 @check("compile_fx")
