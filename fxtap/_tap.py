@@ -23,6 +23,7 @@ from ._capture import (
     depends_on_arguments,
     describe,
     exclusive,
+    listed,
     normalize_request,
     produced,
     unwrap,
@@ -152,13 +153,15 @@ def names(
     """Every name ``tap()`` accepts for ``model`` in train or eval mode, in graph order; with
     ``example_inputs``, exactly the names that a call with those inputs produces.
 
-    Without inputs the names are read from the code, and no call is made. Where the model's
-    code runs eagerly (a forward FX cannot trace: every Hugging Face model), every module under
-    that code is listed, and some of them may never be called (a dropout that fused attention
-    skips, an embedding the forward does not use, a branch not taken): tapping such a name raises
-    ``MissingCallError``. Inside a child that FX traces on its own, its graph decides, as for a
-    traced model. Names of modules that only hooks can reach follow the FX names; later
-    calls of them (``blk_1``) are not listed.
+    Without inputs the names are read from the code. Which modules code that runs eagerly (a
+    forward FX cannot trace: every Hugging Face model) calls cannot be read from it (a dropout
+    that fused attention skips, an embedding the forward does not use, a branch not taken):
+    inside a child that FX traces on its own, its graph decides, as for a traced model; a model
+    that offers example inputs (``model.dummy_inputs``, as Hugging Face models do) is called once
+    with them, as below, and the modules of eager code that call does not make are left out.
+    Otherwise every module under that code is listed, and tapping one that is never called
+    raises ``MissingCallError``. Names of modules that only hooks can reach follow the FX names;
+    later calls of them (``blk_1``) are not listed.
 
     With ``example_inputs`` the model runs once (without gradients, in the mode ``train`` picks;
     its buffers, the RNG state and its mode are left as they were), and the result is what that
@@ -188,7 +191,7 @@ def names(
         raise ValueError(f"mode must be one of {', '.join(map(repr, _MODES))}, not {mode!r}")
     hints = Hints.checked(leaf_modules, autowrap_functions)
     if example_inputs is None:
-        return [info.name for info in describe(model, train=train, mode=mode, hints=hints)]
+        return listed(model, train=train, mode=mode, hints=hints)
     args, kwargs = as_call(example_inputs)
     return produced(model, args, kwargs, train=train, mode=mode, hints=hints)
 

@@ -51,6 +51,7 @@ __all__ = [
     "hook_targets",
     "locate",
     "normalize_request",
+    "listed",
     "produced",
     "realize",
     "unwrap",
@@ -189,6 +190,24 @@ def build(
         runner.twin_of = (twin, dict(edits or {}))
         return runner
     return make_runner(placement, graph, keep_output=keep_output, detach=detach)
+
+
+def listed(model: nn.Module, *, train: bool, mode: str = "auto", hints: Hints = NO_HINTS) -> list[str]:
+    """``fxtap.names(model)``: ``describe``'s names, except the modules of eagerly running code
+    that a call with the example inputs the model offers (``dummy_inputs``, as every Hugging Face
+    model has) does not call. Which modules eager code calls cannot be read from the code (a
+    dropout that fused attention skips, an embedding the forward never uses); without such an
+    example, or when the call fails, every module under that code is listed."""
+    infos = describe(model, train=train, mode=mode, hints=hints)
+    eager = {info.name for info in infos if info.kind == "module" and info.path == "hook"}
+    example = _produced.offered_example(unwrap(model)) if eager else None
+    if example is None:
+        return [info.name for info in infos]
+    try:
+        called = set(produced(model, (), example, train=train, mode=mode, hints=hints))
+    except Exception:  # noqa: BLE001 - the offered example does not fit the forward: what the code says stands
+        return [info.name for info in infos]
+    return [info.name for info in infos if info.name not in eager or info.name in called]
 
 
 def produced(

@@ -124,7 +124,10 @@ def may_draw(target: Any) -> bool:
 def opaque_function(target: Any) -> bool:
     """A Python function FX kept as one call (``torch.fx.wrap``, autowrap): its body is unseen,
     so it may write into its arguments or return one of them (torchvision's ``_add_shortcut``
-    and ``stochastic_depth`` do). Functions of torch itself are known by name instead."""
+    and ``stochastic_depth`` do). Functions of torch itself are known by name instead; a higher
+    order op of an export graph (its body is a subgraph) counts as unseen too."""
+    if isinstance(target, torch._ops.HigherOrderOperator):  # an export graph's subgraph call (``with torch.no_grad():``)
+        return True
     package = (getattr(target, "__module__", None) or "").split(".")[0]
     return hasattr(target, "__code__") and package not in _KNOWN_FUNCTION_PACKAGES
 

@@ -21,6 +21,7 @@ every module, parameter and buffer) rebuilds the graph when the model changes.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 from collections.abc import Hashable, Iterator
@@ -34,6 +35,7 @@ from torch import nn
 from .._errors import summary
 from . import fx as _fx
 from . import guard as _guard
+from . import prune as _prune
 from .edit import Patch
 from .export_edits import edit_modules, edit_refusal
 from .export_edits import edit_paths as _edit_paths
@@ -191,7 +193,8 @@ class ExportRunner(EagerRunner):
                 with _warm_up(twin, args, kwargs) as (twin_args, twin_kwargs):  # builds the twin's region graphs
                     runner._run(twin, twin_args, twin_kwargs, stop_early=False)
                 call, program = _exported(runner, twin, args, kwargs)
-                module = _pruned(program.module())  # its code may not compile (a submodule named ``in``)
+                # its code may not compile (a submodule named ``in``)
+                module = _pruned(program.module(), _copied(self.placement, call.__dict__["_found"].outputs))
         except Exception as error:  # noqa: BLE001 - the one place the export frontend decides to fall back
             return _Entry(None, f"torch.export failed: {summary(error)}")
         written = call.__dict__["_found"].written
@@ -259,13 +262,28 @@ class _Muted:
         return getattr(self.stream, name)
 
 
-def _pruned(module: Any) -> Any:
+def _pruned(module: Any, copied: list[int]) -> Any:
     """The graph without what no requested value needs (the rest of the forward, copies of values
-    not asked for). torch.fx's own rule keeps every op that writes into a tensor or draws from the
-    RNG (state the eager forward changes); torch.export's guard function is kept too."""
+    not asked for), and without the copies that hooks took where the graph shows that nothing
+    writes into the value afterwards (``copied``: their output positions). torch.fx's own rule
+    keeps every op that writes into a tensor or draws from the RNG (state the eager forward
+    changes); torch.export's guard function is kept too."""
     module.graph.eliminate_dead_code(is_impure_node=lambda node: node.op == "call_module" or node.is_impure())
+    _prune.drop_copies(module.graph, module, copied)
     module.recompile()
     return module
+
+
+def _copied(placement: Placement, outputs: Outputs | None) -> list[int]:
+    """The graph output positions of the requested values, each of which is a copy fxtap took
+    (hooks, region outputs and eager ops copy what they capture) or the op itself. A name whose op
+    is a ``clone`` is left out: that clone may be the model's own op, not a copy to drop."""
+    keys = {key for name, key in placement.request.items() if not _CLONE_OP.search(name)}
+    positions = outputs.positions() if outputs is not None else {}
+    return [p for key, found in positions.items() if key in keys for p in found]
+
+
+_CLONE_OP = re.compile(r"(^|\.)clone(_\d+)?$")
 
 
 class _Shapes(NamedTuple):

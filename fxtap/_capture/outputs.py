@@ -50,6 +50,32 @@ class Outputs(NamedTuple):
         return pytree.tree_unflatten(leaves, self.spec)  # type: ignore[no-any-return]
 
 
+    def positions(self) -> dict[Any, list[int]]:
+        """Per key of the returned dict, the positions of the graph outputs its value holds."""
+        tree = pytree.tree_unflatten(list(self.constants), self.spec)
+        if not isinstance(tree, dict):
+            return {}
+        return {key: _positions(template) for key, template in tree.items()}
+
+
+def _positions(template: Any, seen: set[int] | None = None) -> list[int]:
+    seen = set() if seen is None else seen
+    if isinstance(template, _Slot):
+        return [template.position]
+    if isinstance(template, _Seq):
+        return [p for item in template.items for p in _positions(item, seen)]
+    if isinstance(template, _Map):
+        return [p for pair in template.items for item in pair for p in _positions(item, seen)]
+    if isinstance(template, (list, tuple)):  # a container pytree flattened
+        return [p for item in template for p in _positions(item, seen)]
+    if isinstance(template, dict):
+        return [p for item in template.values() for p in _positions(item, seen)]
+    if isinstance(template, _Object) and id(template) not in seen:  # an object twice, or a cycle: once
+        seen.add(id(template))
+        return [p for field in template.fields.values() for p in _positions(field, seen)]
+    return []
+
+
 def made_before(model: nn.Module, arguments: list[Any]) -> frozenset[int]:
     """Ids of the objects a call's output may hold that the call did not make: the arguments and
     what the model's modules hold (their config, for one)."""

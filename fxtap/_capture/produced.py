@@ -12,7 +12,8 @@ lists them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import inspect
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -104,3 +105,23 @@ def untouched(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     devices = sorted({t.device.index or 0 for t in [*tensors, *model.parameters(), *model.buffers()] if t.is_cuda})
     with buffer_values_kept(model), torch.random.fork_rng(devices=devices), torch.no_grad(), preserved(model):
         yield
+
+
+def offered_example(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The example inputs ``model`` offers by the Hugging Face convention (``dummy_inputs``: a
+    dict of tensors), as keyword arguments that its ``forward`` names, on the device of its
+    parameters; ``None`` when it offers none. (transformers' ``T5EncoderModel`` offers decoder
+    inputs too, which its forward does not take.)"""
+    devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices):  # the property may draw its example
+            offered = getattr(model, "dummy_inputs", None)
+        parameters = inspect.signature(model.forward).parameters
+    except Exception:  # noqa: BLE001 - a property that raises, a forward without a signature: none offered
+        return None
+    if not isinstance(offered, Mapping) or not all(isinstance(v, torch.Tensor) for v in offered.values()):
+        return None
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    device = next((t.device for t in model.parameters()), None)
+    example = {k: v if device is None else v.to(device) for k, v in offered.items() if k in parameters and parameters[k].kind in named}
+    return example or None

@@ -37,7 +37,7 @@ from .._values import assert_is_none
 from . import effects as _effects
 from . import names as _names
 
-__all__ = ["Plan", "facts", "from_torch_nn", "may_change_state", "own_class", "plan", "same_tensor", "written_after"]
+__all__ = ["Plan", "drop_copies", "facts", "from_torch_nn", "may_change_state", "own_class", "plan", "same_tensor", "written_after"]
 
 _GUARDS = frozenset({torch._assert, getattr(torch, "_assert_async", torch._assert), torch.fx._symbolic_trace._assert_is_none, assert_is_none})
 
@@ -215,6 +215,44 @@ class _Ops:
 def written_after(graph: fx.Graph, root: nn.Module, node: fx.Node, kept: Iterable[fx.Node]) -> bool:
     """Whether a node of ``kept`` after ``node`` writes into storage that ``node``'s value may share."""
     return _Ops(graph, root).overwritten(node, node, set(kept))
+
+
+def drop_copies(graph: fx.Graph, root: nn.Module, positions: Iterable[int]) -> int:
+    """Return the value itself instead of the copy that a hook took of it, at these positions of
+    the graph's (flat) output, where the copy is not needed by ``plan``'s rule: no op after the
+    copy writes into storage the value may share, and that storage is not a buffer, parameter
+    or input. An export graph records the hooks' copies (a hook cannot know what runs later);
+    this graph does. Returns how many copies were dropped."""
+    output = next(n for n in graph.nodes if n.op == "output")
+    flat = output.args[0]
+    if not isinstance(flat, (list, tuple)):
+        return 0
+    ops = _Ops(graph, root)
+    kept = set(ops.nodes)
+    returned = list(flat)
+    dropped = 0
+    for position in positions:
+        copy = returned[position]
+        if not (
+            isinstance(copy, fx.Node)
+            and copy.op == "call_function"
+            and copy.target is torch.ops.aten.clone.default
+            and len(copy.args) == 1
+            and not copy.kwargs
+            and list(copy.users) == [output]
+            and returned.count(copy) == 1
+            and isinstance(copy.args[0], fx.Node)
+        ):
+            continue
+        value = copy.args[0]
+        if ops.find(value) in ops.state or ops.overwritten(value, copy, kept):
+            continue
+        returned[position] = value
+        dropped += 1
+    if dropped:
+        output.args = (type(flat)(returned),)
+        graph.eliminate_dead_code(is_impure_node=lambda node: node.op == "call_module" or node.is_impure())
+    return dropped
 
 
 def same_tensor(graph: fx.Graph, root: nn.Module) -> Any:

@@ -91,6 +91,42 @@ def test_export_copies_a_value_the_root_overwrites_in_place() -> None:
     assert_same(out["fc"], model.fc(x))
 
 
+def _clones(tapped: fxtap.Tapped) -> int:
+    served = tapped._last_runner().last  # the graph the call ran (graph_module() exports the call again)
+    assert served is not None and served.module is not None
+    return sum(n.target is torch.ops.aten.clone.default for n in served.module.graph.nodes)
+
+
+def test_export_graph_keeps_only_the_copies_a_later_write_needs() -> None:
+    """Hooks and region graphs copy what they capture; the exported graph sees what runs later
+    and drops the copies of values nothing writes into (``prune.drop_copies``)."""
+
+    class Block(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(x) * 2
+
+    class Root(nn.Module):
+        def __init__(self, overwrite: bool) -> None:
+            super().__init__()
+            self.fc, self.block, self.overwrite = nn.Linear(3, 3), Block(), overwrite
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.block(self.fc(x))
+            if x.shape[0] > 0 and self.overwrite:
+                y += 1  # written after block returned it: its copy must stay
+            return y
+
+    x = torch.randn(2, 3)
+    for overwrite, copies in ((False, 0), (True, 1)):
+        model = Root(overwrite)
+        tapped = _tap(model, ["fc", "block"])
+        tapped(x)
+        out = tapped(x)
+        assert tapped.mode == "export"
+        assert _clones(tapped) == copies
+        assert_same(out, {"fc": model.fc(x), "block": model.block(model.fc(x))})
+
+
 # -- Hugging Face models: one graph, values equal to eager ------------------------------------------------
 
 _HF = ["transformers/BertModel", "transformers/GPT2Model", "transformers/LlamaModel"]

@@ -87,6 +87,53 @@ def test_names_without_inputs_may_list_names_no_call_produces() -> None:
         _tap(model, fxtap.names(model))(x)
 
 
+class Offers(Skips):
+    """``Skips`` offering example inputs the Hugging Face way: ``dummy_inputs``, a dict of
+    keyword arguments, one of which (``decoder_ids``) its forward does not take, as transformers'
+    ``T5EncoderModel`` offers decoder inputs. ``dummy_inputs`` reads the RNG, as a sampled
+    example would."""
+
+    width = 4
+
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        return {"x": torch.randn(3, self.width), "decoder_ids": torch.zeros(3, 2, dtype=torch.long)}
+
+
+def test_names_without_inputs_calls_the_model_on_its_dummy_inputs() -> None:
+    """The offered example tells which modules the eager root calls: ``unused`` and (in eval
+    mode) ``drop`` are left out, so tap(model, names(model)) works; ``bn``'s statistics, the
+    RNG state and the model are as before; ops are still read from the code."""
+    torch.manual_seed(0)
+    model, x = Offers().eval(), torch.randn(3, 4)
+    before = model_fingerprint(model)
+    rng = torch.get_rng_state()
+    with quiet_fallbacks():
+        listed = fxtap.names(model)
+        in_train = fxtap.names(model, train=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert_unchanged(before, model)
+    assert "unused" not in listed and "drop" not in listed and {"blk", "bn"} <= set(listed)
+    assert "drop" in in_train and "unused" not in in_train  # train mode calls the dropout
+    out = _tap(model, listed)(x)
+    truth = hook_truth(model, x)
+    assert_same({n: out[n] for n in ["blk", "bn"]}, {n: truth[n] for n in ["blk", "bn"]})
+    model.train()
+    torch.manual_seed(1)
+    train_out = _tap(model, in_train)(x)
+    assert set(train_out) == set(in_train)
+
+
+def test_names_without_inputs_lists_every_module_when_the_dummy_inputs_do_not_fit() -> None:
+    torch.manual_seed(0)
+    model = Offers().eval()
+    model.width = 5  # the linear layers refuse it: the call fails
+    with quiet_fallbacks():
+        listed = fxtap.names(model)
+    assert {"unused", "drop", "blk", "bn"} <= set(listed)
+    assert listed == fxtap.names(_skips())
+
+
 class _Encoder(nn.Module):
     def __init__(self, embed_tokens: nn.Embedding) -> None:
         super().__init__()

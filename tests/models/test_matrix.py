@@ -54,24 +54,14 @@ def test_model_names_with_inputs(case: Case) -> None:
     matrix.check_names(case)
 
 
-# names(model) without inputs lists modules of eagerly run code that no call produces; these are
-# the ones left on the Hugging Face rows (docs/names.md), each checked to be exactly these
-NO_INPUT_LEFT = {
-    "transformers/BertModel": {"encoder.layer.0.attention.self.dropout", "encoder.layer.1.attention.self.dropout"},
-    "transformers/GPT2Model": {"h.0.attn.attn_dropout", "h.1.attn.attn_dropout"},
-    "transformers/GPT2Model+cache": {"h.0.attn.attn_dropout", "h.1.attn.attn_dropout"},
-    "transformers/T5EncoderModel": {"shared"},
-}
-
-
 @pytest.mark.parametrize(
     "case",
     [pytest.param(c, id=c.name, marks=[] if c.name == "transformers/BertModel" else [pytest.mark.slow]) for c in CASES.values() if c.family == "transformers"],
 )
 def test_model_names_without_inputs(case: Case) -> None:
     """tap(model, names(model)) on the Hugging Face rows: every name it lists is produced, equal
-    to eager, except the known modules no call produces (issue 17)."""
-    matrix.check_names(case, with_inputs=False, never_called=NO_INPUT_LEFT.get(case.name, set()))
+    to eager (issue 17; the model's ``dummy_inputs`` tell which modules its eager code calls)."""
+    matrix.check_names(case, with_inputs=False, never_called=set())
 
 
 ISSUE_8 = {
