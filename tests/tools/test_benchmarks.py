@@ -1,5 +1,6 @@
 """The benchmark script runs end to end (a smoke run: it asserts no timing, only that every case reports)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +19,20 @@ def test_benchmark_script_quick_run_reports_every_case() -> None:
     )
     for case in ["1. resnet50 4 stages", "2. vit_b_16 early tap", "3. build swin_t", "4. build time", "5. memory resnet50", "6. guard", "7. GPT2Model", "8. eager op names"]:
         assert case in result.stdout, case
+
+
+def test_cuda_check_dry_run_on_the_cpu_reports_every_check(tmp_path: Path) -> None:
+    """benchmarks/cuda_check.py (run once on a GPU machine) runs here on the CPU: no FAIL, a JSON summary."""
+    out = tmp_path / "cuda_check.json"
+    only = ["fx_resnet18", "rng_fx", "buffers_batchnorm", "moved_to_cuda"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "cuda_check.py"), "--device", "cpu", "--out", str(out)]
+    result = subprocess.run(command + [arg for name in only for arg in ("--only", name)], check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.split(" ")[0] in ("OK", "FAIL", "SKIP")]
+    assert [line.split(" ")[1] for line in lines] == only, result.stdout
+    assert all(line.startswith(("OK ", "SKIP ")) for line in lines), result.stdout
+    assert lines[-1].startswith("SKIP moved_to_cuda"), lines[-1]  # needs a CUDA device
+    summary = json.loads(out.read_text())
+    assert [check["status"] for check in summary["checks"]] == ["OK", "OK", "OK", "SKIP"] and summary["device"] == "cpu"
+    bad = subprocess.run(command + ["--only", "no_such_check"], check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert bad.returncode == 2 and "no_such_check" in bad.stderr, bad.stderr[-2000:]
