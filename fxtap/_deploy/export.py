@@ -9,6 +9,7 @@ copy of the graph in which copies are plain ``clone`` calls and the guards are g
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -229,9 +230,24 @@ def _exported(graph: fx.GraphModule, args: tuple[Any, ...], dynamic_batch: bool)
     if not dynamic_batch:
         return torch.export.export(graph, args)
     # torch.export specialises a dim of size 1, so a dynamic batch is traced at twice the example's batch.
-    batch = torch.export.Dim("batch")
-    shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
-    return torch.export.export(graph, _doubled(args), dynamic_shapes=shapes)
+    try:
+        return torch.export.export(graph, _doubled(args), dynamic_shapes=_batch_shapes(args, torch.export.Dim("batch")))
+    except Exception as error:  # noqa: BLE001 - only torch.export's own suggestion of a bounded batch is taken
+        bounds = _BOUNDED_BATCH.search(str(error))
+        if bounds is None:
+            raise
+    # the code bounds the batch (cuDNN's convolutions on CUDA: at most 65535): dynamic within those bounds
+    low, high = bounds.groups()
+    batch = torch.export.Dim("batch", **({"min": int(low)} if low else {}), **({"max": int(high)} if high else {}))
+    return torch.export.export(graph, _doubled(args), dynamic_shapes=_batch_shapes(args, batch))
+
+
+def _batch_shapes(args: tuple[Any, ...], batch: Any) -> tuple[Any, ...]:
+    return tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+
+
+# torch.export's suggested fix when the traced code guards the batch's size with bounds
+_BOUNDED_BATCH = re.compile(r"^\s*batch = Dim\('batch'(?:, min=(\d+))?(?:, max=(\d+))?\)\s*$", re.MULTILINE)
 
 
 def _write_pt2(graph: fx.GraphModule, args: tuple[Any, ...], path: Path, dynamic_batch: bool, outputs: dict[str, Any]) -> None:

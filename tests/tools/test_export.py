@@ -422,3 +422,31 @@ def test_backbone_example_runs() -> None:
     assert "p5 (2, 64, 2, 2) 32" in proc.stdout.splitlines(), proc.stdout
     assert "torch.export matches eager: True" in proc.stdout.splitlines(), proc.stdout
     assert "onnx outputs: ['p2', 'p3', 'p4', 'p5']" in proc.stdout.splitlines(), proc.stdout
+
+
+@torch.fx.wrap
+def _bounded(x: torch.Tensor) -> torch.Tensor:
+    torch._check(x.shape[0] <= 1000)  # as cuDNN's convolutions guard the batch on CUDA (at most 65535)
+    return x
+
+
+class _BoundedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(_bounded(x)).relu()
+
+
+def test_export_pt2_keeps_a_batch_the_code_bounds_dynamic(tmp_path: Path) -> None:
+    # torch.export refuses an unbounded batch when the code guards its size; fxtap takes the
+    # bounds torch.export suggests (found on an H200: a CUDA convolution, torch 2.11)
+    torch.manual_seed(0)
+    model = _BoundedBatch().eval()
+    fxtap.export(model, ["fc"], torch.randn(2, 3), tmp_path / "m.pt2")
+    program = torch.export.load(tmp_path / "m.pt2")
+    for batch in (2, 7):
+        x = torch.randn(batch, 3)
+        torch.testing.assert_close(program.module()(x)["fc"], model.fc(x), rtol=0, atol=0)
+    assert [r.upper for r in program.range_constraints.values()] == [1000]
