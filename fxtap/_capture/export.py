@@ -266,14 +266,26 @@ class _Muted:
 
 def _pruned(module: Any, copied: list[int]) -> Any:
     """The graph without what no requested value needs (the rest of the forward, copies of values
-    not asked for), and without the copies that hooks took where the graph shows that nothing
+    not asked for), without torch.export's dtype checks and eval-mode dropouts (identities),
+    and without the copies that hooks took where the graph shows that nothing
     writes into the value afterwards (``copied``: their output positions). torch.fx's own rule
     keeps every op that writes into a tensor or draws from the RNG (state the eager forward
     changes); torch.export's guard function is kept too."""
-    module.graph.eliminate_dead_code(is_impure_node=lambda node: node.op == "call_module" or node.is_impure())
-    _prune.drop_copies(module.graph, module, copied)
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)  # dtype and device checks: the key and ``tensor_metas`` check them per call
+        elif node.target is torch.ops.aten.dropout.default and _argument(node, 2, "train") is False:
+            node.replace_all_uses_with(node.args[0])  # an eval-mode dropout returns its input
+            graph.erase_node(node)
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.op == "call_module" or node.is_impure())
+    _prune.drop_copies(graph, module, copied)
     module.recompile()
     return module
+
+
+def _argument(node: torch.fx.Node, position: int, name: str) -> Any:
+    return node.args[position] if len(node.args) > position else node.kwargs.get(name)
 
 
 def _copied(placement: Placement, outputs: Outputs | None) -> list[int]:
