@@ -41,6 +41,7 @@ from .export_edits import edit_modules, edit_refusal
 from .export_edits import edit_paths as _edit_paths
 from .export_edits import meta as _meta
 from .hazards import global_hooks, rng_state_set_raises, user_hooks
+from .masks import eager_shortcuts
 from .model import buffer_values_kept, preserved, structural_twin
 from .outputs import Outputs, made_before
 from .placement import Placement
@@ -228,12 +229,14 @@ def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwa
     dims = tuple(dict.fromkeys(range(t.dim()), torch.export.Dim.AUTO) for t in tensors)
     try:
         call = _Call(runner, model, args, kwargs)
-        return call, torch.export.export(call, tensors, dynamic_shapes={"args": dims}, strict=False)
+        with eager_shortcuts():
+            return call, torch.export.export(call, tensors, dynamic_shapes={"args": dims}, strict=False)
     except Exception as error:  # a static export may still work; its error is the one reported
         if "data-dependent" in str(error) or "data dependent" in str(error):
             raise  # a branch on a value: static sizes do not help, and another try costs as much
         call = _Call(runner, model, args, kwargs)
-        return call, torch.export.export(call, tensors, strict=False)
+        with eager_shortcuts():
+            return call, torch.export.export(call, tensors, strict=False)
 
 
 @contextmanager

@@ -23,8 +23,9 @@ from .._errors import FxtapError
 from . import fx as _fx
 from .call_spec import adopt_signature
 from .export import _WRITES, ExportRunner, _Call, _Entry, _quiet, _tensors
-from .outputs import Outputs
+from .masks import eager_shortcuts
 from .model import preserved
+from .outputs import Outputs
 
 __all__ = ["TapsProgram", "exported_entry", "graph_module", "program"]
 
@@ -86,7 +87,7 @@ def program(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwarg
     bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
     shapes = {name: pytree.tree_map(dims, list(value) if isinstance(value, tuple) else value) for name, value in bound.items()}
     devices = sorted({t.device.index or 0 for t in _tensors(model, args, kwargs) if t.device.type == "cuda"})
-    with _fx.exclusive(), torch.random.fork_rng(devices=devices), preserved(model), _quiet():  # one trace at a time, as the runner's
+    with _fx.exclusive(), torch.random.fork_rng(devices=devices), preserved(model), _quiet(), eager_shortcuts():  # one trace at a time, as the runner's
         exported = torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=shapes, strict=False)
     written = module.call.__dict__["_found"].written
     if written:

@@ -33,6 +33,7 @@ from torch import nn
 
 from .._capture import fx as _fx
 from .._capture.export import ExportRunner, _attributes, _quiet, _refusal, _written
+from .._capture.masks import eager_shortcuts
 from .._capture.model import buffer_values_kept, preserved
 from .._capture.outputs import Outputs, made_before
 from .._capture.produced import untouched
@@ -258,7 +259,8 @@ def _export(
     dims = tuple(dict.fromkeys(range(t.dim()), torch.export.Dim.AUTO) for t in flat)
     try:
         with _fx.exclusive(), torch.random.fork_rng(devices=devices), preserved(model), buffer_values_kept(model), _quiet():
-            program = torch.export.export(call, flat, dynamic_shapes={"tensors": dims}, strict=False)
+            with eager_shortcuts():  # transformers' masks as eager code skips them
+                program = torch.export.export(call, flat, dynamic_shapes={"tensors": dims}, strict=False)
             program = program.run_decompositions({})
     except CutError:
         raise

@@ -429,6 +429,36 @@ def test_export_graph_rebuilt_when_the_model_changes_dtype_in_place() -> None:
             assert_same(tapped(ids)["h.0.mlp"], hook_truth(gpt2, ids)["h.0.mlp"])
 
 
+def test_export_hf_graph_skips_the_mask_eager_code_skips() -> None:
+    """Without a padding mask, eager transformers passes no mask to SDPA (``is_causal=True`` for a
+    decoder); the exported graph does the same (``masks.eager_shortcuts``) instead of building an
+    all-ones mask, with equal values. A padding mask given is still applied. The old graph passed
+    a mask to every attention call."""
+    from transformers import GPT2Config, GPT2Model, masking_utils
+
+    original = masking_utils.is_torchdynamo_exporting
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, eos_token_id=0, bos_token_id=0)).eval()
+    tapped = _tap(model, ["h.0", "h.1.attn"])
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0  # left padding in the first row
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            for _ in range(2):
+                out = tapped(ids, **kwargs)
+            assert tapped.mode == "export"
+            truth = hook_truth(model, ids, **kwargs)
+            assert_same(out, {"h.0": truth["h.0"], "h.1.attn": truth["h.1.attn"]})
+            served = tapped._last_runner().last
+            assert served is not None and served.module is not None
+            attention = [n for n in served.module.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+            masks = [n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask") for n in attention]
+            assert len(attention) == 2
+            assert all(m is None for m in masks) if not kwargs else all(m is not None for m in masks)
+    assert masking_utils.is_torchdynamo_exporting is original
+
+
 def test_export_refused_when_forward_fills_a_cache() -> None:
     class Caching(nn.Module):
         def __init__(self) -> None:
