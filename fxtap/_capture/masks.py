@@ -31,7 +31,7 @@ def eager_shortcuts() -> Iterator[None]:
     where that reads no values; nothing changes where transformers is not imported or has no
     such helper."""
     module = sys.modules.get("transformers.masking_utils")
-    original = getattr(module, "is_torchdynamo_exporting", None)
+    original = getattr(module, _NAME, None)
     if module is None or not callable(original):
         yield
         return
@@ -40,9 +40,12 @@ def eager_shortcuts() -> Iterator[None]:
     def exporting() -> bool:
         return False if threading.get_ident() == thread else bool(original())
 
-    module.is_torchdynamo_exporting = exporting
+    setattr(module, _NAME, exporting)
     try:
         yield
     finally:
-        if module.is_torchdynamo_exporting is exporting:  # unless someone replaced it meanwhile
-            module.is_torchdynamo_exporting = original
+        if getattr(module, _NAME, None) is exporting:  # unless someone replaced it meanwhile
+            setattr(module, _NAME, original)
+
+
+_NAME = "is_torchdynamo_exporting"
