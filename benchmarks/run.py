@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             page = ROOT / "docs" / "benchmarks.md"
             kept = [line for line in page.read_text().split("\n") if not line.startswith("| 7. ")]  # case 7 of a full run
             text = "\n".join(kept).split(EXPORT_SECTION)[0].rstrip("\n")
-            page.write_text(text + "\n\n" + export_section(rows, args, batch, before))
+            page.write_text(text + "\n\n" + export_section(rows, args, batch, before) + _after_export(page.read_text()))
         return 0
     if args.only == "edit":
         from fxtap._text import table
@@ -510,7 +510,16 @@ def write_docs(headers: list[str], rows: list[Row], args: argparse.Namespace, ba
         "",
         export_section(export_rows, args, batch, before),
     ]
-    (ROOT / "docs" / "benchmarks.md").write_text("\n".join(text))
+    page = ROOT / "docs" / "benchmarks.md"
+    page.write_text("\n".join(text) + _after_export(page.read_text() if page.exists() else ""))
+
+
+def _after_export(page: str) -> str:
+    """The sections of docs/benchmarks.md after case 7 (case 8, the CUDA check), which other runs
+    write: a run that writes case 7 keeps them."""
+    _, found, rest = page.partition(EXPORT_SECTION)
+    _, header, after = rest.partition("\n## ")
+    return "\n" + header.lstrip("\n") + after if found and header else ""
 
 
 EXPORT_SECTION = "## Case 7: Hugging Face models, the torch.export frontend"
@@ -529,11 +538,10 @@ def export_section(rows: list[Row], args: argparse.Namespace, batch: int, before
         "and Qwen2 rows). **build**: `fxtap.tap()` and the two calls after which the graph serves, the",
         "torch.export frontend against mixed mode alone (`export.applies` patched off), the ratio to",
         "mixed mode. **forward**: a tapped call against a plain call of the model, under `torch.no_grad()`",
-        "(the export frontend is not used in inference mode), the ratio to the plain call. Where a decoder",
-        "is traced, transformers builds its causal mask as a tensor (eagerly it passes `is_causal=True`",
-        "and no mask), so the graph's attention takes a mask: equal values, a little more work. The load",
-        "average is printed because on a loaded machine one model's ratio moves by several percent from",
-        "run to run: compare runs, not digits.",
+        "(the export frontend is not used in inference mode), the ratio to the plain call. No padding mask",
+        "is passed, so transformers builds no attention mask in eager code, and none in fxtap's graphs",
+        "(docs/fallback.md). The load average is printed because on a loaded machine one model's ratio",
+        "moves by several percent from run to run: compare runs, not digits.",
         "",
         f"- date: {datetime.date.today().isoformat()}; `python benchmarks/run.py --only export --write-export --threads {args.threads} --rounds {args.rounds}`"
         if args.only else f"- date: {datetime.date.today().isoformat()}; the full run above",
