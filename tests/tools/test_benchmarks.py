@@ -36,3 +36,17 @@ def test_cuda_check_dry_run_on_the_cpu_reports_every_check(tmp_path: Path) -> No
     assert [check["status"] for check in summary["checks"]] == ["OK", "OK", "OK", "SKIP"] and summary["device"] == "cpu"
     bad = subprocess.run(command + ["--only", "no_such_check"], check=False, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert bad.returncode == 2 and "no_such_check" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_writing_case_7_keeps_the_sections_after_it() -> None:
+    # a run that writes case 7 rewrote docs/benchmarks.md up to its end, dropping case 8 and the CUDA check
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_run", ROOT / "benchmarks" / "run.py")
+    assert spec is not None and spec.loader is not None
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    page = f"# Benchmarks\n\n{run.EXPORT_SECTION}\n\nold rows\n\n## Case 8: x\n\ntext\n\n## CUDA check\n\nmore\n"
+    assert run._after_export(page) == "\n## Case 8: x\n\ntext\n\n## CUDA check\n\nmore\n"
+    assert run._after_export(f"# Benchmarks\n\n{run.EXPORT_SECTION}\n\nrows\n") == ""
+    assert run._after_export("# Benchmarks\n") == ""
