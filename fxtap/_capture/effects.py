@@ -162,7 +162,9 @@ def _facts_of(op: str, target: Any) -> _Facts:
             info = argument.alias_info
             if info is not None and info.is_write:
                 writes.add((position, argument.name))
-            if info is not None and info.before_set & returned:  # ``add_`` returns ``self``
+            # ``add_`` returns ``self``; ``split``/``unbind`` (``Tensor(a -> *)``) a list of views of it, whose
+            # alias set the schema puts on the list's elements, not on the return
+            if info is not None and (info.before_set & returned or "*" in info.after_set):
                 aliases.add((position, argument.name))
             default = argument.default_value if argument.has_default_value() else _MISSING
             parameters.setdefault(argument.name, (argument.name, position, default))

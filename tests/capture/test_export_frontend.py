@@ -127,6 +127,41 @@ def test_export_graph_keeps_only_the_copies_a_later_write_needs() -> None:
         assert_same(out, {"fc": model.fc(x), "block": model.block(model.fc(x))})
 
 
+@pytest.mark.parametrize("how", ["split", "unbind", "rows"])
+def test_export_graph_keeps_the_copy_of_a_value_written_through_a_piece_of_it(how: str) -> None:
+    """``y.split(2, dim=1)[0].add_(1)``, ``y.unbind(0)[1].mul_(3)`` or a loop over ``y``'s rows
+    writes into ``y`` after the hook copied it: aten's ``split``/``unbind`` mark their list of
+    views in the schema's element type only. The graph returned ``y`` itself, written."""
+
+    class Root(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(x)
+            if x.shape[0] > 0:  # FX cannot trace the root
+                if how == "split":
+                    y.split(2, dim=1)[0].add_(1)
+                elif how == "unbind":
+                    y.unbind(0)[1].mul_(3)
+                else:
+                    for row in y:
+                        row.sub_(2)
+            return y * 1
+
+    torch.manual_seed(0)
+    model = Root().eval()
+    x = torch.randn(3, 4)
+    tapped = _tap(model, ["fc"])
+    with torch.no_grad():
+        tapped(x)
+        out = tapped(x)
+        truth = hook_truth(model, x)
+    assert tapped.mode == "export", tapped.report()
+    assert_same(out["fc"], truth["fc"])
+
+
 # -- Hugging Face models: one graph, values equal to eager ------------------------------------------------
 
 _HF = ["transformers/BertModel", "transformers/GPT2Model", "transformers/LlamaModel"]

@@ -92,6 +92,21 @@ def test_effects_aliased_arguments(nodes: dict[str, fx.Node], op: str, aliased: 
 
 
 @pytest.mark.parametrize(
+    "op",
+    [torch.ops.aten.split.Tensor, torch.ops.aten.split_with_sizes.default, torch.ops.aten.unbind.int, torch.ops.aten.tensor_split.sections],
+)
+def test_effects_list_of_views_aliases_its_input(op: torch._ops.OpOverload) -> None:
+    """An export graph calls these aten overloads; their schema puts the alias set on the list's
+    elements (``Tensor(a)[]``), so the result's own alias info is empty: a write into one piece
+    (``y.split(2)[0].add_(1)``) writes into ``y``."""
+    graph = fx.Graph()
+    y = graph.placeholder("y")
+    arg = {torch.ops.aten.split_with_sizes.default: [1, 1], torch.ops.aten.unbind.int: 0}.get(op, 2)
+    pieces = graph.call_function(op, (y, arg))
+    assert effects.aliased(pieces) == [y]
+
+
+@pytest.mark.parametrize(
     ("op", "draws"),
     [
         ("dropout", True),
