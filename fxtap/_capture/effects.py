@@ -98,7 +98,28 @@ def aliased(node: fx.Node) -> list[fx.Node]:
     found = [n for arg in _facts(node.op, node.target).aliases for n in _nodes(_argument(node, arg))]
     if _name(node) in _VIEW_LIKE or node.target in _INPLACE_OPERATORS or _inplace_by_name(node):
         found += _nodes(node.args[0] if node.args else next(iter(node.kwargs.values()), None))
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found + _sharing_storage(node)))
+
+
+def _sharing_storage(node: fx.Node) -> list[fx.Node]:
+    """The input nodes whose traced value shares storage with ``node``'s, where the graph recorded
+    its values (an export graph's ``meta["val"]``, fake tensors whose storages alias as the real
+    ones do). Its aten ops include composite ones whose schema marks no alias but whose code may
+    return an argument or a view of it: ``type_as``, ``atleast_2d``, ``broadcast_tensors``,
+    ``einsum``, an eval-mode ``feature_dropout`` (``nn.Dropout2d``)."""
+    mine = _storages(node.meta.get("val"))
+    return [n for n in node.all_input_nodes if mine & _storages(n.meta.get("val"))] if mine else []
+
+
+def _storages(value: Any) -> set[int]:
+    found: set[int] = set()
+    for leaf in torch.utils._pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            try:
+                found.add(leaf.untyped_storage()._cdata)
+            except Exception:  # noqa: BLE001 - a tensor without storage (sparse, nested): no fact
+                continue
+    return found
 
 
 def draws_random(node: fx.Node) -> bool:

@@ -127,11 +127,30 @@ def test_export_graph_keeps_only_the_copies_a_later_write_needs() -> None:
         assert_same(out, {"fc": model.fc(x), "block": model.block(model.fc(x))})
 
 
-@pytest.mark.parametrize("how", ["split", "unbind", "rows"])
-def test_export_graph_keeps_the_copy_of_a_value_written_through_a_piece_of_it(how: str) -> None:
-    """``y.split(2, dim=1)[0].add_(1)``, ``y.unbind(0)[1].mul_(3)`` or a loop over ``y``'s rows
-    writes into ``y`` after the hook copied it: aten's ``split``/``unbind`` mark their list of
-    views in the schema's element type only. The graph returned ``y`` itself, written."""
+def _rows_sub_(y: torch.Tensor) -> None:
+    for row in y:  # aten.unbind
+        row.sub_(2)
+
+
+# writes into ``y`` through ops whose aten schema marks no alias but whose code returns ``y`` or a view of it
+_WRITES_THROUGH = {
+    "split": lambda y: y.split(2, dim=1)[0].add_(1),  # the list's elements carry the alias set
+    "unbind": lambda y: y.unbind(0)[1].mul_(3),
+    "rows": _rows_sub_,
+    "type_as": lambda y: y.type_as(y).add_(1),  # returns y itself (same dtype)
+    "atleast_2d": lambda y: torch.atleast_2d(y).add_(1),
+    "broadcast_tensors": lambda y: torch.broadcast_tensors(y, y)[0].add_(1),
+    "dropout2d_eval": lambda y: nn.functional.dropout2d(y[..., None], 0.5, training=False).add_(1),  # aten.feature_dropout
+    "dropout_p0": lambda y: nn.functional.dropout(y, 0.0, training=True).add_(1),  # returns y itself
+}
+
+
+@pytest.mark.parametrize("how", list(_WRITES_THROUGH))
+def test_export_graph_keeps_the_copy_of_a_value_written_through_an_alias(how: str) -> None:
+    """The root writes into ``fc``'s value after the hook copied it, through a piece of a split,
+    a loop over rows, ``type_as``, ``atleast_2d``, ``broadcast_tensors`` or a dropout that returns
+    its input: aten's schemas of these mark no alias (the graph's fake values do). The graph
+    returned the written value itself."""
 
     class Root(nn.Module):
         def __init__(self) -> None:
@@ -141,13 +160,7 @@ def test_export_graph_keeps_the_copy_of_a_value_written_through_a_piece_of_it(ho
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.fc(x)
             if x.shape[0] > 0:  # FX cannot trace the root
-                if how == "split":
-                    y.split(2, dim=1)[0].add_(1)
-                elif how == "unbind":
-                    y.unbind(0)[1].mul_(3)
-                else:
-                    for row in y:
-                        row.sub_(2)
+                _WRITES_THROUGH[how](y)
             return y * 1
 
     torch.manual_seed(0)

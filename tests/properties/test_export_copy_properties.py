@@ -48,7 +48,7 @@ class _Returns(nn.Module):
 class _Chain(nn.Module):
     """Steps run one after the other; the root writes into the running value between some of
     them (``+= 1``, ``relu_``, ``add_`` under ``torch.no_grad()``, ``add_`` into a piece of
-    ``split``, ``mul_`` into each row of a loop over it) and keeps every step's output in a list it returns. FX cannot trace
+    ``split``, ``mul_`` into each row of a loop over it, ``add_`` into ``x.type_as(x)``) and keeps every step's output in a list it returns. FX cannot trace
     the root (a Python bool of a size); torch.export can."""
 
     def __init__(self, steps: list[tuple[str, str]]) -> None:
@@ -75,6 +75,8 @@ class _Chain(nn.Module):
             elif write == "rows_mul_":  # iterating a tensor: aten.unbind, views again
                 for row in x:
                     row.mul_(2)
+            elif write == "type_as_add_":  # aten.type_as returns its input: no alias in its schema
+                x.type_as(x).add_(1)
             elif write == "new":
                 x = x - 0.25
         return [*outs, x]
@@ -89,7 +91,7 @@ def _step(kind: str) -> nn.Module:
 
 
 _KINDS = ["input", "view", "inplace", "buffer", "new", "relu_inplace", "linear"]
-_WRITES = ["none", "add_", "relu_", "no_grad_add_", "split_add_", "rows_mul_", "new"]
+_WRITES = ["none", "add_", "relu_", "no_grad_add_", "split_add_", "rows_mul_", "type_as_add_", "new"]
 
 
 @settings(max_examples=examples(40), deadline=None, print_blob=True)
