@@ -5,7 +5,8 @@ Three facts per ``call_function`` / ``call_method`` node, which ``prune`` needs:
 * **writes**: the arguments it writes into (``Tensor(a!)`` in the schema: ``add_``, ``copy_``,
   ``index_copy_``, ``out=``, a ``torch.library.custom_op`` with ``mutates_args``);
 * **aliases**: the arguments its result may share storage with (``Tensor(a)`` in the schema:
-  ``view``, ``reshape``, ``to``, ``contiguous``);
+  ``view``, ``reshape``, ``to``, ``contiguous``; ``Tensor(a -> *)``: ``split``'s list of views;
+  in an export graph also what its fake values show: ``type_as`` returns its input);
 * **draws**: whether it draws from the random number generator (the ``nondeterministic_seeded``
   tag: ``dropout``, ``bernoulli_``, ``rand``, ``scaled_dot_product_attention``...), given its
   arguments: an op called with ``train=False`` / ``training=False`` or ``dropout_p=0`` draws nothing.
@@ -117,7 +118,7 @@ def _storages(value: Any) -> set[int]:
         if isinstance(leaf, torch.Tensor):
             try:
                 found.add(leaf.untyped_storage()._cdata)
-            except Exception:  # noqa: BLE001 - a tensor without storage (sparse, nested): no fact
+            except Exception:  # noqa: BLE001, S112 - a tensor without storage (sparse, nested): no fact
                 continue
     return found
 
