@@ -140,7 +140,7 @@ _WRITES_THROUGH = {
     "type_as": lambda y: y.type_as(y).add_(1),  # returns y itself (same dtype)
     "atleast_2d": lambda y: torch.atleast_2d(y).add_(1),
     "broadcast_tensors": lambda y: torch.broadcast_tensors(y, y)[0].add_(1),
-    "dropout2d_eval": lambda y: nn.functional.dropout2d(y[..., None], 0.5, training=False).add_(1),  # aten.feature_dropout
+    "dropout2d_eval": lambda y: nn.functional.dropout2d(y[..., None, None], 0.5, training=False).add_(1),  # aten.feature_dropout
     "dropout_p0": lambda y: nn.functional.dropout(y, 0.0, training=True).add_(1),  # returns y itself
     "einsum": lambda y: torch.einsum("ij->ji", y).add_(1),  # a permuted view
     "sum_to_size": lambda y: y.sum_to_size(y.shape).add_(1),  # y itself
