@@ -43,13 +43,30 @@ class CallSpecs:
         self.default: Spec = _defaults(params) if self._plain else ()
         # how many tensors a call passes positionally when it leaves every default alone (-1: unknown)
         self._required = sum(1 for p in params if p.default is p.empty and p.kind != p.KEYWORD_ONLY) if self._plain else -1
+        self._signature: tuple[Any, inspect.Signature | None] = (_forward_key(model), _signature(model))
 
     def spec(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, checked: Spec) -> Spec:
         """The spec of this call; ``checked`` (the spec the names were checked with) for the common
-        call, tensors for the required arguments, with no signature binding."""
+        call, tensors for the required arguments, with no signature binding. The signature is
+        read again only when the model's ``forward`` was replaced."""
         if not kwargs and checked == self.default and len(args) == self._required and all(isinstance(a, torch.Tensor) for a in args):
             return checked
-        return call_spec(self._model, args, kwargs)
+        key, signature = self._signature
+        if key != _forward_key(self._model):
+            key, signature = self._signature = (_forward_key(self._model), _signature(self._model))
+        return call_spec(self._model, args, kwargs, signature)
+
+
+def _forward_key(model: nn.Module) -> tuple[Any, Any]:
+    """What decides ``model.forward``: the class's and an instance's own (``model.forward = ...``)."""
+    return (type(model).forward, model.__dict__.get("forward"))
+
+
+def _signature(model: nn.Module) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def depends_on_arguments(analysis: _plan.Analysis) -> bool:
@@ -91,11 +108,13 @@ def default_concrete_args(model: nn.Module) -> dict[str, Any]:
     return dict(default_spec(model))
 
 
-def call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Spec:
-    params = parameters(model)
+def call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], signature: inspect.Signature | None = None) -> Spec:
+    """The spec of a call of ``model`` (``signature``: its forward's, when already read)."""
+    signature = signature if signature is not None else _signature(model)
+    params = list(signature.parameters.values()) if signature is not None else []
     if not plain(params):
         return ()
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    bound = signature.bind(*args, **kwargs)  # type: ignore[union-attr]
     spec = []
     for p in params:
         value = bound.arguments.get(p.name, p.default)

@@ -101,6 +101,9 @@ class ExportRunner(EagerRunner):
             return super().run(model, args, kwargs)
         tensors = _tensor_leaves(args, kwargs)  # the graph's inputs (the rest of the arguments is in the key)
         entry = self._find(key, tensors)
+        if entry is None and _guard.traced_elsewhere():  # exporting now would break the other thread's trace
+            self._last = self._served = _Entry(None, _ELSEWHERE)
+            return super().run(model, args, kwargs)
         if entry is None:
             with _fx.exclusive():  # concurrent first calls export once
                 entry = self._find(key, tensors)
@@ -397,6 +400,7 @@ class _Found:
 
 _SIMPLE = (type(None), bool, int, float, str)
 _BUILT = "this first call with these input shapes ran in mixed mode; it was exported, and the next calls run one torch.export graph"
+_ELSEWHERE = "torch.export not tried for this call: another thread was inside torch.export or torch.compile, whose global state a second trace breaks; a later call exports"
 _MAX_GRAPHS = 4  # exported graphs per input structure; calls of other sizes run in mixed mode
 _WRITES = "torch.export not used: the forward writes the attribute {} (Python-side state that a graph cannot record)"
 

@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from .hazards import global_hooks, user_hooks
 from .model import unrouted
 
-__all__ = ["HOLDS", "LIMIT", "MODE", "STALE", "GraphCache", "Guard", "freeze", "of_runner", "watch", "watch_paths"]
+__all__ = ["HOLDS", "LIMIT", "MODE", "STALE", "GraphCache", "Guard", "freeze", "of_runner", "traced_elsewhere", "watch", "watch_paths"]
 
 HOLDS, MODE, STALE = 0, 1, 2  # Guard.check(): current; built for the other grad mode; outdated
 LIMIT = 8  # graphs kept per Tapped (and per submodule traced on its own), least recently used dropped first
@@ -323,6 +323,13 @@ def tracing_here() -> bool:
     if not torch.compiler.is_compiling():
         return False
     return torch.compiler.is_dynamo_compiling() or detect_fake_mode() is not None
+
+
+def traced_elsewhere() -> bool:
+    """Whether another thread is inside torch.export or torch.compile now (the process-wide flag
+    is set, and not by this thread). torch.export keeps global state while it traces: a second
+    export started meanwhile, in any thread, breaks the first one."""
+    return torch.compiler.is_compiling() and not tracing_here()
 
 
 class GraphCache(Generic[T]):
