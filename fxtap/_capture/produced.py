@@ -122,6 +122,22 @@ def offered_example(model: nn.Module) -> dict[str, torch.Tensor] | None:
     if not isinstance(offered, Mapping) or not all(isinstance(v, torch.Tensor) for v in offered.values()):
         return None
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    example = {k: v for k, v in offered.items() if k in parameters and parameters[k].kind in named}
+    if not example or not _ids_fit(model, example.get("input_ids")):
+        return None
     device = next((t.device for t in model.parameters()), None)
-    example = {k: v if device is None else v.to(device) for k, v in offered.items() if k in parameters and parameters[k].kind in named}
-    return example or None
+    return {k: v if device is None else v.to(device) for k, v in example.items()}
+
+
+def _ids_fit(model: nn.Module, ids: torch.Tensor | None) -> bool:
+    """Whether the offered token ids are within the model's vocabulary (transformers' fixed ids
+    go up to 7): an embedding lookup out of range on a GPU is a device-side assert, which leaves
+    the CUDA context unusable, not an exception to catch."""
+    if ids is None or ids.is_floating_point() or ids.numel() == 0:
+        return True
+    try:
+        embedding = model.get_input_embeddings()  # type: ignore[operator]
+    except Exception:  # noqa: BLE001 - no such method, or one that raises: no vocabulary known
+        return True
+    size = getattr(embedding, "num_embeddings", None)
+    return not isinstance(size, int) or (int(ids.min()) >= 0 and int(ids.max()) < size)

@@ -124,6 +124,24 @@ def test_names_without_inputs_calls_the_model_on_its_dummy_inputs() -> None:
     assert set(train_out) == set(in_train)
 
 
+def test_names_without_inputs_does_not_run_dummy_ids_outside_the_vocabulary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' dummy ids go up to 7: with a smaller vocabulary the call would index out of
+    range, which on a GPU is a device-side assert that breaks the CUDA context. names() does not
+    make that call, and lists every module."""
+    from transformers import GPT2Config, GPT2Model
+
+    model = GPT2Model(GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=5, eos_token_id=0, bos_token_id=0)).eval()
+    assert int(model.dummy_inputs["input_ids"].max()) >= 5
+    import fxtap._capture as engine
+
+    calls: list[object] = []
+    monkeypatch.setattr(engine, "produced", lambda *args, **kwargs: calls.append(args) or [])
+    with quiet_fallbacks():
+        listed = fxtap.names(model)
+    assert calls == []  # no call on the dummy inputs
+    assert "h.0.attn.attn_dropout" in listed  # not called by fused attention: listed, since no call was made
+
+
 def test_names_without_inputs_lists_every_module_when_the_dummy_inputs_do_not_fit() -> None:
     torch.manual_seed(0)
     model = Offers().eval()
