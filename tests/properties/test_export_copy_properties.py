@@ -94,7 +94,7 @@ _KINDS = ["input", "view", "inplace", "buffer", "new", "relu_inplace", "linear"]
 _WRITES = ["none", "add_", "relu_", "no_grad_add_", "split_add_", "rows_mul_", "type_as_add_", "new"]
 
 
-@settings(max_examples=examples(40), deadline=None, print_blob=True)
+@settings(max_examples=examples(25), deadline=None, print_blob=True)
 @given(steps=st.lists(st.tuples(st.sampled_from(_KINDS), st.sampled_from(_WRITES)), min_size=1, max_size=5))
 def test_property_export_drops_only_copies_nothing_overwrites(steps: list[tuple[str, str]]) -> None:
     torch.manual_seed(0)
