@@ -196,6 +196,15 @@ def names(
     return produced(model, args, kwargs, train=train, mode=mode, hints=hints)
 
 
+def _eagerly(build: Callable[..., Runner]) -> Callable[..., Runner]:
+    """``build``, run eagerly under torch.compile (tracing must see only the model's own calls).
+
+    ``torch.compiler.disable`` imports torch._dynamo (a second of ``import fxtap``, for every
+    command of the CLI): it is applied only once dynamo is imported, which torch.compile does
+    before it traces anything."""
+    return torch.compiler.disable(build) if "torch._dynamo" in sys.modules else build
+
+
 class Tapped(nn.Module):
     """A model wrapped to return intermediate values; built by ``fxtap.tap``.
 
@@ -346,12 +355,11 @@ class Tapped(nn.Module):
             with exclusive(), self._build_lock:  # concurrent first calls build once; fxtap traces one at a time
                 runner = self._runners.lookup(key)
                 if runner is None:
-                    runner = self._build(dict(spec))
+                    runner = _eagerly(self._build)(dict(spec))
                     self._runners.put(key, runner, guard_of(self.model, runner))
         return runner
 
-    @torch.compiler.disable  # built eagerly under torch.compile: tracing must see only the model's own calls
-    def _build(self, concrete_args: dict[str, Any]) -> Runner:
+    def _build(self, concrete_args: dict[str, Any]) -> Runner:  # called through ``_eagerly``
         note = "" if self._mode_arg != "hooks" else ' (mode="hooks")'
         try:
             runner = build(

@@ -84,9 +84,11 @@ def test_public_api() -> None:
         assert getattr(fxtap, name).__module__ in ("fxtap", "fxtap._tap", "fxtap._extract", "fxtap._features", "fxtap._deploy.backbone", "fxtap._deploy.export", "fxtap._compare", "fxtap._surgery.cut", "fxtap._edit")
 
 
-def test_import_does_not_import_tabulate() -> None:
+def test_import_does_not_import_tabulate_or_dynamo() -> None:
+    # torch._dynamo is a second of every CLI command's start: imported by torch.compile and
+    # torch.export when used (Tapped builds eagerly under torch.compile all the same: _tap._eagerly)
     import subprocess
     import sys
 
-    code = "import sys, fxtap; print('tabulate' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    code = "import sys, fxtap; print('tabulate' in sys.modules, 'torch._dynamo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False False"
