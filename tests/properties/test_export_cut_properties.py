@@ -24,7 +24,7 @@ from support.truth import assert_same
 
 import fxtap
 
-EXAMPLES = examples(10)  # each example exports once (twice when a skip is added)
+EXAMPLES = examples(6)  # each example exports once (twice when a skip is added)
 
 
 def _build(root: ExportRoot, point: str, outputs: list[str], example: tuple[object, ...]) -> tuple[fxtap.Cut, list[str]] | None:
