@@ -230,15 +230,14 @@ def _exported(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwa
     it so (``Dim.AUTO``: it specializes the rest), else with this call's static shapes."""
     tensors = tuple(_tensor_leaves(args, kwargs))
     dims = tuple(dict.fromkeys(range(t.dim()), torch.export.Dim.AUTO) for t in tensors)
-    try:
-        call = _Call(runner, model, args, kwargs)
-        with eager_shortcuts():
+    with eager_shortcuts():
+        try:
+            call = _Call(runner, model, args, kwargs)
             return call, torch.export.export(call, tensors, dynamic_shapes={"args": dims}, strict=False)
-    except Exception as error:  # a static export may still work; its error is the one reported
-        if "data-dependent" in str(error) or "data dependent" in str(error):
-            raise  # a branch on a value: static sizes do not help, and another try costs as much
-        call = _Call(runner, model, args, kwargs)
-        with eager_shortcuts():
+        except Exception as error:  # a static export may still work; its error is the one reported
+            if "data-dependent" in str(error) or "data dependent" in str(error):
+                raise  # a branch on a value: static sizes do not help, and another try costs as much
+            call = _Call(runner, model, args, kwargs)
             return call, torch.export.export(call, tensors, strict=False)
 
 

@@ -49,7 +49,6 @@ class Outputs(NamedTuple):
         leaves = [_fill(c, computed, made) for c in self.constants]
         return pytree.tree_unflatten(leaves, self.spec)  # type: ignore[no-any-return]
 
-
     def positions(self) -> dict[Any, list[int]]:
         """Per key of the returned dict, the positions of the graph outputs its value holds."""
         tree = pytree.tree_unflatten(list(self.constants), self.spec)

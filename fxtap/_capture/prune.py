@@ -230,7 +230,7 @@ def drop_copies(graph: fx.Graph, root: nn.Module, positions: Iterable[int]) -> i
     ops = _Ops(graph, root)
     kept = set(ops.nodes)
     returned = list(flat)
-    dropped = 0
+    dropped: list[fx.Node] = []
     for position in positions:
         copy = returned[position]
         if not (
@@ -248,11 +248,12 @@ def drop_copies(graph: fx.Graph, root: nn.Module, positions: Iterable[int]) -> i
         if ops.find(value) in ops.state or ops.overwritten(value, copy, kept):
             continue
         returned[position] = value
-        dropped += 1
+        dropped.append(copy)
     if dropped:
         output.args = (type(flat)(returned),)
-        graph.eliminate_dead_code(is_impure_node=lambda node: node.op == "call_module" or node.is_impure())
-    return dropped
+        for copy in dropped:  # the output was its one user
+            graph.erase_node(copy)
+    return len(dropped)
 
 
 def same_tensor(graph: fx.Graph, root: nn.Module) -> Any:
