@@ -38,12 +38,13 @@ class CallSpecs:
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
-        params = parameters(model)
+        signature = _signature(model)
+        params = _parameters(signature)
         self._plain = plain(params)
         self.default: Spec = _defaults(params) if self._plain else ()
         # how many tensors a call passes positionally when it leaves every default alone (-1: unknown)
         self._required = sum(1 for p in params if p.default is p.empty and p.kind != p.KEYWORD_ONLY) if self._plain else -1
-        self._signature: tuple[Any, inspect.Signature | None] = (_forward_key(model), _signature(model))
+        self._signature: tuple[Any, inspect.Signature | None] = (_forward_key(model), signature)
 
     def spec(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, checked: Spec) -> Spec:
         """The spec of this call; ``checked`` (the spec the names were checked with) for the common
@@ -69,6 +70,10 @@ def _signature(model: nn.Module) -> inspect.Signature | None:
         return None
 
 
+def _parameters(signature: inspect.Signature | None) -> list[inspect.Parameter]:
+    return list(signature.parameters.values()) if signature is not None else []
+
+
 def depends_on_arguments(analysis: _plan.Analysis) -> bool:
     """Whether tracing with the non-tensor arguments as graph inputs fails where tracing with
     them fixed at their defaults works: then their values decide what the graph holds."""
@@ -83,10 +88,7 @@ def depends_on_arguments(analysis: _plan.Analysis) -> bool:
 
 
 def parameters(model: nn.Module) -> list[inspect.Parameter]:
-    try:
-        return list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        return []
+    return _parameters(_signature(model))
 
 
 def plain(params: list[inspect.Parameter]) -> bool:
@@ -111,7 +113,7 @@ def default_concrete_args(model: nn.Module) -> dict[str, Any]:
 def call_spec(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], signature: inspect.Signature | None = None) -> Spec:
     """The spec of a call of ``model`` (``signature``: its forward's, when already read)."""
     signature = signature if signature is not None else _signature(model)
-    params = list(signature.parameters.values()) if signature is not None else []
+    params = _parameters(signature)
     if not plain(params):
         return ()
     bound = signature.bind(*args, **kwargs)  # type: ignore[union-attr]
