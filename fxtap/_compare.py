@@ -32,6 +32,7 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from ._capture import HookTarget, analyse, hook_targets, normalize_request, realize, unwrap
+from ._capture.model import cuda_devices
 from ._errors import MissingCallError
 from ._tap import Tapped, _tapped, tap
 from ._values import copy_value, detach_value, holds_tensor
@@ -239,7 +240,7 @@ class _Isolated:
     def __init__(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.model, self.args, self.kwargs = model, args, kwargs
         tensors = [*pytree.tree_leaves((args, kwargs)), *model.parameters(), *model.buffers()]
-        self.devices = sorted({t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda})
+        self.devices = cuda_devices(tensors)
 
     def __call__(self, fn: Callable[[tuple[Any, ...], dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         python_rng = random.getstate()  # Python's RNG too: some forwards draw from it (stochastic depth)

@@ -42,7 +42,7 @@ from .export_edits import edit_paths as _edit_paths
 from .export_edits import meta as _meta
 from .hazards import global_hooks, rng_state_set_raises, user_hooks
 from .masks import eager_shortcuts
-from .model import buffer_values_kept, preserved, structural_twin
+from .model import buffer_values_kept, cuda_devices, preserved, structural_twin
 from .outputs import Outputs, made_before
 from .placement import Placement
 from .runner import EagerRunner
@@ -188,7 +188,7 @@ class ExportRunner(EagerRunner):
         refused = _refusal(model, self.edits)
         if refused:
             return _Entry(None, f"torch.export not tried: {refused}")
-        devices = sorted({t.device.index or 0 for t in _tensors(model, args, kwargs) if t.device.type == "cuda"})
+        devices = cuda_devices(_tensors(model, args, kwargs))
         try:
             # export may draw from the RNG while it traces: the user's generator must not notice
             with torch.random.fork_rng(devices=devices), preserved(model), _quiet():

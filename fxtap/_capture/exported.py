@@ -24,7 +24,7 @@ from . import fx as _fx
 from .call_spec import adopt_signature
 from .export import _WRITES, ExportRunner, _Call, _Entry, _quiet, _tensors
 from .masks import eager_shortcuts
-from .model import preserved
+from .model import cuda_devices, preserved
 from .outputs import Outputs
 
 __all__ = ["TapsProgram", "exported_entry", "graph_module", "program"]
@@ -86,7 +86,7 @@ def program(runner: ExportRunner, model: nn.Module, args: tuple[Any, ...], kwarg
     adopt_signature(module, model)  # inputs named as the model names them (and torch.export's guards work)
     bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
     shapes = {name: pytree.tree_map(dims, list(value) if isinstance(value, tuple) else value) for name, value in bound.items()}
-    devices = sorted({t.device.index or 0 for t in _tensors(model, args, kwargs) if t.device.type == "cuda"})
+    devices = cuda_devices(_tensors(model, args, kwargs))
     with _fx.exclusive(), torch.random.fork_rng(devices=devices), preserved(model), _quiet(), eager_shortcuts():  # one trace at a time, as the runner's
         exported = torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=shapes, strict=False)
     written = module.call.__dict__["_found"].written

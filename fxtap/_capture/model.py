@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 
-__all__ = ["ModelPaths", "attribute_paths", "hook_counts", "in_mode", "preserved", "stand_in", "training_mode", "unwrap"]
+__all__ = ["ModelPaths", "attribute_paths", "cuda_devices", "hook_counts", "in_mode", "preserved", "stand_in", "training_mode", "unwrap"]
+
+
+def cuda_devices(values: Iterable[Any]) -> list[int]:
+    """The indices of the CUDA devices that the tensors among ``values`` are on: the devices
+    whose random number generators ``torch.random.fork_rng`` must save."""
+    return sorted({v.device.index or 0 for v in values if isinstance(v, torch.Tensor) and v.is_cuda})
 
 
 def unwrap(model: nn.Module) -> nn.Module:

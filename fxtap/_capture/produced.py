@@ -25,7 +25,7 @@ from .._errors import MissingCallError
 from . import names as _names
 from . import regions as _regions
 from .hooks import Recorder, module_paths
-from .model import ModelPaths, buffer_values_kept, preserved
+from .model import ModelPaths, buffer_values_kept, cuda_devices, preserved
 from .placement import Placement
 from .runner import EagerRunner, Runner
 
@@ -102,7 +102,7 @@ def untouched(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     BatchNorm's running statistics in train mode), the RNG state (dropout draws) and the
     attributes its forward may write (``model.preserved``)."""
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-    devices = sorted({t.device.index or 0 for t in [*tensors, *model.parameters(), *model.buffers()] if t.is_cuda})
+    devices = cuda_devices([*tensors, *model.parameters(), *model.buffers()])
     with buffer_values_kept(model), torch.random.fork_rng(devices=devices), torch.no_grad(), preserved(model):
         yield
 
@@ -112,7 +112,7 @@ def offered_example(model: nn.Module) -> dict[str, torch.Tensor] | None:
     dict of tensors), as keyword arguments that its ``forward`` names, on the device of its
     parameters; ``None`` when it offers none. (transformers' ``T5EncoderModel`` offers decoder
     inputs too, which its forward does not take.)"""
-    devices = sorted({t.device.index or 0 for t in [*model.parameters(), *model.buffers()] if t.is_cuda})
+    devices = cuda_devices([*model.parameters(), *model.buffers()])
     try:
         with torch.random.fork_rng(devices=devices):  # the property may draw its example
             offered = getattr(model, "dummy_inputs", None)

@@ -34,7 +34,7 @@ from torch import nn
 from .._capture import fx as _fx
 from .._capture.export import ExportRunner, _attributes, _quiet, _refusal, _written
 from .._capture.masks import eager_shortcuts
-from .._capture.model import buffer_values_kept, preserved
+from .._capture.model import buffer_values_kept, cuda_devices, preserved
 from .._capture.outputs import Outputs, made_before
 from .._capture.produced import untouched
 from .._errors import CutError, FallbackWarning, TraceFailedError, summary
@@ -219,7 +219,7 @@ def _export(
         warnings.simplefilter("ignore", FallbackWarning)  # the cut says what it does itself
         taps = _tapped(model, list(inputs), mode="auto", warn=False, detach=True)  # unknown names: tap's own message
         tapped = _tapped(model, request, mode="auto", keep_output=keep_output, warn=False, edit=edits)
-    devices = sorted({t.device.index or 0 for t in [*model_tensors, *model.parameters()] if t.device.type == "cuda"})
+    devices = cuda_devices([*model_tensors, *model.parameters()])
     try:
         with untouched(model, args, kwargs):
             values = taps(*args, **kwargs)  # the cut inputs' values at the example (their shapes)
